@@ -1,0 +1,2 @@
+DROP TABLE room_events;
+DROP TABLE rooms;

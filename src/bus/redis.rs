@@ -1,0 +1,1 @@
+//! Redis bus (cluster mode). Being written; see the bus seam in `mod.rs`.

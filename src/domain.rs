@@ -1,0 +1,327 @@
+//! Domain types: the only shapes the rest of the server deals in.
+//!
+//! Raw JSON from clients is parsed into these types exactly once, at the edge
+//! (HTTP extractors and WebSocket message parsing). Everything inside the server
+//! can therefore assume a `Number` is on the wheel, a `RoomKey` is a valid key and
+//! a `History` respects the configured length limit.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+
+/// Why a client-supplied value was rejected. The message is shown to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("number must be an integer from 0 to 36 or the string \"00\"")]
+    InvalidNumber,
+    #[error("{0}")]
+    InvalidKey(&'static str),
+    #[error("history must be an array of numbers")]
+    InvalidHistory,
+    #[error("history may hold at most {max} numbers")]
+    HistoryTooLong { max: usize },
+}
+
+/// One pocket of the wheel: 0..=36, or the American double zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Number {
+    Single(u8),
+    DoubleZero,
+}
+
+impl Number {
+    /// Parses a JSON value: an integer 0..=36 (an integral float counts), or `"00"`.
+    pub fn from_json(value: &Value) -> Result<Self, DomainError> {
+        match value {
+            Value::Number(n) => {
+                let int = if let Some(i) = n.as_i64() {
+                    Some(i)
+                } else {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..=36.0).contains(f))
+                        .map(|f| f as i64)
+                };
+                match int {
+                    Some(i @ 0..=36) => Ok(Number::Single(i as u8)),
+                    _ => Err(DomainError::InvalidNumber),
+                }
+            }
+            Value::String(s) if s == "00" => Ok(Number::DoubleZero),
+            _ => Err(DomainError::InvalidNumber),
+        }
+    }
+
+    /// The JSON value clients use for this number (`17` or `"00"`).
+    pub fn to_json(self) -> Value {
+        match self {
+            Number::Single(n) => Value::from(n),
+            Number::DoubleZero => Value::from("00"),
+        }
+    }
+}
+
+impl Serialize for Number {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Number::Single(n) => serializer.serialize_u8(*n),
+            Number::DoubleZero => serializer.serialize_str("00"),
+        }
+    }
+}
+
+/// Longest key, in Unicode scalar values.
+pub const MAX_KEY_CHARS: usize = 100;
+
+/// A room's key: 1..=100 characters, no control characters, no `/`, not blank,
+/// no surrounding whitespace, and not one of the route names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomKey(Arc<str>);
+
+impl RoomKey {
+    pub fn parse(raw: &str) -> Result<Self, DomainError> {
+        let chars = raw.chars().count();
+        if chars == 0 || raw.trim().is_empty() {
+            return Err(DomainError::InvalidKey("key must not be empty or blank"));
+        }
+        if chars > MAX_KEY_CHARS {
+            return Err(DomainError::InvalidKey(
+                "key must be at most 100 characters",
+            ));
+        }
+        if raw.trim() != raw {
+            return Err(DomainError::InvalidKey(
+                "key must not start or end with whitespace",
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(DomainError::InvalidKey(
+                "key must not contain control characters",
+            ));
+        }
+        if raw.contains('/') {
+            return Err(DomainError::InvalidKey("key must not contain '/'"));
+        }
+        if raw == "sessions" || raw == "save" {
+            return Err(DomainError::InvalidKey("key is a reserved name"));
+        }
+        Ok(RoomKey(raw.into()))
+    }
+
+    /// Parses a JSON value that must be a string key.
+    pub fn from_json(value: &Value) -> Result<Self, DomainError> {
+        match value {
+            Value::String(s) => Self::parse(s),
+            _ => Err(DomainError::InvalidKey("key must be a string")),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for RoomKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// A room's spun numbers, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(transparent)]
+pub struct History(Vec<Number>);
+
+impl History {
+    /// Parses a JSON array; one invalid element rejects the whole array.
+    pub fn from_json(value: &Value, max: usize) -> Result<Self, DomainError> {
+        let Value::Array(items) = value else {
+            return Err(DomainError::InvalidHistory);
+        };
+        if items.len() > max {
+            return Err(DomainError::HistoryTooLong { max });
+        }
+        items
+            .iter()
+            .map(Number::from_json)
+            .collect::<Result<Vec<_>, _>>()
+            .map(History)
+    }
+
+    /// Wraps numbers that were already validated (e.g. read back from the store).
+    pub fn from_numbers(numbers: Vec<Number>) -> Self {
+        History(numbers)
+    }
+
+    pub fn numbers(&self) -> &[Number] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Applies an already-committed event's change to this history.
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Added(n) => self.0.push(*n),
+            Change::Removed(i) => {
+                if *i < self.0.len() {
+                    self.0.remove(*i);
+                }
+            }
+            Change::Replaced(h) => self.0 = h.0.clone(),
+        }
+    }
+
+    /// Encodes the history for storage as a compact JSON array.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_else(|_| "[]".to_owned())
+    }
+
+    /// Decodes a history the store wrote; invalid stored data is a store error.
+    pub fn from_stored(raw: &str) -> Result<Self, DomainError> {
+        let value: Value = serde_json::from_str(raw).map_err(|_| DomainError::InvalidHistory)?;
+        History::from_json(&value, usize::MAX)
+    }
+}
+
+/// A room's revision counter: 0 at creation, +1 per mutation.
+pub type Version = u64;
+
+/// A client-chosen mutation id (up to 64 characters) that makes retries safe.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct MutationId(String);
+
+impl MutationId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn from_json(value: &Value) -> Result<Self, &'static str> {
+        match value {
+            Value::String(s) if !s.is_empty() && s.chars().count() <= Self::MAX_LEN => {
+                Ok(MutationId(s.clone()))
+            }
+            _ => Err("id must be a non-empty string of at most 64 characters"),
+        }
+    }
+
+    pub fn new(raw: String) -> Self {
+        MutationId(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A requested change to a room's history, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Added(Number),
+    Removed(usize),
+    Replaced(History),
+}
+
+impl Change {
+    /// Short name used in the event log and in metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Added(_) => "add",
+            Change::Removed(_) => "remove",
+            Change::Replaced(_) => "replace",
+        }
+    }
+}
+
+/// A committed mutation: what every member of the room is told, in version order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomEvent {
+    pub key: RoomKey,
+    pub epoch: Arc<str>,
+    pub version: Version,
+    pub change: Change,
+    pub mutation_id: Option<MutationId>,
+    /// When the store committed it (for fan-out latency measurement).
+    pub committed_at: DateTime<Utc>,
+}
+
+/// A room as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub id: i64,
+    pub key: RoomKey,
+    pub history: History,
+    pub version: Version,
+    pub epoch: Arc<str>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub protected: bool,
+}
+
+/// Makes a fresh epoch: an opaque string that changes whenever a room's history
+/// can no longer be continued from an old version.
+pub fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn numbers_follow_the_wheel() {
+        for ok in [json!(0), json!(36), json!(15.0), json!("00")] {
+            assert!(Number::from_json(&ok).is_ok(), "{ok} should parse");
+        }
+        for bad in [
+            json!(37),
+            json!(-1),
+            json!(1.5),
+            json!("15"),
+            json!("0"),
+            json!(null),
+            json!(true),
+            json!([]),
+        ] {
+            assert_eq!(Number::from_json(&bad), Err(DomainError::InvalidNumber));
+        }
+        assert_eq!(Number::from_json(&json!(15.0)).unwrap().to_json(), json!(15));
+    }
+
+    #[test]
+    fn keys_follow_the_rules() {
+        for ok in ["table-1", "Рулетка", "a b", &"k".repeat(100)] {
+            assert!(RoomKey::parse(ok).is_ok(), "{ok} should parse");
+        }
+        let long = "k".repeat(101);
+        for bad in ["", "   ", "a/b", " x", "x ", "a\nb", &long, "sessions", "save"] {
+            assert!(RoomKey::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn history_is_all_or_nothing() {
+        assert_eq!(History::from_json(&json!([1, "00", 36]), 10).unwrap().len(), 3);
+        assert!(History::from_json(&json!([1, 37]), 10).is_err());
+        assert_eq!(
+            History::from_json(&json!([1, 2, 3]), 2),
+            Err(DomainError::HistoryTooLong { max: 2 })
+        );
+        let h = History::from_json(&json!([5, "00"]), 10).unwrap();
+        assert_eq!(History::from_stored(&h.to_json_string()).unwrap(), h);
+    }
+}

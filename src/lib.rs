@@ -1,0 +1,11 @@
+//! croupier: a realtime backend for shared roulette rooms.
+//!
+//! The module tree follows the architecture: `domain` types parsed once at the
+//! edge; the `store` seam (SQLite, PostgreSQL) and the `bus` seam (in-process,
+//! Redis); the `hub` that keeps each room's local members in version order; the
+//! `ws` protocol and the `http` API on top; `startup` wires them together.
+
+pub mod bus;
+pub mod domain;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,329 @@
+//! The store seam: rooms, their histories and versions, the event log used for
+//! resume and gap filling, and room password hashes.
+//!
+//! Two backends implement [`Store`]: SQLite (embedded default) and PostgreSQL
+//! (cluster mode). Each owns its migrations under `migrations/<backend>/`.
+//! Both assign a room's next version inside the same transaction that applies
+//! the mutation, so concurrent writers — on any instance — can never produce a
+//! duplicate or missing version (architecture invariant 2).
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version};
+
+/// How long a mutation id is remembered for de-duplicating retries.
+pub const MUTATION_ID_WINDOW: Duration = Duration::from_secs(600);
+
+/// What the event log keeps per room at least: the last N events...
+pub const EVENT_RETENTION_COUNT: i64 = 1000;
+/// ...and every event younger than this.
+pub const EVENT_RETENTION_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or timed out; nothing was committed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("index {index} is out of range for a history of {len} numbers")]
+    IndexOutOfRange { index: usize, len: usize },
+    #[error("history may hold at most {max} numbers")]
+    HistoryTooLong { max: usize },
+    /// Anything else: a bug or corrupted data. Logged, never shown to clients.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Sorts a driver error into "the database is unreachable" (503) or internal.
+    pub fn from_sqlx(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
+            sqlx::Error::Database(db) => {
+                // SQLite busy/locked, PostgreSQL admin shutdown / cannot connect / lock or
+                // statement timeout: the request may be retried later, so report 503.
+                let transient = matches!(
+                    db.code().as_deref(),
+                    Some("5" | "6" | "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "40001" | "40P01")
+                );
+                if transient {
+                    StoreError::Unavailable(err.to_string())
+                } else {
+                    StoreError::Internal(err.to_string())
+                }
+            }
+            _ => StoreError::Internal(err.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        match err {
+            sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e),
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        StoreError::from_sqlx(err)
+    }
+}
+
+/// A validated mutation on its way to the store.
+#[derive(Debug, Clone)]
+pub struct Mutation {
+    pub key: RoomKey,
+    pub change: Change,
+    pub mutation_id: Option<MutationId>,
+    /// Configured `MAX_HISTORY`; the store refuses to grow a history past it.
+    pub max_history: usize,
+}
+
+/// What the store did with a mutation.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The committed event (for a duplicate: the event the first attempt produced).
+    pub event: RoomEvent,
+    /// The room after the mutation.
+    pub room: Room,
+    /// True when the mutation id had already been applied; nothing changed.
+    pub duplicate: bool,
+}
+
+/// One row of `GET /api/roulette/sessions`.
+#[derive(Debug, Clone)]
+pub struct RoomSummary {
+    pub id: i64,
+    pub key: RoomKey,
+    pub history_length: usize,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub protected: bool,
+    pub history: Option<History>,
+}
+
+/// Pagination for room listings.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub limit: u32,
+    pub offset: u64,
+    pub include_history: bool,
+}
+
+/// Totals for the admin stats endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreStats {
+    pub rooms: u64,
+    pub average_history_length: f64,
+}
+
+/// One migration as the admin API and `migration-status` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationInfo {
+    pub version: i64,
+    pub description: String,
+    pub applied: bool,
+}
+
+/// A room's password state, for `/api/rooms/auth` and token checks.
+#[derive(Debug, Clone)]
+pub struct RoomAuth {
+    pub room: Room,
+    /// The argon2id PHC string; `None` for an unprotected room.
+    pub password_hash: Option<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short backend name for logs and health output.
+    fn backend(&self) -> &'static str;
+
+    /// The room, or `None` if it was never created.
+    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError>;
+
+    /// Applies a mutation atomically, creating the room when an add or replace
+    /// targets a missing one, and appends it to the event log with the room's next
+    /// version. A repeated mutation id within [`MUTATION_ID_WINDOW`] changes nothing.
+    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError>;
+
+    /// Events with versions after `after`, oldest first, if the log still holds
+    /// every one of them; `None` when some were pruned (the caller sends a full sync).
+    async fn events_since(
+        &self,
+        key: &RoomKey,
+        after: Version,
+    ) -> Result<Option<Vec<RoomEvent>>, StoreError>;
+
+    /// Rooms by most recent activity, and the total count.
+    async fn list_rooms(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError>;
+
+    /// The room and its password hash, if the room exists.
+    async fn room_auth(&self, key: &RoomKey) -> Result<Option<RoomAuth>, StoreError>;
+
+    /// Creates the room with this password hash unless it exists; returns the
+    /// room as it now is (an existing room keeps its own password state).
+    async fn create_room(
+        &self,
+        key: &RoomKey,
+        password_hash: Option<String>,
+    ) -> Result<RoomAuth, StoreError>;
+
+    /// Deletes event-log entries that are both older than the retention age and
+    /// beyond the retention count of their room. Returns how many were removed.
+    async fn prune_events(&self) -> Result<u64, StoreError>;
+
+    /// Room totals for the admin API.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// A round trip to the database, for health checks.
+    async fn ping(&self) -> Result<Duration, StoreError>;
+
+    /// Every known migration and whether it is applied.
+    async fn migration_status(&self) -> Result<Vec<MigrationInfo>, StoreError>;
+
+    /// Applies pending migrations.
+    async fn migrate(&self) -> anyhow::Result<()>;
+
+    /// Reverts the newest `steps` applied migrations.
+    async fn rollback(&self, steps: usize) -> anyhow::Result<()>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Works out the new history for a change, enforcing the index and length rules.
+/// Shared by both backends so they reject exactly the same mutations.
+pub fn next_history(current: &History, change: &Change, max: usize) -> Result<History, StoreError> {
+    match change {
+        Change::Added(n) => {
+            if current.len() >= max {
+                return Err(StoreError::HistoryTooLong { max });
+            }
+            let mut numbers: Vec<Number> = current.numbers().to_vec();
+            numbers.push(*n);
+            Ok(History::from_numbers(numbers))
+        }
+        Change::Removed(index) => {
+            if *index >= current.len() {
+                return Err(StoreError::IndexOutOfRange {
+                    index: *index,
+                    len: current.len(),
+                });
+            }
+            let mut numbers = current.numbers().to_vec();
+            numbers.remove(*index);
+            Ok(History::from_numbers(numbers))
+        }
+        Change::Replaced(h) => {
+            if h.len() > max {
+                return Err(StoreError::HistoryTooLong { max });
+            }
+            Ok(h.clone())
+        }
+    }
+}
+
+/// Encodes a change for the event log as (kind, JSON payload).
+pub fn encode_change(change: &Change) -> (&'static str, String) {
+    let payload = match change {
+        Change::Added(n) => n.to_json().to_string(),
+        Change::Removed(i) => i.to_string(),
+        Change::Replaced(h) => h.to_json_string(),
+    };
+    (change.kind(), payload)
+}
+
+/// Decodes an event-log row written by [`encode_change`].
+pub fn decode_change(kind: &str, payload: &str) -> Result<Change, StoreError> {
+    let bad = || StoreError::Internal(format!("corrupt event log entry: {kind} {payload}"));
+    let value: serde_json::Value = serde_json::from_str(payload).map_err(|_| bad())?;
+    match kind {
+        "add" => Number::from_json(&value).map(Change::Added).map_err(|_| bad()),
+        "remove" => value
+            .as_u64()
+            .map(|i| Change::Removed(i as usize))
+            .ok_or_else(bad),
+        "replace" => History::from_json(&value, usize::MAX)
+            .map(Change::Replaced)
+            .map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses a key read back from the database.
+pub fn stored_key(raw: &str) -> Result<RoomKey, StoreError> {
+    RoomKey::parse(raw).map_err(|_| StoreError::Internal(format!("invalid stored key {raw:?}")))
+}
+
+/// Parses a history read back from the database.
+pub fn stored_history(raw: &str) -> Result<History, StoreError> {
+    History::from_stored(raw).map_err(|_| StoreError::Internal("corrupt stored history".into()))
+}
+
+/// Lists a migrator's migrations with their applied state.
+pub fn migration_report(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[sqlx::migrate::AppliedMigration],
+) -> Vec<MigrationInfo> {
+    migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| MigrationInfo {
+            version: m.version,
+            description: m.description.to_string(),
+            applied: applied.iter().any(|a| a.version == m.version),
+        })
+        .collect()
+}
+
+/// The version to undo down to so that the newest `steps` applied migrations are reverted.
+pub fn rollback_target(
+    applied: &[sqlx::migrate::AppliedMigration],
+    steps: usize,
+) -> anyhow::Result<i64> {
+    let mut versions: Vec<i64> = applied.iter().map(|a| a.version).collect();
+    versions.sort_unstable();
+    if steps == 0 || steps > versions.len() {
+        anyhow::bail!(
+            "cannot roll back {steps} migration(s): {} applied",
+            versions.len()
+        );
+    }
+    Ok(versions
+        .len()
+        .checked_sub(steps + 1)
+        .map_or(0, |i| versions[i]))
+}
+
+/// Refuses to serve on a schema older than this binary expects (cluster mode:
+/// migrations are applied by `croupier migrate` before instances roll).
+pub async fn ensure_current_schema(store: &dyn Store) -> anyhow::Result<()> {
+    let pending: Vec<_> = store
+        .migration_status()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the schema version: {e}"))?
+        .into_iter()
+        .filter(|m| !m.applied)
+        .collect();
+    if let Some(first) = pending.first() {
+        anyhow::bail!(
+            "database schema is out of date: {} migration(s) pending, first {} ({}); run `croupier migrate` first",
+            pending.len(),
+            first.version,
+            first.description
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! PostgreSQL backend (cluster mode). Being written; see the store seam in `mod.rs`.

@@ -1,0 +1,78 @@
+//! Logging and metrics: the `tracing` subscriber, the Prometheus recorder, and the
+//! small helpers the rest of the server uses to record metrics.
+//!
+//! Metric labels are always bounded: route templates (never raw paths), message
+//! types from a fixed list, operation names chosen in code. Room keys and
+//! connection ids never become label values.
+
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global `tracing` subscriber (honours `RUST_LOG`; JSON lines when
+/// `LOG_FORMAT=json`). Safe to call more than once.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,fred=warn"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Several in-process instances (tests) share it.
+pub fn prometheus_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding test);
+            // the handle still renders this recorder's view.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Records one database operation's count and duration when dropped.
+pub struct DbTimer {
+    op: &'static str,
+    started: Instant,
+}
+
+impl DbTimer {
+    pub fn new(op: &'static str) -> Self {
+        DbTimer { op, started: Instant::now() }
+    }
+}
+
+impl Drop for DbTimer {
+    fn drop(&mut self) {
+        metrics::counter!("croupier_db_queries_total", "op" => self.op).increment(1);
+        metrics::histogram!("croupier_db_query_duration_seconds", "op" => self.op)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Bounded label for a WebSocket message type (unknown types fold into "other").
+pub fn message_type_label(raw: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "join", "add", "remove", "update", "getHistory", "saveNumber", "updateHistory",
+        "leave", "ping", "sync", "historyUpdate", "numberSaved", "historyUpdated", "pong",
+        "recovered", "error", "authRequired",
+    ];
+    KNOWN.iter().find(|k| **k == raw).copied().unwrap_or("other")
+}
