@@ -9,3 +9,6 @@ pub mod bus;
 pub mod domain;
 pub mod store;
 pub mod telemetry;
+pub mod hub;
+pub mod ws;
+pub mod config;

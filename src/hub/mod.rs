@@ -1,0 +1,202 @@
+//! The hub: this instance's rooms that have local members, and the one task per
+//! room that delivers its events to those members in version order.
+//!
+//! Every committed event reaches the hub from two directions — directly from a
+//! writer on this instance, and through the bus from writers elsewhere — possibly
+//! twice and out of order. Each room task keeps an in-memory mirror of the room
+//! (history, version, epoch) and the recent events, drops what it has already
+//! delivered, and fills any gap from the store's event log before delivering
+//! anything later (architecture invariant 3).
+
+mod room;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::DynBus;
+use crate::domain::{RoomEvent, RoomKey, Version};
+use crate::store::{DynStore, StoreError};
+use crate::ws::frames::{Dialect, Frame};
+
+/// Tunables for room tasks.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// How long a room task lingers (still subscribed) after its last member left.
+    pub linger: Duration,
+    /// How many recent events each room keeps in memory for fast resumes.
+    pub recent_events: usize,
+    /// Per-connection outbound queue capacity; a resume that would not fit is
+    /// answered with a full `sync` instead.
+    pub queue_capacity: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig { linger: Duration::from_secs(5), recent_events: 1000, queue_capacity: 1024 }
+    }
+}
+
+/// One connection's membership in one room.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub conn_id: u64,
+    pub dialect: Dialect,
+    /// The connection's bounded outbound queue.
+    pub out: mpsc::Sender<Frame>,
+    /// Cancelled when the queue overflowed: the connection closes with 1013 so the
+    /// client reconnects and resumes, instead of silently missing events.
+    pub overflow: CancellationToken,
+}
+
+/// What a new member is sent first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Greeting {
+    /// `join` without a version: a full `sync` in the member's dialect.
+    Sync,
+    /// `join` with `version: V` (V > 0): the missed events then `recovered`, or a
+    /// full `sync` when they cannot all be replayed.
+    Resume { version: Version, epoch: Option<String> },
+    /// `getHistory`: a `historyUpdate` reply.
+    HistoryUpdate,
+    /// `saveNumber` / `updateHistory` from a non-member: nothing; the event follows.
+    Nothing,
+}
+
+enum Command {
+    Join {
+        member: Member,
+        greeting: Greeting,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Leave {
+        conn_id: u64,
+    },
+    Event(RoomEvent),
+    CatchUp,
+}
+
+struct RoomEntry {
+    tx: mpsc::UnboundedSender<Command>,
+    generation: u64,
+}
+
+struct HubInner {
+    rooms: Mutex<HashMap<RoomKey, RoomEntry>>,
+    store: DynStore,
+    bus: DynBus,
+    config: HubConfig,
+    generations: AtomicU64,
+}
+
+/// Cheap to clone; all clones share the same rooms.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl Hub {
+    pub fn new(store: DynStore, bus: DynBus, config: HubConfig) -> Self {
+        Hub {
+            inner: Arc::new(HubInner {
+                rooms: Mutex::new(HashMap::new()),
+                store,
+                bus,
+                config,
+                generations: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Adds a member to a room and sends its greeting. Returns once the member is
+    /// registered, so an event committed after this returns is delivered to it.
+    pub async fn join(&self, key: &RoomKey, member: Member, greeting: Greeting) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let mut command = Command::Join { member, greeting, reply };
+        loop {
+            let (tx, generation) = self.room_sender(key);
+            match tx.send(command) {
+                Ok(()) => break,
+                // The room task retired between lookup and send; start a new one.
+                Err(mpsc::error::SendError(returned)) => {
+                    self.forget(key, generation);
+                    command = returned;
+                }
+            }
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("room task stopped".into())))
+    }
+
+    /// Removes a member from a room (no-op if the room has no task).
+    pub fn leave(&self, key: &RoomKey, conn_id: u64) {
+        self.send_existing(key, Command::Leave { conn_id });
+    }
+
+    /// Hands a committed event to the room's task, if this instance has members there.
+    pub fn deliver(&self, event: RoomEvent) {
+        let key = event.key.clone();
+        self.send_existing(&key, Command::Event(event));
+    }
+
+    /// Makes every room catch up from the store (after a bus interruption).
+    pub fn catch_up_all(&self) {
+        for entry in self.lock().values() {
+            let _ = entry.tx.send(Command::CatchUp);
+        }
+    }
+
+    /// Number of rooms with a running task.
+    pub fn active_rooms(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<RoomKey, RoomEntry>> {
+        // Never held across an await; poisoning would only follow a panic while
+        // inserting or removing an entry, which leaves the map consistent.
+        self.inner.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send_existing(&self, key: &RoomKey, command: Command) {
+        if let Some(entry) = self.lock().get(key) {
+            let _ = entry.tx.send(command);
+        }
+    }
+
+    fn room_sender(&self, key: &RoomKey) -> (mpsc::UnboundedSender<Command>, u64) {
+        let mut rooms = self.lock();
+        if let Some(entry) = rooms.get(key) {
+            return (entry.tx.clone(), entry.generation);
+        }
+        let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        rooms.insert(key.clone(), RoomEntry { tx: tx.clone(), generation });
+        room::spawn(self.clone(), key.clone(), generation, rx);
+        (tx, generation)
+    }
+
+    fn forget(&self, key: &RoomKey, generation: u64) {
+        let mut rooms = self.lock();
+        if rooms.get(key).is_some_and(|e| e.generation == generation) {
+            rooms.remove(key);
+        }
+    }
+
+    /// Called by a room task with no members: retires it unless a command is
+    /// already waiting. Checked under the map lock so no sender can slip in.
+    fn try_retire(&self, key: &RoomKey, generation: u64, rx: &mpsc::UnboundedReceiver<Command>) -> bool {
+        let mut rooms = self.lock();
+        if !rx.is_empty() {
+            return false;
+        }
+        if rooms.get(key).is_some_and(|e| e.generation == generation) {
+            rooms.remove(key);
+        }
+        true
+    }
+}

@@ -1,0 +1,333 @@
+//! One room's task: the mirror of the room and its local members.
+//!
+//! The task is the only place that touches its members and mirror, so ordering
+//! needs no locks: commands are handled one at a time, in arrival order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::{Command, Greeting, Hub, Member};
+use crate::domain::{History, RoomEvent, RoomKey, Version};
+use crate::store::StoreError;
+use crate::ws::frames::{self, Dialect, Frame};
+
+struct Mirror {
+    history: History,
+    version: Version,
+    /// `None` while the room does not exist in the store yet.
+    epoch: Option<Arc<str>>,
+}
+
+struct RoomTask {
+    hub: Hub,
+    key: RoomKey,
+    generation: u64,
+    mirror: Option<Mirror>,
+    recent: VecDeque<RoomEvent>,
+    /// Events that arrived ahead of a gap, waiting for the gap to be filled.
+    pending: BTreeMap<Version, RoomEvent>,
+    members: Vec<Member>,
+}
+
+pub(super) fn spawn(hub: Hub, key: RoomKey, generation: u64, rx: mpsc::UnboundedReceiver<Command>) {
+    let task = RoomTask {
+        hub,
+        key,
+        generation,
+        mirror: None,
+        recent: VecDeque::new(),
+        pending: BTreeMap::new(),
+        members: Vec::new(),
+    };
+    tokio::spawn(task.run(rx));
+}
+
+impl RoomTask {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        metrics::gauge!("croupier_rooms_active").increment(1.0);
+        let bus = self.hub.inner.bus.clone();
+        // Subscribe before the first snapshot is read, so an event committed after
+        // the snapshot cannot pass by unseen. If the bus is down, local events still
+        // flow and the bus asks for a catch-up once it is back.
+        if let Err(err) = bus.subscribe(&self.key).await {
+            tracing::warn!(room = %self.key, error = %err, "bus subscribe failed");
+        }
+        let linger = self.hub.inner.config.linger;
+        loop {
+            let command = if self.members.is_empty() {
+                match tokio::time::timeout(linger, rx.recv()).await {
+                    Ok(Some(command)) => command,
+                    Ok(None) => break,
+                    Err(_) if self.hub.try_retire(&self.key, self.generation, &rx) => break,
+                    Err(_) => continue,
+                }
+            } else {
+                match rx.recv().await {
+                    Some(command) => command,
+                    None => break,
+                }
+            };
+            self.handle(command).await;
+        }
+        if let Err(err) = bus.unsubscribe(&self.key).await {
+            tracing::debug!(room = %self.key, error = %err, "bus unsubscribe failed");
+        }
+        metrics::gauge!("croupier_rooms_active").decrement(1.0);
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Join { member, greeting, reply } => {
+                let result = self.join(member, greeting).await;
+                let _ = reply.send(result);
+            }
+            Command::Leave { conn_id } => self.members.retain(|m| m.conn_id != conn_id),
+            Command::Event(event) => self.on_event(event).await,
+            Command::CatchUp => {
+                if self.mirror.is_some() {
+                    self.catch_up().await;
+                }
+            }
+        }
+    }
+
+    async fn load(&mut self) -> Result<(), StoreError> {
+        let room = self.hub.inner.store.room(&self.key).await?;
+        self.mirror = Some(match room {
+            Some(room) => Mirror { history: room.history, version: room.version, epoch: Some(room.epoch) },
+            None => Mirror { history: History::default(), version: 0, epoch: None },
+        });
+        self.recent.clear();
+        self.pending.clear();
+        Ok(())
+    }
+
+    async fn join(&mut self, member: Member, greeting: Greeting) -> Result<(), StoreError> {
+        if self.mirror.is_none() {
+            self.load().await?;
+        }
+        self.members.retain(|m| m.conn_id != member.conn_id);
+        let Some(mirror) = &self.mirror else {
+            return Err(StoreError::Internal("room mirror missing after load".into()));
+        };
+        let epoch = mirror.epoch.as_deref();
+        let mut greeting_frames: Vec<Frame> = Vec::new();
+        match greeting {
+            Greeting::Sync => greeting_frames.push(frames::full_state(
+                member.dialect,
+                &self.key,
+                &mirror.history,
+                mirror.version,
+                epoch,
+            )),
+            Greeting::HistoryUpdate => {
+                greeting_frames.push(frames::history_update(&self.key, &mirror.history))
+            }
+            Greeting::Nothing => {}
+            Greeting::Resume { version, epoch: client_epoch } => {
+                let replay = if client_epoch.is_some_and(|e| Some(e.as_str()) != epoch) {
+                    None
+                } else {
+                    self.missed_events(version).await
+                };
+                let mirror = self.mirror.as_ref().expect("mirror loaded above");
+                match replay {
+                    Some(events) => {
+                        for event in &events {
+                            greeting_frames.push(frames::event(member.dialect, event, &mirror.history));
+                        }
+                        greeting_frames.push(frames::recovered(&self.key, mirror.version, epoch));
+                    }
+                    None => {
+                        metrics::counter!("croupier_ws_resyncs_total").increment(1);
+                        greeting_frames.push(frames::sync_v2(
+                            &self.key,
+                            &mirror.history,
+                            mirror.version,
+                            mirror.epoch.as_deref(),
+                        ));
+                    }
+                }
+            }
+        }
+        if greeting_frames.iter().all(|f| push(&member, f.clone())) {
+            self.members.push(member);
+        }
+        Ok(())
+    }
+
+    /// The events after `version` up to the mirror's version, if every one can
+    /// be replayed (from memory, else from the store's log) and they fit the
+    /// member's queue. `None` means "send a full sync instead".
+    async fn missed_events(&self, version: Version) -> Option<Vec<RoomEvent>> {
+        let mirror = self.mirror.as_ref()?;
+        if version > mirror.version {
+            return None;
+        }
+        let missing = (mirror.version - version) as usize;
+        if missing + 2 > self.hub.inner.config.queue_capacity {
+            return None;
+        }
+        if missing == 0 {
+            return Some(Vec::new());
+        }
+        if self.recent.front().is_some_and(|e| e.version <= version + 1) {
+            return Some(self.recent.iter().filter(|e| e.version > version).cloned().collect());
+        }
+        let events = self.hub.inner.store.events_since(&self.key, version).await.ok()??;
+        let events: Vec<RoomEvent> = events
+            .into_iter()
+            .filter(|e| e.version <= mirror.version && Some(&e.epoch) == mirror.epoch.as_ref())
+            .collect();
+        (events.len() == missing).then_some(events)
+    }
+
+    async fn on_event(&mut self, event: RoomEvent) {
+        let Some(mirror) = &self.mirror else {
+            // Not loaded: there are no members yet; the first join reads the store.
+            return;
+        };
+        if mirror.epoch.as_ref().is_some_and(|e| *e != event.epoch) {
+            // The room was recreated or the database restored: start over.
+            self.resync_all().await;
+            return;
+        }
+        if event.version <= mirror.version {
+            return; // already delivered (the same event came by two paths)
+        }
+        if event.version > mirror.version + 1 {
+            self.pending.insert(event.version, event);
+            self.catch_up().await;
+            return;
+        }
+        self.apply_and_deliver(event);
+        self.drain_pending();
+    }
+
+    /// Delivers everything the store has after the mirror's version.
+    async fn catch_up(&mut self) {
+        let Some(version) = self.mirror.as_ref().map(|m| m.version) else {
+            return;
+        };
+        match self.hub.inner.store.events_since(&self.key, version).await {
+            Ok(Some(events)) => {
+                for event in events {
+                    let current = self.mirror.as_ref().map(|m| (m.version, m.epoch.clone()));
+                    match current {
+                        Some((_, Some(epoch))) if epoch != event.epoch => {
+                            self.resync_all().await;
+                            return;
+                        }
+                        Some((v, _)) if event.version == v + 1 => self.apply_and_deliver(event),
+                        _ => {}
+                    }
+                }
+                self.drain_pending();
+            }
+            Ok(None) => self.resync_all().await,
+            Err(err) => {
+                tracing::warn!(room = %self.key, error = %err, "cannot fill event gap; closing members so they resume");
+                self.drop_all_members();
+            }
+        }
+    }
+
+    fn drain_pending(&mut self) {
+        while let Some(mirror) = &self.mirror {
+            let next = mirror.version + 1;
+            self.pending.retain(|v, _| *v >= next);
+            match self.pending.remove(&next) {
+                Some(event) => self.apply_and_deliver(event),
+                None => break,
+            }
+        }
+    }
+
+    /// Reloads the room and sends every member its full state.
+    async fn resync_all(&mut self) {
+        if let Err(err) = self.load().await {
+            tracing::warn!(room = %self.key, error = %err, "cannot reload room; closing members so they resume");
+            self.drop_all_members();
+            return;
+        }
+        let Some(mirror) = &self.mirror else { return };
+        metrics::counter!("croupier_ws_resyncs_total").increment(self.members.len() as u64);
+        let mut rendered: [Option<Frame>; 3] = Default::default();
+        let key = &self.key;
+        self.members.retain(|member| {
+            let frame = rendered[dialect_slot(member.dialect)]
+                .get_or_insert_with(|| {
+                    frames::full_state(member.dialect, key, &mirror.history, mirror.version, mirror.epoch.as_deref())
+                })
+                .clone();
+            push(member, frame)
+        });
+    }
+
+    fn drop_all_members(&mut self) {
+        for member in self.members.drain(..) {
+            member.overflow.cancel();
+        }
+        self.mirror = None;
+    }
+
+    fn apply_and_deliver(&mut self, event: RoomEvent) {
+        let Some(mirror) = &mut self.mirror else { return };
+        mirror.history.apply(&event.change);
+        mirror.version = event.version;
+        if mirror.epoch.is_none() {
+            mirror.epoch = Some(event.epoch.clone());
+        }
+        let mut rendered: [Option<Frame>; 3] = Default::default();
+        let mut sent = [0u64; 3];
+        let history = &mirror.history;
+        self.members.retain(|member| {
+            let slot = dialect_slot(member.dialect);
+            let frame = rendered[slot]
+                .get_or_insert_with(|| frames::event(member.dialect, &event, history))
+                .clone();
+            sent[slot] += 1;
+            push(member, frame)
+        });
+        for dialect in [Dialect::V2, Dialect::V1, Dialect::Seed] {
+            let count = sent[dialect_slot(dialect)];
+            if count > 0 {
+                let kind = frames::frame_type(dialect, &event.change);
+                metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(count);
+            }
+        }
+        let latency = (Utc::now() - event.committed_at).to_std().unwrap_or_default();
+        metrics::histogram!("croupier_fanout_latency_seconds").record(latency.as_secs_f64());
+
+        self.recent.push_back(event);
+        while self.recent.len() > self.hub.inner.config.recent_events {
+            self.recent.pop_front();
+        }
+    }
+}
+
+fn dialect_slot(dialect: Dialect) -> usize {
+    match dialect {
+        Dialect::V2 => 0,
+        Dialect::V1 => 1,
+        Dialect::Seed => 2,
+    }
+}
+
+/// Queues a frame for a member; false when the member must be dropped (its queue
+/// overflowed — the connection is told to close with 1013 — or it is gone).
+fn push(member: &Member, frame: Frame) -> bool {
+    match member.out.try_send(frame) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            metrics::counter!("croupier_ws_slow_consumer_closes_total").increment(1);
+            member.overflow.cancel();
+            false
+        }
+        Err(TrySendError::Closed(_)) => false,
+    }
+}
