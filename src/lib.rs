@@ -12,3 +12,8 @@ pub mod telemetry;
 pub mod hub;
 pub mod ws;
 pub mod config;
+pub mod auth;
+pub mod rooms;
+pub mod http;
+pub mod state;
+pub mod startup;

@@ -1,1 +1,53 @@
+//! The WebSocket protocol: the upgrade (origin check, connection cap, frame
+//! limit), the per-connection session, client messages and server frames.
+
 pub mod frames;
+pub mod messages;
+pub mod registry;
+mod session;
+
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::http::header::{ORIGIN, USER_AGENT};
+use axum::response::{IntoResponse, Response};
+
+use crate::http::error::ApiError;
+use crate::http::extract::client_ip;
+use crate::state::AppState;
+
+/// Who is on the other end, for the admin API.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// `GET /ws`
+pub async fn upgrade(
+    State(state): State<AppState>,
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    ConnectInfo(peer_addr): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if state.lifecycle.shutdown.is_cancelled() {
+        return ApiError::Unavailable.into_response();
+    }
+    if let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok())
+        && !state.config.cors_origins.allows(origin.trim_end_matches('/'))
+    {
+        return ApiError::Unauthorized(format!("origin {origin} is not allowed")).into_response();
+    }
+    // Refuse cleanly at the cap instead of running out of file descriptors.
+    let Ok(permit) = state.ws_slots.clone().try_acquire_owned() else {
+        tracing::warn!("connection cap reached; refusing a WebSocket");
+        return ApiError::Unavailable.into_response();
+    };
+    let peer = Peer {
+        ip: client_ip(&headers, Some(peer_addr), state.config.trust_proxy).to_string(),
+        user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").chars().take(256).collect(),
+    };
+    let max = state.config.ws.max_frame_bytes;
+    ws.max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| session::run(socket, state, peer, permit))
+}

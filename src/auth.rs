@@ -1,0 +1,151 @@
+//! Room passwords and room tokens.
+//!
+//! Passwords are stored only as argon2id PHC strings; hashing runs on the blocking
+//! pool and at most a few hashes run at once, because argon2 is deliberately slow
+//! and must not become a way to starve the server. Room tokens are HS256 JWTs with
+//! claims `key` and `exp` (24 h), signed with the secret every instance shares.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use argon2::Argon2;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::domain::RoomKey;
+
+/// Longest accepted password, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 256;
+
+/// How long a room token is valid.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    key: String,
+    exp: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("a room token is required for this room")]
+    Missing,
+    #[error("the room token is invalid or expired")]
+    Invalid,
+    #[error("the room token is for another room")]
+    OtherRoom,
+}
+
+pub struct Auth {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    hashing: Semaphore,
+}
+
+impl Auth {
+    pub fn new(secret: &[u8]) -> Arc<Self> {
+        Arc::new(Auth {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            hashing: Semaphore::new(2),
+        })
+    }
+
+    /// Issues a token for one room.
+    pub fn issue(&self, key: &RoomKey) -> anyhow::Result<String> {
+        let exp = jsonwebtoken::get_current_timestamp() + TOKEN_LIFETIME.as_secs();
+        let claims = Claims { key: key.to_string(), exp };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).context("signing a room token")
+    }
+
+    /// Checks that `token` is a valid, unexpired token for exactly this room.
+    pub fn verify(&self, token: Option<&str>, key: &RoomKey) -> Result<(), TokenError> {
+        let token = token.filter(|t| !t.is_empty()).ok_or(TokenError::Missing)?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|_| TokenError::Invalid)?;
+        if data.claims.key != key.as_str() {
+            return Err(TokenError::OtherRoom);
+        }
+        Ok(())
+    }
+
+    /// Hashes a password with argon2id and a random salt.
+    pub async fn hash_password(&self, password: String) -> anyhow::Result<String> {
+        let _permit = self.hashing.acquire().await.context("hashing pool closed")?;
+        tokio::task::spawn_blocking(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
+        })
+        .await
+        .context("password hashing task")?
+    }
+
+    /// Verifies a password against a stored hash (constant-time comparison inside argon2).
+    pub async fn verify_password(&self, password: String, hash: String) -> anyhow::Result<bool> {
+        let _permit = self.hashing.acquire().await.context("hashing pool closed")?;
+        tokio::task::spawn_blocking(move || {
+            let parsed = PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash is invalid: {e}"))?;
+            Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        })
+        .await
+        .context("password verification task")?
+    }
+}
+
+/// Reads the embedded-mode token secret from `DATA_DIR/jwt_secret`, creating it
+/// (random, owner-only) on first start so tokens survive restarts.
+pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 32 => return Ok(secret.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} is too short; delete it to generate a new secret", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, secret.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_bound_to_one_room() {
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let a = RoomKey::parse("a").unwrap();
+        let b = RoomKey::parse("b").unwrap();
+        let token = auth.issue(&a).unwrap();
+        assert_eq!(auth.verify(Some(&token), &a), Ok(()));
+        assert_eq!(auth.verify(Some(&token), &b), Err(TokenError::OtherRoom));
+        assert_eq!(auth.verify(None, &a), Err(TokenError::Missing));
+        assert_eq!(auth.verify(Some("garbage"), &a), Err(TokenError::Invalid));
+        let other = Auth::new(b"another-secret-another-secret!!!");
+        assert_eq!(other.verify(Some(&token), &a), Err(TokenError::Invalid));
+    }
+
+    #[tokio::test]
+    async fn passwords_hash_and_verify() {
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let hash = auth.hash_password("hunter2".into()).await.unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(auth.verify_password("hunter2".into(), hash.clone()).await.unwrap());
+        assert!(!auth.verify_password("hunter3".into(), hash).await.unwrap());
+    }
+}

@@ -1,0 +1,81 @@
+//! Extractors whose rejections speak our error contract.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON object body. Wrong content type → 415, too large → 413, not JSON or
+/// not an object → 400, all with the JSON error body.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl JsonObject {
+    /// A required field.
+    pub fn field(&self, name: &str) -> Result<&Value, ApiError> {
+        self.0.get(name).ok_or_else(|| ApiError::bad_request(format!("missing field \"{name}\"")))
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<Value>::from_request(req, state).await {
+            Ok(axum::Json(Value::Object(map))) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
+            Err(JsonRejection::JsonSyntaxError(_)) => Err(ApiError::bad_request("request body is not valid JSON")),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
+/// The bearer token from `Authorization`, if any.
+pub struct BearerToken(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(BearerToken(bearer(parts)))
+    }
+}
+
+pub fn bearer(parts: &Parts) -> Option<String> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+/// The client's address: the peer, or — behind a trusted proxy — the first
+/// `X-Forwarded-For` entry or `X-Real-IP`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        Ok(ClientIp(client_ip(&parts.headers, peer, state.config.trust_proxy)))
+    }
+}
+
+pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>, trust_proxy: bool) -> IpAddr {
+    let header_ip = |name: &str| -> Option<IpAddr> {
+        let raw = headers.get(name)?.to_str().ok()?;
+        raw.split(',').next()?.trim().parse().ok()
+    };
+    let forwarded = trust_proxy.then(|| header_ip("x-forwarded-for").or_else(|| header_ip("x-real-ip"))).flatten();
+    forwarded
+        .or_else(|| peer.map(|p| p.ip()))
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}

@@ -1,0 +1,127 @@
+//! `/api/roulette`: read, append, replace and list rooms (the HTTP paths say
+//! "session" for historical reasons).
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use chrono::SecondsFormat;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::extract::{BearerToken, JsonObject};
+use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
+use crate::state::AppState;
+use crate::store::Page;
+
+fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The Session object of the wire contract (never with a password or hash).
+pub fn session_json(room: &Room) -> Value {
+    json!({
+        "id": room.id,
+        "key": room.key,
+        "history": room.history,
+        "created_at": rfc3339(&room.created_at),
+        "updated_at": rfc3339(&room.updated_at),
+        "version": room.version,
+        "epoch": &*room.epoch,
+        "protected": room.protected,
+    })
+}
+
+fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
+    body.0.get("id").map(|v| MutationId::from_json(v).map_err(ApiError::bad_request)).transpose()
+}
+
+/// `GET /api/roulette/{key}`
+pub async fn get_room(
+    State(state): State<AppState>,
+    Path(raw_key): Path<String>,
+    BearerToken(token): BearerToken,
+) -> Result<Json<Value>, ApiError> {
+    let key = RoomKey::parse(&raw_key)?;
+    let reply = match state.rooms.read(&key, token.as_deref()).await? {
+        Some(room) => json!({"key": room.key, "history": room.history, "version": room.version, "epoch": &*room.epoch}),
+        None => json!({"key": key, "history": [], "version": 0}),
+    };
+    Ok(Json(reply))
+}
+
+/// `POST /api/roulette/save` with `{"key", "number"}`
+pub async fn save(
+    State(state): State<AppState>,
+    BearerToken(token): BearerToken,
+    body: JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let key = RoomKey::from_json(body.field("key")?)?;
+    let number = Number::from_json(body.field("number")?)?;
+    let id = mutation_id(&body)?;
+    state.rooms.authorize(&key, token.as_deref()).await?;
+    let applied = state.rooms.mutate(key, Change::Added(number), id).await?;
+    Ok(Json(json!({"success": true, "data": session_json(&applied.room)})))
+}
+
+/// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
+pub async fn replace(
+    State(state): State<AppState>,
+    Path(raw_key): Path<String>,
+    BearerToken(token): BearerToken,
+    body: JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let key = RoomKey::parse(&raw_key)?;
+    let history = History::from_json(body.field("history")?, state.config.max_history)?;
+    let id = mutation_id(&body)?;
+    state.rooms.authorize(&key, token.as_deref()).await?;
+    let applied = state.rooms.mutate(key, Change::Replaced(history), id).await?;
+    Ok(Json(json!({"success": true, "data": session_json(&applied.room)})))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    offset: Option<String>,
+    include: Option<String>,
+}
+
+/// `GET /api/roulette/sessions?limit=&offset=&include=history`
+pub async fn list(State(state): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = match query.limit.as_deref() {
+        None | Some("") => 100,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|l| *l > 0)
+            .ok_or_else(|| ApiError::bad_request("limit must be a positive integer"))?
+            .min(1000),
+    };
+    let offset = match query.offset.as_deref() {
+        None | Some("") => 0,
+        Some(raw) => raw.parse::<u64>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
+    };
+    let include_history = match query.include.as_deref() {
+        None | Some("") => false,
+        Some("history") => true,
+        Some(_) => return Err(ApiError::bad_request("include may only be \"history\"")),
+    };
+    let (rooms, total) = state.store().list_rooms(Page { limit, offset, include_history }).await?;
+    let sessions: Vec<Value> = rooms
+        .iter()
+        .map(|r| {
+            let created = rfc3339(&r.created_at);
+            let updated = rfc3339(&r.updated_at);
+            let mut summary = json!({
+                "id": r.id, "key": r.key, "historyLength": r.history_length,
+                "created_at": created, "updated_at": updated,
+                "createdAt": created, "lastActivity": updated, "protected": r.protected,
+            });
+            // A protected room's numbers are not readable without its token.
+            if let (Some(history), false) = (&r.history, r.protected) {
+                summary["history"] = json!(history);
+            }
+            summary
+        })
+        .collect();
+    Ok(Json(json!({"sessions": sessions, "total": total})))
+}

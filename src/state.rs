@@ -1,0 +1,53 @@
+//! Shared application state, cheap to clone into every handler and connection.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use governor::DefaultKeyedRateLimiter;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::rooms::Rooms;
+use crate::store::Store;
+use crate::ws::registry::Connections;
+
+/// Readiness and shutdown, shared by the server, its probes and every socket.
+#[derive(Default)]
+pub struct Lifecycle {
+    ready: AtomicBool,
+    /// Cancelled when the instance starts draining: sockets close with 1001 and
+    /// new WebSocket upgrades are refused.
+    pub shutdown: CancellationToken,
+}
+
+impl Lifecycle {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.shutdown.is_cancelled()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub rooms: Rooms,
+    pub connections: Connections,
+    pub metrics: PrometheusHandle,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Attempts at `/api/rooms/auth` per client address.
+    pub auth_limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+    /// One permit per open WebSocket, up to `WS_MAX_CONNECTIONS`.
+    pub ws_slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn store(&self) -> &dyn Store {
+        self.rooms.store.as_ref()
+    }
+}

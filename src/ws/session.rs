@@ -1,0 +1,323 @@
+//! One task per WebSocket connection: `select!` over the socket, the bounded
+//! outbound queue, the ping timer, and the reasons to close (shutdown, admin
+//! kick, queue overflow). Memberships live in the hub; this task only holds
+//! which rooms it joined and in which dialect.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chrono::Utc;
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Peer;
+use super::frames::{self, Dialect, Frame};
+use super::messages::{self, ClientMessage, WsError};
+use crate::auth::TokenError;
+use crate::bus::ConnectionInfo;
+use crate::domain::{Change, MutationId, RoomKey};
+use crate::hub::{Greeting, Member};
+use crate::rooms::AccessError;
+use crate::state::AppState;
+use crate::store::StoreError;
+
+/// Close codes this server uses.
+mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+struct Session {
+    state: AppState,
+    number: u64,
+    out: mpsc::Sender<Frame>,
+    overflow: CancellationToken,
+    /// Joined rooms in join order; the last one is the default for `add` & co.
+    rooms: Vec<(RoomKey, Dialect)>,
+    limiter: DefaultDirectRateLimiter,
+    info: ConnectionInfo,
+}
+
+pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: OwnedSemaphorePermit) {
+    let registration = state.connections.register(&state.config.instance_id);
+    let limits = state.config.ws.clone();
+    let (out, mut queue) = mpsc::channel::<Frame>(limits.queue_capacity);
+    let quota = Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
+    let now = Utc::now();
+    let mut session = Session {
+        state: state.clone(),
+        number: registration.number,
+        out,
+        overflow: CancellationToken::new(),
+        rooms: Vec::new(),
+        limiter: RateLimiter::direct(quota),
+        info: ConnectionInfo {
+            id: registration.id.clone(),
+            instance: state.config.instance_id.clone(),
+            rooms: Vec::new(),
+            connected_at: now,
+            last_activity: now,
+            ip_address: peer.ip,
+            user_agent: peer.user_agent,
+        },
+    };
+    metrics::gauge!("croupier_ws_connections").increment(1.0);
+    session.publish_presence().await;
+    let span = tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
+    let _entered = span.enter();
+    tracing::debug!("connected");
+
+    let (mut sink, mut stream) = socket.split();
+    let mut ticker = tokio::time::interval(limits.ping_interval);
+    ticker.tick().await;
+    let mut last_seen = Instant::now();
+    let shutdown = state.lifecycle.shutdown.clone();
+    let overflow = session.overflow.clone();
+
+    let close: Option<(u16, &str)> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+            _ = registration.kicked.cancelled() => break Some((close::NORMAL, "disconnected by an administrator")),
+            _ = overflow.cancelled() => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
+            Some(frame) = queue.recv() => {
+                if sink.send(Message::Text(frame)).await.is_err() {
+                    break None;
+                }
+            }
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    last_seen = Instant::now();
+                    session.on_text(&text).await;
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    last_seen = Instant::now();
+                    if session.admit() {
+                        session.reply_error(&WsError::new("invalid_json", "binary frames are not supported; send JSON text"));
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(err)) => break too_big(&err).then_some((close::TOO_BIG, "frame too large")),
+            },
+            _ = ticker.tick() => {
+                if last_seen.elapsed() > limits.idle_timeout {
+                    break Some((close::GOING_AWAY, "idle timeout"));
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+                session.info.last_activity = Utc::now();
+                session.publish_presence().await;
+            }
+        }
+    };
+
+    if let Some((code, reason)) = close {
+        tracing::debug!(code, reason, "closing");
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.close().await;
+    }
+    for (key, _) in &session.rooms {
+        state.rooms.hub.leave(key, session.number);
+    }
+    state.connections.unregister(&registration.id);
+    if let Err(err) = state.rooms.bus.remove_presence(&registration.id).await {
+        tracing::debug!(error = %err, "presence removal failed");
+    }
+    metrics::gauge!("croupier_ws_connections").decrement(1.0);
+    drop(permit);
+}
+
+/// Whether a read error was a frame or message over the size limit.
+fn too_big(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl Session {
+    /// Applies the per-connection rate limit; false means "drop this message".
+    fn admit(&mut self) -> bool {
+        if self.limiter.check().is_ok() {
+            return true;
+        }
+        self.reply_error(&WsError::new("rate_limited", "too many messages; slow down"));
+        false
+    }
+
+    fn reply(&self, frame: Frame, kind: &'static str) {
+        metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(frame) {
+            metrics::counter!("croupier_ws_slow_consumer_closes_total").increment(1);
+            self.overflow.cancel();
+        }
+    }
+
+    fn reply_error(&self, err: &WsError) {
+        self.reply(frames::error(err.code, &err.message), "error");
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        if !self.admit() {
+            return;
+        }
+        let message = match messages::parse(text, self.state.config.max_history) {
+            Ok(message) => message,
+            Err(err) => {
+                metrics::counter!("croupier_ws_messages_received_total", "type" => "other").increment(1);
+                self.reply_error(&err);
+                return;
+            }
+        };
+        metrics::counter!("croupier_ws_messages_received_total", "type" => message.kind()).increment(1);
+        self.info.last_activity = Utc::now();
+        if let Err(err) = self.handle(message).await {
+            self.reply_error(&err);
+        }
+    }
+
+    async fn handle(&mut self, message: ClientMessage) -> Result<(), WsError> {
+        match message {
+            ClientMessage::Ping => {
+                self.reply(frames::pong(), "pong");
+                Ok(())
+            }
+            ClientMessage::Join { key, token, version, epoch } => {
+                let (dialect, greeting) = match version {
+                    None => (Dialect::V1, Greeting::Sync),
+                    Some(0) => (Dialect::V2, Greeting::Sync),
+                    Some(version) => (Dialect::V2, Greeting::Resume { version, epoch }),
+                };
+                self.join(key, token.as_deref(), dialect, greeting).await
+            }
+            ClientMessage::Leave { key } => {
+                if let Some(pos) = self.rooms.iter().position(|(k, _)| *k == key) {
+                    self.rooms.remove(pos);
+                    self.state.rooms.hub.leave(&key, self.number);
+                    self.publish_presence().await;
+                }
+                Ok(())
+            }
+            ClientMessage::GetHistory { key, token } => {
+                let dialect = self.dialect_in(&key).unwrap_or(Dialect::Seed);
+                self.join(key, token.as_deref(), dialect, Greeting::HistoryUpdate).await
+            }
+            ClientMessage::Add { key, number, id, .. } => {
+                let key = self.member_room(key)?;
+                self.mutate(key, Change::Added(number), id).await
+            }
+            ClientMessage::Remove { key, index, id, .. } => {
+                let key = self.member_room(key)?;
+                self.mutate(key, Change::Removed(index), id).await
+            }
+            ClientMessage::Update { key, history, id, .. } => {
+                let key = self.member_room(key)?;
+                self.mutate(key, Change::Replaced(history), id).await
+            }
+            ClientMessage::SaveNumber { key, number, token, id } => {
+                self.ensure_seed_member(&key, token.as_deref()).await?;
+                self.mutate(key, Change::Added(number), id).await
+            }
+            ClientMessage::UpdateHistory { key, history, token, id } => {
+                self.ensure_seed_member(&key, token.as_deref()).await?;
+                self.mutate(key, Change::Replaced(history), id).await
+            }
+        }
+    }
+
+    fn dialect_in(&self, key: &RoomKey) -> Option<Dialect> {
+        self.rooms.iter().find(|(k, _)| k == key).map(|(_, d)| *d)
+    }
+
+    /// The room a mutation targets: its `key`, else the most recently joined room.
+    /// Either way the connection must be a member.
+    fn member_room(&self, key: Option<RoomKey>) -> Result<RoomKey, WsError> {
+        let not_joined = || WsError::new("not_joined", "join the room before changing it");
+        match key {
+            Some(key) if self.dialect_in(&key).is_some() => Ok(key),
+            Some(_) => Err(not_joined()),
+            None => self.rooms.last().map(|(k, _)| k.clone()).ok_or_else(not_joined),
+        }
+    }
+
+    async fn ensure_seed_member(&mut self, key: &RoomKey, token: Option<&str>) -> Result<(), WsError> {
+        if self.dialect_in(key).is_some() {
+            return Ok(());
+        }
+        self.join(key.clone(), token, Dialect::Seed, Greeting::Nothing).await
+    }
+
+    async fn join(&mut self, key: RoomKey, token: Option<&str>, dialect: Dialect, greeting: Greeting) -> Result<(), WsError> {
+        let already = self.dialect_in(&key).is_some();
+        if !already && self.rooms.len() >= self.state.config.ws.max_rooms {
+            return Err(WsError::new(
+                "too_many_rooms",
+                format!("a connection may join at most {} rooms", self.state.config.ws.max_rooms),
+            ));
+        }
+        match self.state.rooms.authorize(&key, token).await {
+            Ok(()) => {}
+            Err(AccessError::Token(err)) => {
+                let message = match err {
+                    TokenError::Missing => "this room is protected; a token is required",
+                    TokenError::Invalid | TokenError::OtherRoom => "the token is not valid for this room",
+                };
+                self.reply(frames::auth_required(&key, message), "authRequired");
+                return Ok(());
+            }
+            Err(AccessError::Store(err)) => return Err(store_error(err)),
+        }
+        let member = Member { conn_id: self.number, dialect, out: self.out.clone(), overflow: self.overflow.clone() };
+        self.state.rooms.hub.join(&key, member, greeting).await.map_err(store_error)?;
+        self.rooms.retain(|(k, _)| *k != key);
+        self.rooms.push((key.clone(), dialect));
+        if !already {
+            if let Err(err) = self.state.rooms.bus.count_join(&key).await {
+                tracing::debug!(error = %err, "join count failed");
+            }
+            self.publish_presence().await;
+        }
+        Ok(())
+    }
+
+    async fn mutate(&mut self, key: RoomKey, change: Change, id: Option<MutationId>) -> Result<(), WsError> {
+        // The event reaches this connection through its membership, in order, like
+        // every other member; there is no separate acknowledgement.
+        self.state.rooms.mutate(key, change, id).await.map(|_| ()).map_err(store_error)
+    }
+
+    async fn publish_presence(&mut self) {
+        self.info.rooms = self.rooms.iter().map(|(k, _)| k.to_string()).collect();
+        if let Err(err) = self.state.rooms.bus.put_presence(&self.info).await {
+            tracing::debug!(error = %err, "presence update failed");
+        }
+    }
+}
+
+fn store_error(err: StoreError) -> WsError {
+    match err {
+        StoreError::IndexOutOfRange { .. } => WsError::new("index_out_of_range", err.to_string()),
+        StoreError::HistoryTooLong { .. } => WsError::new("history_too_long", err.to_string()),
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "database unavailable");
+            WsError::new("unavailable", "the service is temporarily unavailable; try again")
+        }
+        StoreError::Internal(detail) => {
+            tracing::error!(error = %detail, "internal error");
+            WsError::new("internal", "internal error")
+        }
+    }
+}
