@@ -1,0 +1,6 @@
+//! Test support shared by the integration tests: real servers only (the
+//! croupier binary, PostgreSQL, Redis), each on free loopback ports in
+//! temporary directories, stopped when dropped.
+#![allow(dead_code)]
+
+pub mod app;

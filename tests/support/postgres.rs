@@ -1,0 +1,338 @@
+//! A real, throwaway PostgreSQL server for integration tests.
+//!
+//! [`TestPostgres::start_new`] finds the server binaries of the Debian
+//! `postgresql` package (`/usr/lib/postgresql/<major>/bin`, or the directory named
+//! by `POSTGRES_BIN_DIR`), runs `initdb` into a fresh temporary directory and
+//! starts `postgres` on a free loopback port with `fsync` on, its Unix socket
+//! inside that directory, and trust authentication for the `postgres` role. It
+//! then creates a `croupier` database, whose URL [`TestPostgres::url`] returns.
+//!
+//! PostgreSQL refuses to run as root. When the tests run as root, the server
+//! processes are started as the unprivileged `postgres` system user (created with
+//! `useradd` if the package did not create it), and the temporary directory is
+//! handed over to that user.
+//!
+//! [`TestPostgres::stop`] and [`TestPostgres::start`] shut the server down and
+//! bring it back on the same data directory and port, for outage tests;
+//! [`TestPostgres::stop_immediately`] simulates a crash (no checkpoint, WAL
+//! recovery on the next start). Dropping the value kills the server and deletes
+//! its directory.
+//!
+//! Missing binaries are a test failure with a clear message, never a silent skip:
+//! a PostgreSQL test that did not run must not look like one that passed.
+
+use std::fs;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// The superuser role `initdb` creates; trust authentication, no password.
+const SUPERUSER: &str = "postgres";
+/// The database created for the tests.
+const DATABASE: &str = "croupier";
+/// How long a starting server may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The OS account the server processes run as (only set when running as root).
+#[derive(Debug, Clone, Copy)]
+struct Account {
+    uid: u32,
+    gid: u32,
+}
+
+/// A running (or deliberately stopped) PostgreSQL server owned by one test.
+pub struct TestPostgres {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+    account: Option<Account>,
+    server: Option<Child>,
+}
+
+impl TestPostgres {
+    /// Initialises and starts a fresh server with an empty `croupier` database.
+    ///
+    /// Panics (failing the test) if the PostgreSQL server binaries are missing or
+    /// the server does not come up.
+    pub async fn start_new() -> TestPostgres {
+        let bin = find_bin_dir().unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL server binaries not found: looked for initdb and postgres in \
+                 $POSTGRES_BIN_DIR and /usr/lib/postgresql/*/bin. Install the `postgresql` \
+                 package (Debian/Ubuntu) or set POSTGRES_BIN_DIR; these tests need a real server."
+            )
+        });
+        let account = if running_as_root() { Some(server_account()) } else { None };
+        let dir = tempfile::Builder::new()
+            .prefix("croupier-pg-")
+            .tempdir()
+            .expect("creating a temporary directory for PostgreSQL");
+        let socket_dir = dir.path().join("socket");
+        fs::create_dir(&socket_dir).expect("creating the socket directory");
+        if let Some(account) = account {
+            for path in [dir.path(), socket_dir.as_path()] {
+                std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
+                    .unwrap_or_else(|e| panic!("handing {} to the postgres user: {e}", path.display()));
+            }
+        }
+
+        let mut pg = TestPostgres { bin, dir, port: 0, account, server: None };
+        pg.initdb().await;
+        // A free port can be taken by someone else before the server binds it;
+        // try a few before giving up.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            pg.port = free_port();
+            match pg.launch().await {
+                Ok(()) => {
+                    pg.create_database(DATABASE).await;
+                    return pg;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    /// URL of the test database.
+    pub fn url(&self) -> String {
+        self.url_for(DATABASE)
+    }
+
+    /// URL of another database on this server.
+    pub fn url_for(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The data directory (for inspecting logs or files).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The server's log so far (stdout and stderr of every start).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// Creates another empty database on this server and returns its URL.
+    pub async fn create_database(&self, name: &str) -> String {
+        let output = Command::new(self.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, name])
+            .output()
+            .await
+            .expect("running createdb");
+        assert!(
+            output.status.success(),
+            "createdb {name} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.url_for(name)
+    }
+
+    /// Shuts the server down cleanly ("fast" mode: sessions are terminated,
+    /// a checkpoint is written) and waits until it has exited.
+    pub async fn stop(&mut self) {
+        self.shutdown("-INT").await;
+    }
+
+    /// Shuts the server down like a crash ("immediate" mode: no checkpoint, the
+    /// next start replays the WAL).
+    pub async fn stop_immediately(&mut self) {
+        self.shutdown("-QUIT").await;
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub async fn start(&mut self) {
+        assert!(self.server.is_none(), "PostgreSQL is already running");
+        // The port was ours a moment ago; retry briefly in case the old sockets
+        // are still being torn down.
+        let mut last_error = String::new();
+        for _ in 0..10 {
+            match self.launch().await {
+                Ok(()) => return,
+                Err(e) => last_error = e,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("PostgreSQL did not restart on port {}: {last_error}", self.port);
+    }
+
+    async fn initdb(&self) {
+        let data = self.data_dir();
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"])
+            // Only skips syncing the freshly created files; the server itself runs with fsync on.
+            .arg("--no-sync");
+        let output = cmd.output().await.expect("running initdb");
+        assert!(
+            output.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Spawns `postgres` and waits until it accepts connections.
+    async fn launch(&mut self) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .map_err(|e| format!("opening the server log: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| e.to_string())?;
+        let socket_dir = self.dir.path().join("socket");
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", socket_dir.display()))
+            .args(["-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "full_page_writes=on"])
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=128MB"])
+            .args(["-c", "logging_collector=off", "-c", "log_min_messages=warning"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| format!("spawning postgres: {e}"))?;
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("postgres exited with {status}; log:\n{}", self.log()));
+            }
+            if self.accepts_connections().await {
+                self.server = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill().await;
+                return Err(format!("not accepting connections after {READY_TIMEOUT:?}; log:\n{}", self.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn accepts_connections(&self) -> bool {
+        Command::new(self.bin.join("pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+
+    async fn shutdown(&mut self, signal: &str) {
+        let Some(mut child) = self.server.take() else {
+            return;
+        };
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill").args([signal, &pid.to_string()]).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// A command for a server binary, run as the server's account when we are root.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        cmd.current_dir(self.dir.path()).env("LC_ALL", "C");
+        if let Some(account) = self.account {
+            cmd.uid(account.uid).gid(account.gid);
+        }
+        cmd
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let Some(mut child) = self.server.take() else {
+            return;
+        };
+        // Immediate shutdown: the postmaster stops its backends and removes its
+        // shared memory, unlike a SIGKILL which would orphan them.
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").args(["-QUIT", &pid.to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.start_kill();
+    }
+}
+
+/// The newest server binaries: `$POSTGRES_BIN_DIR`, then the Debian layout.
+fn find_bin_dir() -> Option<PathBuf> {
+    let complete = |dir: &Path| ["initdb", "postgres", "pg_isready", "createdb"].iter().all(|b| dir.join(b).is_file());
+    if let Some(dir) = std::env::var_os("POSTGRES_BIN_DIR").map(PathBuf::from) {
+        return complete(&dir).then_some(dir);
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            complete(&bin).then_some((major, bin))
+        })
+        .collect();
+    candidates.sort();
+    candidates.pop().map(|(_, bin)| bin)
+}
+
+fn running_as_root() -> bool {
+    // /proc/self belongs to the process's effective user.
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The unprivileged account that runs the server when the tests run as root.
+fn server_account() -> Account {
+    if let Some(account) = lookup_account("postgres") {
+        return account;
+    }
+    let status = std::process::Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
+        .status();
+    // A concurrent test may have created it first; look again either way.
+    lookup_account("postgres").unwrap_or_else(|| {
+        panic!("running as root and no `postgres` user exists (useradd: {status:?}); PostgreSQL refuses to run as root")
+    })
+}
+
+fn lookup_account(name: &str) -> Option<Account> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 || fields[0] != name {
+            return None;
+        }
+        Some(Account { uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()? })
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
