@@ -155,10 +155,20 @@ impl Application {
                     lifecycle.shutdown.cancel();
                 }
             });
+        // The server returns once in-flight requests are done; upgraded WebSockets
+        // are not tracked by it, so also wait for every session to hand back its
+        // connection slot (after sending its 1001 close), within the same grace.
+        let slots = state.ws_slots.clone();
+        let all_slots = u32::try_from(state.config.ws.max_connections).unwrap_or(u32::MAX);
+        let drained = async move {
+            server.await.context("server error")?;
+            let _all = slots.acquire_many(all_slots).await;
+            anyhow::Ok(())
+        };
         tokio::select! {
-            result = server => result.context("server error")?,
+            result = drained => result?,
             _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("grace period over; exiting with requests still open");
+                tracing::warn!("grace period over; exiting with connections still open");
             }
         }
         tracing::info!("stopped");
@@ -166,16 +176,21 @@ impl Application {
     }
 }
 
-/// Background upkeep: event-log pruning.
+/// Background upkeep: the database health gauge and event-log pruning.
 fn spawn_maintenance(state: &AppState) {
     let store = state.rooms.store.clone();
     let stop = state.lifecycle.shutdown.clone();
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
+        let mut check = tokio::time::interval(Duration::from_secs(5));
+        let mut prune = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = every.tick() => match store.prune_events().await {
+                _ = check.tick() => {
+                    let up = if store.ping().await.is_ok() { 1.0 } else { 0.0 };
+                    metrics::gauge!("croupier_dependency_up", "dependency" => "database").set(up);
+                }
+                _ = prune.tick() => match store.prune_events().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "pruned event log"),
                     Err(err) => tracing::warn!(error = %err, "event log pruning failed"),

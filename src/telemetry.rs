@@ -43,6 +43,7 @@ pub fn prometheus_handle() -> PrometheusHandle {
             // Another recorder may already be installed (e.g. by an embedding test);
             // the handle still renders this recorder's view.
             let _ = metrics::set_global_recorder(recorder);
+            metrics_process::Collector::default().describe();
             handle
         })
         .clone()

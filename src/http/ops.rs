@@ -60,5 +60,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!("croupier_ws_connections_max").set(state.config.ws.max_connections as f64);
+    // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+    metrics_process::Collector::default().collect();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

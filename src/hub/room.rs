@@ -134,7 +134,9 @@ impl RoomTask {
                 } else {
                     self.missed_events(version).await
                 };
-                let mirror = self.mirror.as_ref().expect("mirror loaded above");
+                let Some(mirror) = self.mirror.as_ref() else {
+                    return Err(StoreError::Internal("room mirror missing after load".into()));
+                };
                 match replay {
                     Some(events) => {
                         for event in &events {

@@ -201,7 +201,7 @@ impl Session {
                     Some(0) => (Dialect::V2, Greeting::Sync),
                     Some(version) => (Dialect::V2, Greeting::Resume { version, epoch }),
                 };
-                self.join(key, token.as_deref(), dialect, greeting).await
+                self.join(key, token.as_deref(), dialect, greeting).await.map(|_| ())
             }
             ClientMessage::Leave { key } => {
                 if let Some(pos) = self.rooms.iter().position(|(k, _)| *k == key) {
@@ -213,7 +213,7 @@ impl Session {
             }
             ClientMessage::GetHistory { key, token } => {
                 let dialect = self.dialect_in(&key).unwrap_or(Dialect::Seed);
-                self.join(key, token.as_deref(), dialect, Greeting::HistoryUpdate).await
+                self.join(key, token.as_deref(), dialect, Greeting::HistoryUpdate).await.map(|_| ())
             }
             ClientMessage::Add { key, number, id, .. } => {
                 let key = self.member_room(key)?;
@@ -228,12 +228,16 @@ impl Session {
                 self.mutate(key, Change::Replaced(history), id).await
             }
             ClientMessage::SaveNumber { key, number, token, id } => {
-                self.ensure_seed_member(&key, token.as_deref()).await?;
-                self.mutate(key, Change::Added(number), id).await
+                if self.ensure_seed_member(&key, token.as_deref()).await? {
+                    self.mutate(key, Change::Added(number), id).await?;
+                }
+                Ok(())
             }
             ClientMessage::UpdateHistory { key, history, token, id } => {
-                self.ensure_seed_member(&key, token.as_deref()).await?;
-                self.mutate(key, Change::Replaced(history), id).await
+                if self.ensure_seed_member(&key, token.as_deref()).await? {
+                    self.mutate(key, Change::Replaced(history), id).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -253,14 +257,19 @@ impl Session {
         }
     }
 
-    async fn ensure_seed_member(&mut self, key: &RoomKey, token: Option<&str>) -> Result<(), WsError> {
+    /// Makes this connection a seed-dialect member unless it already is one in
+    /// some dialect. False when the room refused it (`authRequired` was sent):
+    /// the caller must not write.
+    async fn ensure_seed_member(&mut self, key: &RoomKey, token: Option<&str>) -> Result<bool, WsError> {
         if self.dialect_in(key).is_some() {
-            return Ok(());
+            return Ok(true);
         }
         self.join(key.clone(), token, Dialect::Seed, Greeting::Nothing).await
     }
 
-    async fn join(&mut self, key: RoomKey, token: Option<&str>, dialect: Dialect, greeting: Greeting) -> Result<(), WsError> {
+    /// Joins a room after checking its token. `Ok(false)`: the room is protected
+    /// and the token did not fit; `authRequired` was sent and nothing changed.
+    async fn join(&mut self, key: RoomKey, token: Option<&str>, dialect: Dialect, greeting: Greeting) -> Result<bool, WsError> {
         let already = self.dialect_in(&key).is_some();
         if !already && self.rooms.len() >= self.state.config.ws.max_rooms {
             return Err(WsError::new(
@@ -276,7 +285,7 @@ impl Session {
                     TokenError::Invalid | TokenError::OtherRoom => "the token is not valid for this room",
                 };
                 self.reply(frames::auth_required(&key, message), "authRequired");
-                return Ok(());
+                return Ok(false);
             }
             Err(AccessError::Store(err)) => return Err(store_error(err)),
         }
@@ -290,7 +299,7 @@ impl Session {
             }
             self.publish_presence().await;
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn mutate(&mut self, key: RoomKey, change: Change, id: Option<MutationId>) -> Result<(), WsError> {
