@@ -19,6 +19,9 @@ use crate::config::{Config, Database};
 use crate::hub::{Hub, HubConfig};
 use crate::rooms::Rooms;
 use crate::state::{AppState, Lifecycle};
+use crate::bus::redis::RedisBus;
+use crate::store::cached::CachedStore;
+use crate::store::postgres::{PgOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{DynStore, ensure_current_schema};
 use crate::telemetry;
@@ -33,8 +36,14 @@ pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {
             }
             Arc::new(SqliteStore::open_url(url).await?)
         }
-        Database::Postgres(_) => {
-            anyhow::bail!("PostgreSQL support is not available in this build");
+        Database::Postgres(url) => {
+            let options = PgOptions {
+                max_connections: config.db.max_connections,
+                acquire_timeout: config.db.acquire_timeout,
+                statement_timeout: config.db.statement_timeout,
+                connect_attempts: config.db.connect_attempts,
+            };
+            Arc::new(PostgresStore::connect(url, options).await?)
         }
     };
     Ok(store)
@@ -95,9 +104,14 @@ impl Application {
                 }
             })
         };
-        let bus: DynBus = match &config.redis_url {
-            Some(_) => anyhow::bail!("Redis support is not available in this build"),
-            None => Arc::new(broker.connect(&config.instance_id, handler)),
+        let (bus, store): (DynBus, DynStore) = match &config.redis_url {
+            Some(url) => {
+                let bus = RedisBus::connect(url, &config.instance_id, handler).await?;
+                // Hot rooms are read from Redis; every write goes through to it.
+                let cached = CachedStore::new(store, bus.command_client(), config.cache_ttl, config.cache_max_history);
+                (Arc::new(bus), Arc::new(cached))
+            }
+            None => (Arc::new(broker.connect(&config.instance_id, handler)), store),
         };
 
         let hub = Hub::new(
