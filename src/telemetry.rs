@@ -44,9 +44,42 @@ pub fn prometheus_handle() -> PrometheusHandle {
             // the handle still renders this recorder's view.
             let _ = metrics::set_global_recorder(recorder);
             metrics_process::Collector::default().describe();
+            register_families();
             handle
         })
         .clone()
+}
+
+/// Creates the unlabelled series at zero, so dashboards and alerts see 0 rather
+/// than "no data" before the first event of each kind.
+fn register_families() {
+    for counter in [
+        "croupier_ws_resyncs_total",
+        "croupier_ws_slow_consumer_closes_total",
+        "croupier_redis_commands_total",
+        "croupier_redis_errors_total",
+        "croupier_redis_reconnects_total",
+        "croupier_cache_hits_total",
+        "croupier_cache_misses_total",
+    ] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for gauge in ["croupier_ws_connections", "croupier_rooms_active"] {
+        metrics::gauge!(gauge).set(0.0);
+    }
+    for direction in ["in", "out"] {
+        metrics::counter!("croupier_bus_messages_total", "direction" => direction).absolute(0);
+    }
+    metrics::describe_histogram!(
+        "croupier_fanout_latency_seconds",
+        metrics::Unit::Seconds,
+        "Time from a mutation's commit to its frame being queued for a member"
+    );
+    metrics::describe_histogram!(
+        "croupier_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "HTTP request duration by method and route template"
+    );
 }
 
 /// Records one database operation's count and duration when dropped.
