@@ -35,8 +35,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
 use super::{
-    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler,
-    PRESENCE_TTL,
+    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler, PRESENCE_TTL,
 };
 use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey};
 
@@ -123,29 +122,32 @@ async fn init_with_retry<C: ClientLike>(client: &C, budget: Duration) -> anyhow:
     let deadline = Instant::now() + budget;
     let mut delay = Duration::from_millis(100);
     loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
         count_command("connect");
         // With `fail_fast` (the default) a failed first attempt returns here instead of
-        // entering the reconnect loop, so start-up can bound its own waiting.
-        match tokio::time::timeout(budget, client.init()).await {
+        // entering the reconnect loop, so start-up bounds its own waiting.
+        let attempt =
+            tokio::time::timeout(remaining.max(Duration::from_millis(100)), client.init());
+        let error = match attempt.await {
             Ok(Ok(_connection_task)) => return Ok(()),
-            Ok(Err(err)) => {
-                count_error("connect");
-                let now = Instant::now();
-                if now + delay >= deadline {
-                    return Err(err).context(format!(
-                        "Redis unreachable for {} s",
-                        budget.as_secs_f32()
-                    ));
-                }
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "Redis not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(_) => {
-                count_error("connect");
-                anyhow::bail!("timed out connecting to Redis");
-            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "connection attempt timed out".to_owned(),
+        };
+        count_error("connect");
+        let now = Instant::now();
+        if now >= deadline {
+            anyhow::bail!(
+                "Redis still unreachable after {:.1} s: {error}",
+                budget.as_secs_f32()
+            );
         }
+        tracing::warn!(
+            error,
+            retry_in_ms = delay.as_millis() as u64,
+            "Redis not reachable yet"
+        );
+        tokio::time::sleep(delay.min(deadline - now)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -175,7 +177,11 @@ struct Shared {
 
 impl RedisBus {
     /// Connects with the production [`RedisBusOptions`].
-    pub async fn connect(url: &str, instance: &str, handler: InboundHandler) -> anyhow::Result<RedisBus> {
+    pub async fn connect(
+        url: &str,
+        instance: &str,
+        handler: InboundHandler,
+    ) -> anyhow::Result<RedisBus> {
         Self::connect_with(url, instance, handler, RedisBusOptions::default()).await
     }
 
@@ -197,7 +203,12 @@ impl RedisBus {
             .build_subscriber_client()
             .context("building the Redis subscriber client")?;
         let remaining = options.startup_timeout.saturating_sub(started.elapsed());
-        init_with_retry(&subscriber, remaining.max(Duration::from_secs(1))).await?;
+        if let Err(err) = init_with_retry(&subscriber, remaining.max(Duration::from_secs(1))).await
+        {
+            // Do not leave the command client reconnecting forever in the background.
+            let _ = client.quit().await;
+            return Err(err);
+        }
 
         let shared = Arc::new(Shared {
             instance: instance.to_owned(),
@@ -237,6 +248,10 @@ impl RedisBus {
             .await
             .inspect_err(|_| count_error("subscribe"))
             .context("subscribing to the control channel")?;
+        bus.shared
+            .confirm_subscriptions()
+            .await
+            .context("confirming the control channel subscription")?;
         set_up_gauge(true);
         tracing::info!(instance, "Redis bus connected");
         Ok(bus)
@@ -291,7 +306,11 @@ fn count_error(op: &'static str) {
 }
 
 fn set_up_gauge(up: bool) {
-    metrics::gauge!("croupier_dependency_up", "dependency" => "redis").set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!("croupier_dependency_up", "dependency" => "redis").set(if up {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Counts one command and its failure, and sorts a fred error into the bus's kinds.
@@ -301,9 +320,10 @@ fn observe<T>(op: &'static str, result: Result<T, Error>) -> Result<T, BusError>
         count_error(op);
         tracing::debug!(op, error = %err, "Redis command failed");
         match err.kind() {
-            ErrorKind::Parse | ErrorKind::Protocol | ErrorKind::InvalidArgument | ErrorKind::InvalidCommand => {
-                BusError::Protocol(err.to_string())
-            }
+            ErrorKind::Parse
+            | ErrorKind::Protocol
+            | ErrorKind::InvalidArgument
+            | ErrorKind::InvalidCommand => BusError::Protocol(err.to_string()),
             _ => BusError::Unavailable(err.to_string()),
         }
     })
@@ -314,7 +334,9 @@ impl Bus for RedisBus {
     async fn publish(&self, event: &RoomEvent) -> Result<(), BusError> {
         let payload = encode_event(&self.shared.instance, event);
         let client = self.shared.client.with_options(&self.shared.fast);
-        let result = client.publish::<i64, _, _>(room_channel(&event.key), payload).await;
+        let result = client
+            .publish::<i64, _, _>(room_channel(&event.key), payload)
+            .await;
         observe("publish", result)?;
         metrics::counter!("croupier_bus_messages_total", "direction" => "out").increment(1);
         Ok(())
@@ -326,39 +348,61 @@ impl Bus for RedisBus {
         self.shared.lock_wanted().insert(key.clone());
         if self.shared.subscriber.state() == ClientState::Disconnected {
             count_error("subscribe");
-            return Err(BusError::Unavailable("Redis subscriber is reconnecting".into()));
+            return Err(BusError::Unavailable(
+                "Redis subscriber is reconnecting".into(),
+            ));
         }
         let result = self.shared.subscriber.subscribe(room_channel(key)).await;
-        observe("subscribe", result)
+        observe("subscribe", result)?;
+        self.shared.confirm_subscriptions().await
     }
 
     async fn unsubscribe(&self, key: &RoomKey) -> Result<(), BusError> {
         self.shared.lock_wanted().remove(key);
+        if self.shared.subscriber.state() == ClientState::Disconnected {
+            // Nothing to undo: the next connection subscribes only to wanted rooms.
+            return Ok(());
+        }
         let result = self.shared.subscriber.unsubscribe(room_channel(key)).await;
         observe("unsubscribe", result)
     }
 
     async fn control(&self, message: ControlMessage) -> Result<(), BusError> {
-        let payload = serde_json::to_string(&message).map_err(|e| BusError::Protocol(e.to_string()))?;
+        let payload =
+            serde_json::to_string(&message).map_err(|e| BusError::Protocol(e.to_string()))?;
         let client = self.shared.client.with_options(&self.shared.fast);
-        observe("publish", client.publish::<i64, _, _>(CONTROL_CHANNEL, payload).await)?;
+        observe(
+            "publish",
+            client.publish::<i64, _, _>(CONTROL_CHANNEL, payload).await,
+        )?;
         metrics::counter!("croupier_bus_messages_total", "direction" => "out").increment(1);
         Ok(())
     }
 
     async fn put_presence(&self, info: &ConnectionInfo) -> Result<(), BusError> {
         let payload = serde_json::to_string(info).map_err(|e| BusError::Protocol(e.to_string()))?;
-        let ttl_ms = i64::try_from(self.shared.presence_ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let ttl_ms = i64::try_from(self.shared.presence_ttl.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
         let client = self.shared.client.with_options(&self.shared.fast);
         let result = client
-            .set::<(), _, _>(presence_key(&info.id), payload, Some(Expiration::PX(ttl_ms)), None, false)
+            .set::<(), _, _>(
+                presence_key(&info.id),
+                payload,
+                Some(Expiration::PX(ttl_ms)),
+                None,
+                false,
+            )
             .await;
         observe("presence_put", result)
     }
 
     async fn remove_presence(&self, connection_id: &str) -> Result<(), BusError> {
         let client = self.shared.client.with_options(&self.shared.fast);
-        observe("presence_remove", client.del::<i64, _>(presence_key(connection_id)).await)?;
+        observe(
+            "presence_remove",
+            client.del::<i64, _>(presence_key(connection_id)).await,
+        )?;
         Ok(())
     }
 
@@ -367,7 +411,8 @@ impl Bus for RedisBus {
         let keys = scan_keys(&client, &format!("{PRESENCE_PREFIX}*")).await?;
         let mut connections = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(BATCH) {
-            let values: Vec<Option<String>> = observe("presence_list", client.mget(chunk.to_vec()).await)?;
+            let values: Vec<Option<String>> =
+                observe("presence_list", client.mget(chunk.to_vec()).await)?;
             // A key that expired between SCAN and MGET comes back as nil.
             for raw in values.into_iter().flatten() {
                 match serde_json::from_str::<ConnectionInfo>(&raw) {
@@ -384,7 +429,12 @@ impl Bus for RedisBus {
 
     async fn count_join(&self, key: &RoomKey) -> Result<(), BusError> {
         let client = self.shared.client.with_options(&self.shared.fast);
-        observe("count_join", client.hincrby::<i64, _, _>(JOINS_KEY, key.as_str(), 1).await)?;
+        observe(
+            "count_join",
+            client
+                .hincrby::<i64, _, _>(JOINS_KEY, key.as_str(), 1)
+                .await,
+        )?;
         Ok(())
     }
 
@@ -415,10 +465,18 @@ async fn scan_keys<C: KeysInterface>(client: &C, pattern: &str) -> Result<Vec<St
     let mut keys = Vec::new();
     let mut cursor = "0".to_owned();
     loop {
-        let page = client.scan_page::<(String, Vec<String>), _, _>(cursor, pattern, Some(BATCH as u32), None);
+        let page = client.scan_page::<(String, Vec<String>), _, _>(
+            cursor,
+            pattern,
+            Some(BATCH as u32),
+            None,
+        );
         let (next, found) = observe("scan", page.await)?;
         keys.extend(found);
         if next == "0" {
+            // SCAN may return a key more than once.
+            keys.sort_unstable();
+            keys.dedup();
             return Ok(keys);
         }
         cursor = next;
@@ -478,12 +536,30 @@ impl Shared {
         // A room left while the batch was in flight must not stay subscribed.
         let gone: Vec<String> = {
             let wanted = self.lock_wanted();
-            rooms.iter().filter(|k| !wanted.contains(*k)).map(room_channel).collect()
+            rooms
+                .iter()
+                .filter(|k| !wanted.contains(*k))
+                .map(room_channel)
+                .collect()
         };
         if !gone.is_empty() {
             observe("unsubscribe", self.subscriber.unsubscribe(gone).await)?;
         }
-        Ok(())
+        self.confirm_subscriptions().await
+    }
+
+    /// Waits until Redis has processed every subscription command sent so far.
+    ///
+    /// fred completes `SUBSCRIBE` once it is written, not when Redis acknowledges
+    /// it, but callers rely on "subscribed" meaning "no later event can pass by":
+    /// the hub subscribes before reading its snapshot. A `PING` on the same
+    /// connection is answered only after everything queued before it.
+    async fn confirm_subscriptions(&self) -> Result<(), BusError> {
+        observe(
+            "subscribe_confirm",
+            self.subscriber.ping::<Value>(None).await,
+        )
+        .map(|_| ())
     }
 
     fn mark(&self, role: Role, up: bool) {
@@ -496,10 +572,15 @@ impl Shared {
             if up {
                 tracing::info!(connection = role.name(), "Redis connection restored");
             } else {
-                tracing::warn!(connection = role.name(), "Redis connection lost; reconnecting");
+                tracing::warn!(
+                    connection = role.name(),
+                    "Redis connection lost; reconnecting"
+                );
             }
         }
-        set_up_gauge(self.client_up.load(Ordering::SeqCst) && self.subscriber_up.load(Ordering::SeqCst));
+        set_up_gauge(
+            self.client_up.load(Ordering::SeqCst) && self.subscriber_up.load(Ordering::SeqCst),
+        );
     }
 }
 
@@ -540,7 +621,10 @@ impl Role {
 async fn watch_connection(shared: Arc<Shared>, role: Role) {
     let (mut reconnects, mut errors) = match role {
         Role::Publisher => (shared.client.reconnect_rx(), shared.client.error_rx()),
-        Role::Subscriber => (shared.subscriber.reconnect_rx(), shared.subscriber.error_rx()),
+        Role::Subscriber => (
+            shared.subscriber.reconnect_rx(),
+            shared.subscriber.error_rx(),
+        ),
     };
     loop {
         tokio::select! {
@@ -613,7 +697,9 @@ fn encode_event(origin: &str, event: &RoomEvent) -> String {
         kind: event.change.kind().to_owned(),
         value,
         mutation_id: event.mutation_id.as_ref().map(|m| m.as_str().to_owned()),
-        committed_at: event.committed_at.to_rfc3339_opts(SecondsFormat::Nanos, true),
+        committed_at: event
+            .committed_at
+            .to_rfc3339_opts(SecondsFormat::Nanos, true),
     };
     // Serialising plain strings, integers and JSON values cannot fail.
     serde_json::to_string(&wire).unwrap_or_default()
@@ -630,7 +716,9 @@ fn decode_event(payload: &[u8]) -> Result<(String, RoomEvent), String> {
                 .and_then(|i| usize::try_from(i).ok())
                 .ok_or("remove index is not an unsigned integer")?,
         ),
-        "replace" => Change::Replaced(History::from_json(&wire.value, usize::MAX).map_err(|e| e.to_string())?),
+        "replace" => Change::Replaced(
+            History::from_json(&wire.value, usize::MAX).map_err(|e| e.to_string())?,
+        ),
         other => return Err(format!("unknown change kind {other:?}")),
     };
     let mutation_id = wire
@@ -701,7 +789,10 @@ mod tests {
             bad.push(good.replace(from, to));
         }
         for payload in bad {
-            assert!(decode_event(payload.as_bytes()).is_err(), "{payload} was accepted");
+            assert!(
+                decode_event(payload.as_bytes()).is_err(),
+                "{payload} was accepted"
+            );
         }
     }
 }

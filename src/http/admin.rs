@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use super::extract::bearer;
+use super::extract::{ApiPath, bearer};
 use crate::bus::{ConnectionInfo, ControlMessage};
 use crate::domain::RoomKey;
 use crate::state::AppState;
@@ -96,14 +96,14 @@ pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Value
 }
 
 /// `GET /api/admin/sessions/{key}/history`
-pub async fn history(_: Admin, State(state): State<AppState>, Path(raw_key): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn history(_: Admin, State(state): State<AppState>, ApiPath(raw_key): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
     let room = state.store().room(&key).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(json!(room.history)))
 }
 
 /// `POST /api/admin/connections/{id}/disconnect`
-pub async fn disconnect(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn disconnect(_: Admin, State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
     if !presence.iter().any(|c| c.id == id) {
         return Err(ApiError::NotFound);

@@ -2,13 +2,13 @@
 //! "session" for historical reasons).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use chrono::SecondsFormat;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::extract::{BearerToken, JsonObject};
+use super::extract::{ApiPath, ApiQuery, BearerToken, JsonObject};
 use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
 use crate::state::AppState;
 use crate::store::Page;
@@ -38,7 +38,7 @@ fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
 /// `GET /api/roulette/{key}`
 pub async fn get_room(
     State(state): State<AppState>,
-    Path(raw_key): Path<String>,
+    ApiPath(raw_key): ApiPath<String>,
     BearerToken(token): BearerToken,
 ) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
@@ -66,7 +66,7 @@ pub async fn save(
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
 pub async fn replace(
     State(state): State<AppState>,
-    Path(raw_key): Path<String>,
+    ApiPath(raw_key): ApiPath<String>,
     BearerToken(token): BearerToken,
     body: JsonObject,
 ) -> Result<Json<Value>, ApiError> {
@@ -86,7 +86,7 @@ pub struct ListQuery {
 }
 
 /// `GET /api/roulette/sessions?limit=&offset=&include=history`
-pub async fn list(State(state): State<AppState>, Query(query): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Json<Value>, ApiError> {
     let limit = match query.limit.as_deref() {
         None | Some("") => 100,
         Some(raw) => raw

@@ -7,6 +7,7 @@
 //! the mutation, so concurrent writers — on any instance — can never produce a
 //! duplicate or missing version (architecture invariant 2).
 
+pub mod cached;
 pub mod postgres;
 pub mod sqlite;
 

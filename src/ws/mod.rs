@@ -6,6 +6,7 @@ pub mod messages;
 pub mod registry;
 mod session;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::http::header::{ORIGIN, USER_AGENT};
@@ -25,10 +26,17 @@ pub struct Peer {
 /// `GET /ws`
 pub async fn upgrade(
     State(state): State<AppState>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     ConnectInfo(peer_addr): ConnectInfo<std::net::SocketAddr>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return ApiError::bad_request(format!("WebSocket handshake required: {}", rejection.body_text()))
+                .into_response();
+        }
+    };
     if state.lifecycle.shutdown.is_cancelled() {
         return ApiError::Unavailable.into_response();
     }

@@ -4,10 +4,11 @@
 //! which rooms it joined and in which dialect.
 
 use std::num::NonZeroU32;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chrono::Utc;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -87,7 +88,7 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
             _ = registration.kicked.cancelled() => break Some((close::NORMAL, "disconnected by an administrator")),
             _ = overflow.cancelled() => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
             Some(frame) = queue.recv() => {
-                if sink.send(Message::Text(frame)).await.is_err() {
+                if !send_within(&mut sink, Message::Text(frame), limits.idle_timeout).await {
                     break None;
                 }
             }
@@ -110,7 +111,7 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
                 if last_seen.elapsed() > limits.idle_timeout {
                     break Some((close::GOING_AWAY, "idle timeout"));
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_within(&mut sink, Message::Ping(Default::default()), limits.idle_timeout).await {
                     break None;
                 }
                 session.info.last_activity = Utc::now();
@@ -122,8 +123,11 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
     if let Some((code, reason)) = close {
         tracing::debug!(code, reason, "closing");
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let _ = sink.send(Message::Close(Some(frame))).await;
-        let _ = sink.close().await;
+        // Bounded like every write: a peer that is not reading must not keep this
+        // task (and its membership clean-up below) waiting forever.
+        if send_within(&mut sink, Message::Close(Some(frame)), limits.idle_timeout).await {
+            let _ = tokio::time::timeout(limits.idle_timeout, sink.close()).await;
+        }
     }
     for (key, _) in &session.rooms {
         state.rooms.hub.leave(key, session.number);
@@ -134,6 +138,25 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
     }
     metrics::gauge!("croupier_ws_connections").decrement(1.0);
     drop(permit);
+}
+
+/// Writes one message; false when the connection is unusable: the write failed,
+/// or the peer made no room for it within `limit`.
+///
+/// A peer that stops reading fills the socket buffers, and then a write waits for
+/// space forever. While it waits, nothing else in the session loop runs — not the
+/// idle check, not the overflow (1013) or shutdown close — so without a bound such
+/// a peer would hold its task, queue and slot until the process exits. A peer that
+/// accepts nothing for a whole idle timeout is as gone as one that sends nothing.
+async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, sink.send(message)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::debug!(waited = ?limit, "peer stopped reading; dropping the connection");
+            false
+        }
+    }
 }
 
 /// Whether a read error was a frame or message over the size limit.

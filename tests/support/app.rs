@@ -280,3 +280,361 @@ impl WsClient {
         let _ = self.stream.close(None).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the conformance and bad-input suites.
+// ---------------------------------------------------------------------------
+
+/// An HTTP reply kept whole: status, headers and body text.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl RawReply {
+    /// The body as JSON; panics (naming status and body) if it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|_| panic!("non-JSON reply ({}): {:?}", self.status, self.text))
+    }
+
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
+/// Why a WebSocket handshake did not produce a connection.
+#[derive(Debug)]
+pub struct WsRefused {
+    /// The HTTP status of the refusal (`None` for a transport error).
+    pub status: Option<u16>,
+    /// The refusal's body, if any.
+    pub body: String,
+}
+
+impl TestServer {
+    /// Sends any request built on `self.http` and keeps the whole reply.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> RawReply {
+        let r = request.send().await.expect("HTTP request");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        RawReply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// `method path` with an optional bearer token and JSON body; the reply must be JSON.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let reply = self.send(request).await;
+        (reply.status, reply.json())
+    }
+
+    /// `GET` on the admin API with the harness's admin token.
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        self.get_with_token(path, ADMIN_TOKEN).await
+    }
+
+    /// `POST` on the admin API with the harness's admin token and no body.
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(ADMIN_TOKEN), None)
+            .await
+    }
+
+    /// A WebSocket handshake with extra request headers (e.g. `Origin`).
+    pub async fn ws_with_headers(&self, headers: &[(&str, &str)]) -> Result<WsClient, WsRefused> {
+        WsClient::connect_with_headers(&self.ws_url(), headers).await
+    }
+
+    /// The embedded-mode token secret (`<data_dir>/jwt_secret`).
+    pub fn jwt_secret(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("jwt_secret"))
+            .expect("reading jwt_secret")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl WsClient {
+    /// Connects with extra handshake headers; a refused handshake is an `Err`.
+    pub async fn connect_with_headers(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, WsRefused> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut request = url.into_client_request().expect("WebSocket URL");
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value).expect("header value"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((stream, _)) => Ok(WsClient { stream }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(WsRefused {
+                status: Some(response.status().as_u16()),
+                body: response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            }),
+            Err(other) => Err(WsRefused {
+                status: None,
+                body: other.to_string(),
+            }),
+        }
+    }
+
+    /// Connects or returns the refusal (no extra headers).
+    pub async fn try_connect(url: &str) -> Result<WsClient, WsRefused> {
+        Self::connect_with_headers(url, &[]).await
+    }
+
+    /// Sends a raw text frame (not necessarily JSON).
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_raw(Message::text(text.to_owned())).await;
+    }
+
+    /// Closes with a specific code (e.g. the frontend's 4000).
+    pub async fn close_with(mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: reason.to_owned().into(),
+        };
+        let _ = self.stream.close(Some(frame)).await;
+    }
+}
+
+/// Compares a JSON value with a template. Objects must have exactly the template's
+/// keys, arrays exactly its length; every other value must be equal, except these
+/// placeholder strings, which match by shape:
+/// `"<int>"` (integer), `"<uint>"` (non-negative integer), `"<number>"`,
+/// `"<string>"` (non-empty string), `"<string|null>"`, `"<bool>"`,
+/// `"<rfc3339>"` (an RFC 3339 timestamp string), `"<array>"`, `"<any>"`.
+pub fn shape_mismatch(actual: &Value, template: &Value) -> Option<String> {
+    fn walk(path: &str, actual: &Value, template: &Value) -> Option<String> {
+        if let Value::String(t) = template
+            && t.starts_with('<')
+            && t.ends_with('>')
+        {
+            let ok = match t.as_str() {
+                "<int>" => actual.is_i64() || actual.is_u64(),
+                "<uint>" => actual.is_u64(),
+                "<number>" => actual.is_number(),
+                "<string>" => actual.as_str().is_some_and(|s| !s.is_empty()),
+                "<string|null>" => {
+                    actual.is_null() || actual.as_str().is_some_and(|s| !s.is_empty())
+                }
+                "<bool>" => actual.is_boolean(),
+                "<rfc3339>" => actual
+                    .as_str()
+                    .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
+                "<array>" => actual.is_array(),
+                "<any>" => true,
+                other => return Some(format!("{path}: unknown placeholder {other}")),
+            };
+            return (!ok).then(|| format!("{path}: expected {t}, got {actual}"));
+        }
+        match (actual, template) {
+            (Value::Object(a), Value::Object(t)) => {
+                for key in t.keys() {
+                    if !a.contains_key(key) {
+                        return Some(format!("{path}: missing field {key:?}"));
+                    }
+                }
+                for key in a.keys() {
+                    if !t.contains_key(key) {
+                        return Some(format!("{path}: unexpected field {key:?} = {}", a[key]));
+                    }
+                }
+                t.iter()
+                    .find_map(|(k, tv)| walk(&format!("{path}.{k}"), &a[k], tv))
+            }
+            (Value::Array(a), Value::Array(t)) => {
+                if a.len() != t.len() {
+                    return Some(format!(
+                        "{path}: expected {} elements, got {}",
+                        t.len(),
+                        a.len()
+                    ));
+                }
+                a.iter()
+                    .zip(t)
+                    .enumerate()
+                    .find_map(|(i, (av, tv))| walk(&format!("{path}[{i}]"), av, tv))
+            }
+            _ if actual == template => None,
+            _ => Some(format!("{path}: expected {template}, got {actual}")),
+        }
+    }
+    walk("$", actual, template)
+}
+
+/// Panics unless `actual` matches `template` (see [`shape_mismatch`]).
+#[track_caller]
+pub fn assert_shape(actual: &Value, template: &Value, context: &str) {
+    if let Some(problem) = shape_mismatch(actual, template) {
+        panic!("{context}: {problem}\n  actual:   {actual}\n  template: {template}");
+    }
+}
+
+/// Retries `check` every 50 ms until it returns `Some`, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Additions for drain and restart tests: signal without waiting, watch the
+/// exit, start the same server again.
+impl TestServer {
+    /// Sends SIGTERM and returns at once, so the caller can watch the drain.
+    pub fn signal_term(&self) {
+        let pid = self.pid();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+
+    /// Waits up to `limit` for the process to exit; `None` if it is still running.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts the process again on the same data directory and port after it
+    /// stopped (`terminate` / `wait_exit`); stops it first if it still runs.
+    pub async fn start_again(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// A fresh HTTP client, so a request never reuses a pooled connection.
+    pub fn fresh_http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("http client")
+    }
+}
+
+impl WsClient {
+    /// Connects with a small socket receive buffer, so a client that stops
+    /// reading pushes back on the server after little data.
+    pub async fn connect_with_recv_buffer(addr: SocketAddr, bytes: u32) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let tcp = socket.connect(addr).await.expect("TCP connect");
+        let (stream, _) =
+            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), MaybeTlsStream::Plain(tcp))
+                .await
+                .expect("WebSocket handshake");
+        WsClient { stream }
+    }
+
+    /// The underlying stream, for tests that read and write concurrently.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.stream
+    }
+}
+
+/// Handles for servers a test reaches but did not start (Nginx in front of a
+/// cluster), and TLS clients for Nginx's HTTPS port.
+impl TestServer {
+    /// A handle on a server at `addr` that this test does not own, e.g. Nginx in
+    /// front of a cluster: the same HTTP and WebSocket helpers, but no process —
+    /// `kill` does nothing, and `restart`/`pid`/`jwt_secret` must not be used.
+    pub fn remote(addr: SocketAddr) -> TestServer {
+        TestServer {
+            child: None,
+            addr,
+            data_dir: PathBuf::new(),
+            env: Vec::new(),
+            _temp: None,
+            http: reqwest::Client::builder().no_proxy().build().expect("http client"),
+        }
+    }
+
+    /// Whether this handle's process is still running (false after `kill`).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+/// A rustls client configuration that trusts exactly the certificates in `pem`
+/// (and nothing else), with the ring provider chosen explicitly so that the
+/// result does not depend on which rustls features other crates enable.
+pub fn tls_trusting(pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots.add(cert.expect("PEM certificate")).expect("trusting the certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+impl WsClient {
+    /// Connects to a `wss://` URL trusting only the certificates in `pem`; a
+    /// failed handshake (e.g. an untrusted certificate) is an `Err`.
+    pub async fn connect_tls(url: &str, pem: &[u8]) -> Result<WsClient, String> {
+        let connector = tokio_tungstenite::Connector::Rustls(tls_trusting(pem));
+        tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+            .await
+            .map(|(stream, _)| WsClient { stream })
+            .map_err(|e| e.to_string())
+    }
+}

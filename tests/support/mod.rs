@@ -4,3 +4,10 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod redis;
+pub mod cluster;
+pub mod nginx;
+pub mod postgres;
+pub mod exposition;
+pub mod ops;
+pub mod prometheus;

@@ -67,7 +67,11 @@ impl TestPostgres {
                  package (Debian/Ubuntu) or set POSTGRES_BIN_DIR; these tests need a real server."
             )
         });
-        let account = if running_as_root() { Some(server_account()) } else { None };
+        let account = if running_as_root() {
+            Some(server_account())
+        } else {
+            None
+        };
         let dir = tempfile::Builder::new()
             .prefix("croupier-pg-")
             .tempdir()
@@ -77,11 +81,19 @@ impl TestPostgres {
         if let Some(account) = account {
             for path in [dir.path(), socket_dir.as_path()] {
                 std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
-                    .unwrap_or_else(|e| panic!("handing {} to the postgres user: {e}", path.display()));
+                    .unwrap_or_else(|e| {
+                        panic!("handing {} to the postgres user: {e}", path.display())
+                    });
             }
         }
 
-        let mut pg = TestPostgres { bin, dir, port: 0, account, server: None };
+        let mut pg = TestPostgres {
+            bin,
+            dir,
+            port: 0,
+            account,
+            server: None,
+        };
         pg.initdb().await;
         // A free port can be taken by someone else before the server binds it;
         // try a few before giving up.
@@ -130,7 +142,15 @@ impl TestPostgres {
     /// Creates another empty database on this server and returns its URL.
     pub async fn create_database(&self, name: &str) -> String {
         let output = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, name])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                name,
+            ])
             .output()
             .await
             .expect("running createdb");
@@ -167,7 +187,10 @@ impl TestPostgres {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("PostgreSQL did not restart on port {}: {last_error}", self.port);
+        panic!(
+            "PostgreSQL did not restart on port {}: {last_error}",
+            self.port
+        );
     }
 
     async fn initdb(&self) {
@@ -175,7 +198,13 @@ impl TestPostgres {
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
             .arg(&data)
-            .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ])
             // Only skips syncing the freshly created files; the server itself runs with fsync on.
             .arg("--no-sync");
         let output = cmd.output().await.expect("running initdb");
@@ -203,9 +232,21 @@ impl TestPostgres {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", socket_dir.display()))
-            .args(["-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "full_page_writes=on"])
+            .args([
+                "-c",
+                "fsync=on",
+                "-c",
+                "synchronous_commit=on",
+                "-c",
+                "full_page_writes=on",
+            ])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=128MB"])
-            .args(["-c", "logging_collector=off", "-c", "log_min_messages=warning"])
+            .args([
+                "-c",
+                "logging_collector=off",
+                "-c",
+                "log_min_messages=warning",
+            ])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -215,7 +256,10 @@ impl TestPostgres {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("postgres exited with {status}; log:\n{}", self.log()));
+                return Err(format!(
+                    "postgres exited with {status}; log:\n{}",
+                    self.log()
+                ));
             }
             if self.accepts_connections().await {
                 self.server = Some(child);
@@ -223,7 +267,10 @@ impl TestPostgres {
             }
             if Instant::now() > deadline {
                 let _ = child.kill().await;
-                return Err(format!("not accepting connections after {READY_TIMEOUT:?}; log:\n{}", self.log()));
+                return Err(format!(
+                    "not accepting connections after {READY_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -231,7 +278,17 @@ impl TestPostgres {
 
     async fn accepts_connections(&self) -> bool {
         Command::new(self.bin.join("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                "postgres",
+            ])
             .status()
             .await
             .is_ok_and(|s| s.success())
@@ -242,9 +299,15 @@ impl TestPostgres {
             return;
         };
         if let Some(pid) = child.id() {
-            let _ = Command::new("kill").args([signal, &pid.to_string()]).status().await;
+            let _ = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .await;
         }
-        if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .is_err()
+        {
             let _ = child.kill().await;
         }
     }
@@ -268,7 +331,9 @@ impl Drop for TestPostgres {
         // Immediate shutdown: the postmaster stops its backends and removes its
         // shared memory, unlike a SIGKILL which would orphan them.
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill").args(["-QUIT", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-QUIT", &pid.to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if matches!(child.try_wait(), Ok(Some(_))) {
@@ -283,7 +348,11 @@ impl Drop for TestPostgres {
 
 /// The newest server binaries: `$POSTGRES_BIN_DIR`, then the Debian layout.
 fn find_bin_dir() -> Option<PathBuf> {
-    let complete = |dir: &Path| ["initdb", "postgres", "pg_isready", "createdb"].iter().all(|b| dir.join(b).is_file());
+    let complete = |dir: &Path| {
+        ["initdb", "postgres", "pg_isready", "createdb"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
     if let Some(dir) = std::env::var_os("POSTGRES_BIN_DIR").map(PathBuf::from) {
         return complete(&dir).then_some(dir);
     }
@@ -311,7 +380,14 @@ fn server_account() -> Account {
         return account;
     }
     let status = std::process::Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "postgres",
+        ])
         .status();
     // A concurrent test may have created it first; look again either way.
     lookup_account("postgres").unwrap_or_else(|| {
@@ -326,7 +402,10 @@ fn lookup_account(name: &str) -> Option<Account> {
         if fields.len() < 4 || fields[0] != name {
             return None;
         }
-        Some(Account { uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()? })
+        Some(Account {
+            uid: fields[2].parse().ok()?,
+            gid: fields[3].parse().ok()?,
+        })
     })
 }
 

@@ -1,0 +1,463 @@
+//! Hot-room cache: a [`Store`] decorator that serves `room()` from Redis and
+//! writes every committed room state through to it.
+//!
+//! The wrapped store (PostgreSQL in cluster mode) stays the source of truth; the
+//! cache only saves it reads. Three rules keep the cache from lying:
+//!
+//! 1. **Versioned writes.** Each cached room is a hash `croupier:cache:room:{key}`
+//!    with fields `version`, `epoch` and `room` (the JSON blob). A Lua script
+//!    replaces it only when the cached version is lower, the epoch differs, or
+//!    there is none, so writers racing on different instances can never leave an
+//!    older state behind a newer one. A room whose history is too long to cache
+//!    keeps a `room`-less marker with its version, which still blocks older writes.
+//! 2. **Redis never fails a read.** Any Redis error or timeout falls back to the
+//!    wrapped store.
+//! 3. **A missed write is remembered.** If a write-through fails and the key cannot
+//!    be deleted either, Redis may now hold an outdated room. This instance stops
+//!    reading from the cache until it has dropped every cached room (`SCAN` +
+//!    `DEL`). Other instances cannot know; the entry TTL bounds how long they might
+//!    serve such a room.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fred::clients::Client;
+use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Applied, DynStore, MigrationInfo, Mutation, Page, RoomAuth, RoomSummary, Store, StoreError,
+    StoreStats,
+};
+use crate::domain::{History, Room, RoomEvent, RoomKey, Version};
+
+const CACHE_PREFIX: &str = "croupier:cache:room:";
+/// Cache operations give up quickly: the database is always there as a fallback.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often a stale cache may be retried for flushing while Redis stays down.
+const FLUSH_RETRY: Duration = Duration::from_secs(1);
+const SCAN_COUNT: u32 = 500;
+
+/// KEYS[1] cache key; ARGV version, epoch, room JSON ("" = too large to cache), TTL ms.
+/// Returns 1 when written, 0 when the cache already held this version or a newer one.
+const WRITE_SCRIPT: &str = r#"
+local cached = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+if cached[1] and cached[2] == ARGV[2] and tonumber(cached[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'epoch', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'room')
+else
+  redis.call('HSET', KEYS[1], 'room', ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Hits and misses of one [`CachedStore`] (also exported as Prometheus counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+}
+
+pub struct CachedStore {
+    inner: DynStore,
+    redis: Client,
+    ttl: Duration,
+    max_cached_history: usize,
+    options: Options,
+    /// Write-throughs that failed without the key being deleted...
+    dirty: AtomicU64,
+    /// ...and how many of them the last successful flush covered. The cache may
+    /// be read only while `cleaned == dirty`.
+    cleaned: AtomicU64,
+    flushing: AtomicBool,
+    /// When the last flush attempt started; a std `Mutex` since it is never held
+    /// across an `.await`.
+    last_flush: Mutex<Option<Instant>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// The cached form of a [`Room`], written from borrowed parts...
+#[derive(Serialize)]
+struct RoomBlobOut<'a> {
+    id: i64,
+    key: &'a str,
+    history: &'a History,
+    version: Version,
+    epoch: &'a str,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    protected: bool,
+}
+
+/// ...and read back into owned values that still have to be parsed.
+#[derive(Deserialize)]
+struct RoomBlobIn {
+    id: i64,
+    key: String,
+    history: serde_json::Value,
+    version: Version,
+    epoch: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    protected: bool,
+}
+
+fn cache_key(key: &RoomKey) -> String {
+    format!("{CACHE_PREFIX}{key}")
+}
+
+fn encode_room(room: &Room) -> String {
+    let blob = RoomBlobOut {
+        id: room.id,
+        key: room.key.as_str(),
+        history: &room.history,
+        version: room.version,
+        epoch: &room.epoch,
+        created_at: room.created_at,
+        updated_at: room.updated_at,
+        protected: room.protected,
+    };
+    // Plain integers, strings and timestamps always serialise.
+    serde_json::to_string(&blob).unwrap_or_default()
+}
+
+fn decode_room(raw: &str) -> Result<Room, String> {
+    let blob: RoomBlobIn = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    Ok(Room {
+        id: blob.id,
+        key: RoomKey::parse(&blob.key).map_err(|e| e.to_string())?,
+        history: History::from_json(&blob.history, usize::MAX).map_err(|e| e.to_string())?,
+        version: blob.version,
+        epoch: blob.epoch.into(),
+        created_at: blob.created_at,
+        updated_at: blob.updated_at,
+        protected: blob.protected,
+    })
+}
+
+fn count_command(op: &'static str) {
+    metrics::counter!("croupier_redis_commands_total", "op" => op).increment(1);
+}
+
+fn count_error(op: &'static str) {
+    metrics::counter!("croupier_redis_errors_total", "op" => op).increment(1);
+}
+
+fn observe<T>(op: &'static str, result: Result<T, Error>) -> Result<T, Error> {
+    count_command(op);
+    if let Err(err) = &result {
+        count_error(op);
+        tracing::debug!(op, error = %err, "Redis cache command failed");
+    }
+    result
+}
+
+impl CachedStore {
+    /// Wraps `inner`; cached rooms expire after `ttl` without a write, and rooms with
+    /// more than `max_cached_history` numbers are always read from `inner`.
+    pub fn new(
+        inner: DynStore,
+        redis: Client,
+        ttl: Duration,
+        max_cached_history: usize,
+    ) -> CachedStore {
+        CachedStore {
+            inner,
+            redis,
+            ttl: ttl.max(Duration::from_millis(1)),
+            max_cached_history,
+            options: Options {
+                // Never queue behind a reconnect: the database answers instead.
+                fail_fast: true,
+                timeout: Some(REDIS_TIMEOUT),
+                max_attempts: Some(1),
+                ..Options::default()
+            },
+            dirty: AtomicU64::new(0),
+            cleaned: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
+            last_flush: Mutex::new(None),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Hits and misses counted by this store so far.
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether this instance currently refuses to read from the cache because a
+    /// write-through was lost and the cache has not been flushed since.
+    pub fn is_stale(&self) -> bool {
+        self.cleaned.load(Ordering::SeqCst) < self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Stores `room` in the cache unless the cache already holds this version or a
+    /// newer one of the same epoch. Called after every committed write; public so
+    /// that other components can warm the cache with a state they read.
+    pub async fn write_through(&self, room: &Room) {
+        if self.write(room).await.is_ok() {
+            return;
+        }
+        // The cache may now hold an older state than the database: drop it...
+        let redis = self.redis.with_options(&self.options);
+        if observe("cache_del", redis.del::<i64, _>(cache_key(&room.key)).await).is_ok() {
+            return;
+        }
+        // ...and if even that fails, stop trusting the cache until it is flushed.
+        self.dirty.fetch_add(1, Ordering::SeqCst);
+        tracing::warn!(key = %room.key, "room cache write failed; cache marked stale until Redis is back");
+    }
+
+    async fn write(&self, room: &Room) -> Result<(), Error> {
+        let blob = if room.history.len() <= self.max_cached_history {
+            encode_room(room)
+        } else {
+            String::new()
+        };
+        let ttl_ms = self.ttl.as_millis().min(i64::MAX as u128).to_string();
+        let args = vec![
+            WRITE_SCRIPT.to_owned(),
+            "1".to_owned(),
+            cache_key(&room.key),
+            room.version.to_string(),
+            room.epoch.to_string(),
+            blob,
+            ttl_ms,
+        ];
+        // EVAL through the generic interface: the script is one short round trip,
+        // and Redis keeps the compiled script cached by its hash.
+        let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+        let redis = self.redis.with_options(&self.options);
+        observe("cache_write", redis.custom::<i64, _>(eval, args).await).map(|_| ())
+    }
+
+    /// The cached room: `Ok(None)` on a miss, `Err` when Redis did not answer.
+    async fn read(&self, key: &RoomKey) -> Result<Option<Room>, ()> {
+        let redis = self.redis.with_options(&self.options);
+        let raw: Option<String> =
+            observe("cache_read", redis.hget(cache_key(key), "room").await).map_err(|_| ())?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        match decode_room(&raw) {
+            Ok(room) if room.key == *key => Ok(Some(room)),
+            Ok(_) | Err(_) => {
+                count_error("cache_decode");
+                tracing::warn!(%key, "corrupt room cache entry dropped");
+                let _ = observe("cache_del", redis.del::<i64, _>(cache_key(key)).await);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether the cache may be read now; flushes it first if it is stale.
+    async fn usable(&self) -> bool {
+        if !self.is_stale() {
+            return true;
+        }
+        {
+            let mut last = self.last_flush.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < FLUSH_RETRY) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        if self.flushing.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        // Released even if this future is dropped mid-flush (a cancelled request).
+        let _flushing = Release(&self.flushing);
+        // Everything marked dirty up to here is covered by this flush; a write that
+        // fails while it runs bumps `dirty` past `target` and keeps the cache stale.
+        let target = self.dirty.load(Ordering::SeqCst);
+        match self.flush().await {
+            Ok(dropped) => {
+                self.cleaned.fetch_max(target, Ordering::SeqCst);
+                tracing::info!(
+                    dropped,
+                    "room cache flushed after a lost write; serving from cache again"
+                );
+                !self.is_stale()
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "room cache flush failed; Redis still unavailable");
+                false
+            }
+        }
+    }
+
+    /// Deletes every cached room, page by page.
+    async fn flush(&self) -> Result<u64, Error> {
+        let redis = self.redis.with_options(&self.options);
+        let pattern = format!("{CACHE_PREFIX}*");
+        let mut cursor = "0".to_owned();
+        let mut dropped = 0;
+        loop {
+            let page = redis.scan_page::<(String, Vec<String>), _, _>(
+                cursor,
+                pattern.as_str(),
+                Some(SCAN_COUNT),
+                None,
+            );
+            let (next, keys) = observe("cache_scan", page.await)?;
+            if !keys.is_empty() {
+                dropped += observe("cache_del", redis.del::<u64, _>(keys).await)?;
+            }
+            if next == "0" {
+                return Ok(dropped);
+            }
+            cursor = next;
+        }
+    }
+
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("croupier_cache_hits_total").increment(1);
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("croupier_cache_misses_total").increment(1);
+    }
+}
+
+/// Clears a flag when dropped.
+struct Release<'a>(&'a AtomicBool);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let mut fill = false;
+        if self.usable().await {
+            match self.read(key).await {
+                Ok(Some(room)) => {
+                    self.hit();
+                    return Ok(Some(room));
+                }
+                Ok(None) => fill = true,
+                // Redis did not answer: the database does, and filling would fail too.
+                Err(()) => {}
+            }
+        }
+        self.miss();
+        let room = self.inner.room(key).await?;
+        if let Some(room) = room
+            .as_ref()
+            .filter(|r| fill && r.history.len() <= self.max_cached_history)
+        {
+            // Filling goes through the same versioned write, so a fill racing with a
+            // newer write-through cannot win; a failed fill changes nothing.
+            let _ = self.write(room).await;
+        }
+        Ok(room)
+    }
+
+    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
+        let applied = self.inner.apply(mutation).await?;
+        self.write_through(&applied.room).await;
+        Ok(applied)
+    }
+
+    async fn events_since(
+        &self,
+        key: &RoomKey,
+        after: Version,
+    ) -> Result<Option<Vec<RoomEvent>>, StoreError> {
+        self.inner.events_since(key, after).await
+    }
+
+    async fn list_rooms(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError> {
+        self.inner.list_rooms(page).await
+    }
+
+    async fn room_auth(&self, key: &RoomKey) -> Result<Option<RoomAuth>, StoreError> {
+        self.inner.room_auth(key).await
+    }
+
+    async fn create_room(
+        &self,
+        key: &RoomKey,
+        password_hash: Option<String>,
+    ) -> Result<RoomAuth, StoreError> {
+        let auth = self.inner.create_room(key, password_hash).await?;
+        self.write_through(&auth.room).await;
+        Ok(auth)
+    }
+
+    async fn prune_events(&self) -> Result<u64, StoreError> {
+        self.inner.prune_events().await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.inner.stats().await
+    }
+
+    async fn ping(&self) -> Result<Duration, StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn migration_status(&self) -> Result<Vec<MigrationInfo>, StoreError> {
+        self.inner.migration_status().await
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        self.inner.migrate().await
+    }
+
+    async fn rollback(&self, steps: usize) -> anyhow::Result<()> {
+        self.inner.rollback(steps).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Number;
+
+    #[test]
+    fn rooms_round_trip_through_the_cache_format() {
+        let room = Room {
+            id: 42,
+            key: RoomKey::parse("стол 7").unwrap(),
+            history: History::from_numbers(vec![
+                Number::Single(0),
+                Number::DoubleZero,
+                Number::Single(36),
+            ]),
+            version: 9,
+            epoch: "abc".into(),
+            created_at: DateTime::parse_from_rfc3339("2024-01-02T03:04:05.123456789Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            updated_at: Utc::now(),
+            protected: true,
+        };
+        assert_eq!(decode_room(&encode_room(&room)).unwrap(), room);
+        assert!(decode_room("{}").is_err());
+        assert!(decode_room(&encode_room(&room).replace("36]", "37]")).is_err());
+    }
+}
