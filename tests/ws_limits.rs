@@ -216,8 +216,17 @@ fn spawn_reader(ws: WsClient, until: u64) -> tokio::task::JoinHandle<(WsClient, 
 /// every event (~290 KB here), so a few dozen cheap adds push megabytes at it.
 const PREFILL: usize = 100_000;
 /// Adds in the flood: enough to fill the kernel's socket buffers on loopback
-/// (a few MB) and then the 16-frame queue.
-const FLOOD_ADDS: u64 = 45;
+/// (the server's send buffer grows up to `tcp_wmem` max, 4 MB by default; the
+/// client's receive buffer is pinned small) and then the 16-frame queue, with
+/// room to spare.
+fn flood_adds() -> u64 {
+    let send_buffer_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(4 << 20);
+    let frame_bytes = 2 * PREFILL as u64;
+    (send_buffer_max / frame_bytes + 16 + 12).max(45)
+}
 
 fn slow_consumer_env(idle_timeout: &'static str, ping_interval: &'static str) -> Vec<(&'static str, &'static str)> {
     vec![
@@ -248,10 +257,10 @@ async fn slow_v1_member(s: &TestServer, key: &str) -> WsClient {
     slow
 }
 
-/// `FLOOD_ADDS` adds, each confirmed by its echo; returns the last version.
+/// `flood_adds()` adds, each confirmed by its echo; returns the last version.
 async fn flood(flooder: &mut WsClient, key: &str) -> u64 {
     let mut version = 1;
-    for i in 0..FLOOD_ADDS {
+    for i in 0..flood_adds() {
         flooder.send(json!({"type": "add", "number": i % 37})).await;
         let echo = flooder.recv().await;
         assert_eq!(echo["version"], version + 1, "{key}: {echo}");
@@ -271,16 +280,17 @@ async fn a_slow_consumer_is_cut_off_with_1013_and_the_room_keeps_working() {
     let mut slow = slow_v1_member(&s, key).await;
 
     // Megabytes for `slow`, which reads nothing meanwhile.
-    let reader = spawn_reader(observer, 1 + FLOOD_ADDS);
+    let adds = flood_adds();
+    let reader = spawn_reader(observer, 1 + adds);
     let started = Instant::now();
     let last = flood(&mut flooder, key).await;
     let (mut observer, seen) = reader.await.expect("observer task");
-    eprintln!("flooded {FLOOD_ADDS} adds in {:?}", started.elapsed());
+    eprintln!("flooded {adds} adds in {:?}", started.elapsed());
     assert_eq!(seen, (2..=last).collect::<Vec<_>>(), "the reading member missed or reordered events");
 
     // Now `slow` reads: whatever it got is gap-free (one more number per frame),
     // and then it is either closed with 1013 or brought up to date in one step.
-    let final_len = PREFILL + FLOOD_ADDS as usize;
+    let final_len = PREFILL + adds as usize;
     let mut len = PREFILL;
     let mut received = 0;
     let outcome = loop {
@@ -305,7 +315,7 @@ async fn a_slow_consumer_is_cut_off_with_1013_and_the_room_keeps_working() {
             assert_eq!(code, 1013, "slow consumer closed with {code}");
             assert!(len < final_len, "closed with 1013 after receiving everything");
         }
-        None => assert!(received <= FLOOD_ADDS as usize, "resynced without having fallen behind"),
+        None => assert!(received <= adds as usize, "resynced without having fallen behind"),
     }
 
     // The room still works: the old members and a newcomer get the next event.

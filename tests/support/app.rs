@@ -601,37 +601,82 @@ impl TestServer {
             http: reqwest::Client::builder().no_proxy().build().expect("http client"),
         }
     }
-
-    /// Whether this handle's process is still running (false after `kill`).
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
 }
 
-/// A rustls client configuration that trusts exactly the certificates in `pem`
-/// (and nothing else), with the ring provider chosen explicitly so that the
-/// result does not depend on which rustls features other crates enable.
-pub fn tls_trusting(pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
+/// A rustls client configuration that accepts exactly the server certificate in
+/// `pem` (pinned) and nothing else, with the ring provider chosen explicitly so
+/// that the result does not depend on which rustls features other crates enable.
+///
+/// Pinning rather than a root store: the test certificates are self-signed with
+/// `CA:TRUE`, which webpki refuses as a server's own certificate
+/// (`CaUsedAsEndEntity`) even when it is a trusted root. The handshake
+/// signature is still verified against the pinned certificate's key.
+pub fn tls_pinned(pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        roots.add(cert.expect("PEM certificate")).expect("trusting the certificate");
-    }
+    let pinned = CertificateDer::from_pem_slice(pem).expect("PEM certificate").into_owned();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedCertificate { pinned, provider: provider.clone() };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS protocol versions")
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
         .with_no_client_auth();
     std::sync::Arc::new(config)
 }
 
+/// Accepts the one pinned certificate; see [`tls_pinned`].
+#[derive(Debug)]
+struct PinnedCertificate {
+    pinned: rustls::pki_types::CertificateDer<'static>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.pinned.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 impl WsClient {
-    /// Connects to a `wss://` URL trusting only the certificates in `pem`; a
-    /// failed handshake (e.g. an untrusted certificate) is an `Err`.
+    /// Connects to a `wss://` URL accepting only the server certificate in `pem`;
+    /// a failed handshake (e.g. another certificate) is an `Err`.
     pub async fn connect_tls(url: &str, pem: &[u8]) -> Result<WsClient, String> {
-        let connector = tokio_tungstenite::Connector::Rustls(tls_trusting(pem));
+        let connector = tokio_tungstenite::Connector::Rustls(tls_pinned(pem));
         tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
             .await
             .map(|(stream, _)| WsClient { stream })
