@@ -8,7 +8,9 @@
 # PGPASSWORD, PGDATABASE (the same variables backup.sh uses).
 #
 # Objects in the dump are dropped and recreated (--clean --if-exists) in a
-# single transaction: on any error the database is left as it was.
+# single transaction: on any error the database is left as it was. Every room
+# then gets a new epoch, so clients resynchronise instead of resuming across
+# the restore.
 # Stop the app instances first and flush Redis afterwards (its cache still
 # holds the pre-restore rooms); see docs/operations.md.
 set -eu
@@ -51,4 +53,10 @@ fi
 log "restoring $file (existing objects are replaced)"
 pg_restore --clean --if-exists --no-owner --no-privileges \
     --single-transaction --exit-on-error "$@" "$file"
+# A restored room may have gone back in time: a client that saw version N before
+# the restore could see a different event N after it. Give every room a new
+# epoch so that such clients get a full sync instead of a wrong resume.
+log "giving every room a new epoch"
+psql "$@" --quiet --no-psqlrc -v ON_ERROR_STOP=1 -c \
+    "UPDATE rooms SET epoch = substr(md5(random()::text || clock_timestamp()::text || id::text), 1, 16)"
 log "done"

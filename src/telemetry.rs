@@ -17,7 +17,10 @@ pub fn init_tracing() {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,fred=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi);
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -43,7 +46,6 @@ pub fn prometheus_handle() -> PrometheusHandle {
             // Another recorder may already be installed (e.g. by an embedding test);
             // the handle still renders this recorder's view.
             let _ = metrics::set_global_recorder(recorder);
-            metrics_process::Collector::default().describe();
             register_families();
             handle
         })
@@ -82,6 +84,78 @@ fn register_families() {
     );
 }
 
+/// The standard process metrics (`process_cpu_seconds_total`, `process_open_fds`,
+/// `process_resident_memory_bytes`, ...) read now, in the text format.
+///
+/// Rendered here rather than recorded through `metrics`: its counters are
+/// integers, which would cut the CPU time to whole seconds, so that a `rate()`
+/// of it reads 0 or 1 core and nothing in between.
+pub fn render_process_metrics() -> String {
+    use std::fmt::Write;
+    let m = metrics_process::collector::collect();
+    let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
+    let families = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            m.cpu_seconds_total,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            as_f64(m.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            as_f64(m.max_fds),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            as_f64(m.virtual_memory_bytes),
+        ),
+        (
+            "process_virtual_memory_max_bytes",
+            "gauge",
+            "Maximum amount of virtual memory available in bytes.",
+            as_f64(m.virtual_memory_max_bytes),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            as_f64(m.resident_memory_bytes),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            as_f64(m.start_time_seconds),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            as_f64(m.threads),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in families {
+        if let Some(value) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+    out
+}
+
 /// Records one database operation's count and duration when dropped.
 pub struct DbTimer {
     op: &'static str,
@@ -90,7 +164,10 @@ pub struct DbTimer {
 
 impl DbTimer {
     pub fn new(op: &'static str) -> Self {
-        DbTimer { op, started: Instant::now() }
+        DbTimer {
+            op,
+            started: Instant::now(),
+        }
     }
 }
 
@@ -105,9 +182,27 @@ impl Drop for DbTimer {
 /// Bounded label for a WebSocket message type (unknown types fold into "other").
 pub fn message_type_label(raw: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "join", "add", "remove", "update", "getHistory", "saveNumber", "updateHistory",
-        "leave", "ping", "sync", "historyUpdate", "numberSaved", "historyUpdated", "pong",
-        "recovered", "error", "authRequired",
+        "join",
+        "add",
+        "remove",
+        "update",
+        "getHistory",
+        "saveNumber",
+        "updateHistory",
+        "leave",
+        "ping",
+        "sync",
+        "historyUpdate",
+        "numberSaved",
+        "historyUpdated",
+        "pong",
+        "recovered",
+        "error",
+        "authRequired",
     ];
-    KNOWN.iter().find(|k| **k == raw).copied().unwrap_or("other")
+    KNOWN
+        .iter()
+        .find(|k| **k == raw)
+        .copied()
+        .unwrap_or("other")
 }

@@ -2,7 +2,8 @@
 //! written through Nginx and WebSockets are dumped, the database is wiped, the
 //! dump is restored as docs/operations.md describes (instances stopped, Redis
 //! flushed, instances started), and every room must come back exactly: history,
-//! version, epoch, protection, event log — and nothing written after the dump.
+//! version, protection, event log — with a new epoch, so that clients resync
+//! rather than resume across the restore — and nothing written after the dump.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::app::{ADMIN_TOKEN, decode, encode};
+use support::app::{decode, encode};
 use support::cluster::TestCluster;
 use support::ops::{psql, redis_command, run_script};
 
@@ -26,7 +27,12 @@ struct RoomState {
 }
 
 /// `GET {base}/api/roulette/{key}` (with `token` when given) → status and body.
-async fn get_room(http: &reqwest::Client, base: &str, key: &str, token: Option<&str>) -> (u16, Value) {
+async fn get_room(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
     let mut request = http.get(format!("{base}/api/roulette/{}", encode(key)));
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -38,8 +44,13 @@ fn room_state(key: &str, status: u16, body: &Value) -> RoomState {
     assert_eq!(status, 200, "reading {key}: {body}");
     RoomState {
         history: body["history"].clone(),
-        version: body["version"].as_u64().unwrap_or_else(|| panic!("{key}: no version in {body}")),
-        epoch: body["epoch"].as_str().unwrap_or_else(|| panic!("{key}: no epoch in {body}")).to_owned(),
+        version: body["version"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: no version in {body}")),
+        epoch: body["epoch"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: no epoch in {body}"))
+            .to_owned(),
     }
 }
 
@@ -53,7 +64,13 @@ async fn post(http: &reqwest::Client, url: &str, token: Option<&str>, body: Valu
 
 async fn save(cluster: &TestCluster, key: &str, number: u32, token: Option<&str>) -> Value {
     let http = &cluster.instances[0].http;
-    let (status, body) = post(http, &cluster.url("/api/roulette/save"), token, json!({"key": key, "number": number})).await;
+    let (status, body) = post(
+        http,
+        &cluster.url("/api/roulette/save"),
+        token,
+        json!({"key": key, "number": number}),
+    )
+    .await;
     assert_eq!(status, 200, "saving {number} to {key}: {body}");
     body["data"].clone()
 }
@@ -67,7 +84,15 @@ async fn admin_sessions(cluster: &TestCluster) -> BTreeMap<String, Value> {
         .iter()
         .map(|s| {
             let key = s["key"].as_str().expect("key").to_owned();
-            (key, json!([s["protected"], s["historyLength"], s["createdAt"], s["lastActivity"]]))
+            (
+                key,
+                json!([
+                    s["protected"],
+                    s["historyLength"],
+                    s["createdAt"],
+                    s["lastActivity"]
+                ]),
+            )
         })
         .collect()
 }
@@ -104,20 +129,32 @@ async fn backup_and_restore_bring_every_room_back_exactly() {
         }
     }
     // A protected room, and an open room created without any number.
-    let (status, body) =
-        post(&http, &cluster.url("/api/rooms/auth"), None, json!({"key": PROTECTED, "password": PASSWORD})).await;
+    let (status, body) = post(
+        &http,
+        &cluster.url("/api/rooms/auth"),
+        None,
+        json!({"key": PROTECTED, "password": PASSWORD}),
+    )
+    .await;
     assert_eq!(status, 200, "creating the protected room: {body}");
     let token = body["token"].as_str().expect("token").to_owned();
     for n in [31, 32, 33] {
         save(&cluster, PROTECTED, n, Some(&token)).await;
     }
-    let (status, body) = post(&http, &cluster.url("/api/rooms/auth"), None, json!({"key": "bk-empty"})).await;
+    let (status, body) = post(
+        &http,
+        &cluster.url("/api/rooms/auth"),
+        None,
+        json!({"key": "bk-empty"}),
+    )
+    .await;
     assert_eq!(status, 200, "creating an empty room: {body}");
     // Adds and removes over a WebSocket on one instance, seen by a member on another.
     let mut writer = cluster.instances[1].ws().await;
     let mut watcher = cluster.instances[2].ws().await;
     for ws in [&mut writer, &mut watcher] {
-        ws.send(json!({"type": "join", "key": "bk-removed", "version": 0})).await;
+        ws.send(json!({"type": "join", "key": "bk-removed", "version": 0}))
+            .await;
         assert_eq!(ws.recv().await["type"], "sync");
     }
     let changes = [
@@ -146,7 +183,12 @@ async fn backup_and_restore_bring_every_room_back_exactly() {
         let (status, body) = get_room(&http, &cluster.url(""), key, token).await;
         before.insert(key.clone(), room_state(key, status, &body));
     }
-    assert_eq!(before.len(), 26, "rooms written: {:?}", before.keys().collect::<Vec<_>>());
+    assert_eq!(
+        before.len(),
+        26,
+        "rooms written: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
     assert_eq!(before["bk-removed"].history, json!([13, 14]));
     assert_eq!(before["bk-removed"].version, 6);
     assert_eq!(before["bk-replaced"].history, json!([36, 0, 17, 5]));
@@ -158,12 +200,25 @@ async fn backup_and_restore_bring_every_room_back_exactly() {
     let backup_dir = backups.path().to_str().expect("utf-8 temp path").to_owned();
     let database_url = cluster.postgres.url();
     let backup_started = Instant::now();
-    let output = run_script("backup.sh", &[], &[("DATABASE_URL", &database_url), ("BACKUP_DIR", &backup_dir)]);
+    let output = run_script(
+        "backup.sh",
+        &[],
+        &[("DATABASE_URL", &database_url), ("BACKUP_DIR", &backup_dir)],
+    );
     let backup_time = backup_started.elapsed();
-    assert!(output.status.success(), "backup.sh failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "backup.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let dump = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    let dump_size = std::fs::metadata(&dump).unwrap_or_else(|e| panic!("dump {dump:?}: {e}")).len();
-    assert!(dump.starts_with(&backup_dir) && dump.ends_with(".dump") && dump_size > 0, "dump {dump:?} ({dump_size} bytes)");
+    let dump_size = std::fs::metadata(&dump)
+        .unwrap_or_else(|e| panic!("dump {dump:?}: {e}"))
+        .len();
+    assert!(
+        dump.starts_with(&backup_dir) && dump.ends_with(".dump") && dump_size > 0,
+        "dump {dump:?} ({dump_size} bytes)"
+    );
 
     // Written after the dump: must not survive the restore, although Redis
     // caches these newer states.
@@ -173,69 +228,157 @@ async fn backup_and_restore_bring_every_room_back_exactly() {
 
     // ---- Disaster and restore, as docs/operations.md prescribes ---------
     for server in cluster.instances.iter_mut() {
-        assert!(server.terminate(Duration::from_secs(20)).await.is_some(), "an instance did not stop");
+        assert!(
+            server.terminate(Duration::from_secs(20)).await.is_some(),
+            "an instance did not stop"
+        );
     }
-    psql(&database_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
-    assert_eq!(psql(&database_url, "SELECT to_regclass('public.rooms') IS NULL"), "t", "the wipe left the rooms table");
+    psql(
+        &database_url,
+        "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
+    );
+    assert_eq!(
+        psql(&database_url, "SELECT to_regclass('public.rooms') IS NULL"),
+        "t",
+        "the wipe left the rooms table"
+    );
 
     let restore_started = Instant::now();
     let output = run_script("restore.sh", &[&dump], &[("DATABASE_URL", &database_url)]);
     let restore_time = restore_started.elapsed();
-    assert!(output.status.success(), "restore.sh failed: {}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(psql(&database_url, "SELECT count(*) FROM rooms"), before.len().to_string());
+    assert!(
+        output.status.success(),
+        "restore.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        psql(&database_url, "SELECT count(*) FROM rooms"),
+        before.len().to_string()
+    );
 
     // Redis still holds the room cache (including the post-dump states of
     // bk-adds and bk-after-backup), presence and join counts of the old
     // database: FLUSHALL it rather than restart it, like the documented
     // `redis-cli FLUSHALL`, so the instances read the restored rows.
-    assert_eq!(redis_command(cluster.redis.port(), &["FLUSHALL"]).await, "+OK");
+    assert_eq!(
+        redis_command(cluster.redis.port(), &["FLUSHALL"]).await,
+        "+OK"
+    );
     for server in cluster.instances.iter_mut() {
         server.start_again().await;
     }
 
     // ---- Every room exactly as before, through every instance and Nginx --
     let sessions_after = admin_sessions(&cluster).await;
-    assert_eq!(sessions_after, sessions_before, "the admin listing changed across the restore");
+    assert_eq!(
+        sessions_after, sessions_before,
+        "the admin listing changed across the restore"
+    );
+    let mut after: BTreeMap<String, String> = BTreeMap::new();
     let mut bases: Vec<String> = cluster.instances.iter().map(|s| s.url("")).collect();
     bases.push(cluster.url(""));
     for (key, expected) in &before {
         let token = (key == PROTECTED).then_some(token.as_str());
+        let mut epochs = Vec::new();
         for base in &bases {
             let (status, body) = get_room(&http, base, key, token).await;
-            assert_eq!(&room_state(key, status, &body), expected, "{key} via {base}");
+            let state = room_state(key, status, &body);
+            assert_eq!(
+                (&state.history, state.version),
+                (&expected.history, expected.version),
+                "{key} via {base}"
+            );
+            assert_ne!(
+                state.epoch, expected.epoch,
+                "{key} via {base}: the restore kept the old epoch"
+            );
+            epochs.push(state.epoch);
         }
+        epochs.dedup();
+        assert_eq!(
+            epochs.len(),
+            1,
+            "{key}: instances disagree on the epoch: {epochs:?}"
+        );
+        after.insert(key.clone(), epochs.remove(0));
     }
     let (status, body) = get_room(&http, &cluster.url(""), "bk-after-backup", None).await;
-    assert_eq!((status, &body["version"]), (200, &json!(0)), "a room created after the dump survived: {body}");
+    assert_eq!(
+        (status, &body["version"]),
+        (200, &json!(0)),
+        "a room created after the dump survived: {body}"
+    );
 
     // Protection survived: no token → 401; the password still works, a wrong one does not.
     let (status, body) = get_room(&http, &cluster.url(""), PROTECTED, None).await;
     assert_eq!(status, 401, "protected room read without a token: {body}");
-    let (status, body) = post(&http, &cluster.url("/api/roulette/save"), None, json!({"key": PROTECTED, "number": 1})).await;
-    assert_eq!(status, 401, "protected room written without a token: {body}");
-    let (status, _) = post(&http, &cluster.url("/api/rooms/auth"), None, json!({"key": PROTECTED, "password": "wrong"})).await;
+    let (status, body) = post(
+        &http,
+        &cluster.url("/api/roulette/save"),
+        None,
+        json!({"key": PROTECTED, "number": 1}),
+    )
+    .await;
+    assert_eq!(
+        status, 401,
+        "protected room written without a token: {body}"
+    );
+    let (status, _) = post(
+        &http,
+        &cluster.url("/api/rooms/auth"),
+        None,
+        json!({"key": PROTECTED, "password": "wrong"}),
+    )
+    .await;
     assert_eq!(status, 401, "wrong password accepted after the restore");
-    let (status, body) =
-        post(&http, &cluster.url("/api/rooms/auth"), None, json!({"key": PROTECTED, "password": PASSWORD})).await;
+    let (status, body) = post(
+        &http,
+        &cluster.url("/api/rooms/auth"),
+        None,
+        json!({"key": PROTECTED, "password": PASSWORD}),
+    )
+    .await;
     assert_eq!(status, 200, "the password no longer works: {body}");
 
-    // The event log came back too: a member resuming two versions behind gets
-    // the two removes replayed, not a full sync.
+    // A member resuming with the pre-restore epoch gets one full sync.
     let removed = &before["bk-removed"];
-    let mut resumer = cluster.instances[0].ws().await;
-    resumer
+    let mut stale = cluster.instances[0].ws().await;
+    stale
         .send(json!({"type": "join", "key": "bk-removed", "version": removed.version - 2, "epoch": removed.epoch}))
         .await;
-    let frames = [resumer.recv().await, resumer.recv().await, resumer.recv().await];
+    let sync = stale.recv().await;
+    assert_eq!(
+        (&sync["type"], &sync["full"], &sync["history"]),
+        (&json!("sync"), &json!(true), &removed.history),
+        "{sync}"
+    );
+    assert_eq!(sync["epoch"], after["bk-removed"].as_str(), "{sync}");
+    stale.close().await;
+
+    // The event log came back too: a member resuming two versions behind in the
+    // new epoch gets the two removes replayed, not a full sync.
+    let mut resumer = cluster.instances[0].ws().await;
+    resumer
+        .send(json!({"type": "join", "key": "bk-removed", "version": removed.version - 2, "epoch": after["bk-removed"]}))
+        .await;
+    let frames = [
+        resumer.recv().await,
+        resumer.recv().await,
+        resumer.recv().await,
+    ];
     let kinds: Vec<&Value> = frames.iter().map(|f| &f["type"]).collect();
-    assert_eq!(kinds, ["remove", "remove", "recovered"], "resume after restore: {frames:?}");
+    assert_eq!(
+        kinds,
+        ["remove", "remove", "recovered"],
+        "resume after restore: {frames:?}"
+    );
     assert_eq!(frames[2]["version"], removed.version);
     resumer.close().await;
 
-    // Writing goes on from the restored version in the same epoch.
+    // Writing goes on from the restored version in the new epoch.
     let next = save(&cluster, "bk-adds", 20, None).await;
     assert_eq!(next["version"], before["bk-adds"].version + 1, "{next}");
-    assert_eq!(next["epoch"], before["bk-adds"].epoch.as_str(), "{next}");
+    assert_eq!(next["epoch"], after["bk-adds"].as_str(), "{next}");
 
     eprintln!(
         "backup/restore: {} rooms, dump {dump_size} bytes, backup.sh {backup_time:.2?}, restore.sh {restore_time:.2?}, total {:.1?}",

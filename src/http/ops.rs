@@ -28,7 +28,11 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     };
     let down = |v: &Value| v.get("status").and_then(Value::as_str) == Some("down");
     let degraded = down(&database) || down(&redis);
-    let status = if degraded { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if degraded {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     let body = json!({
         "status": if degraded { "degraded" } else { "ok" },
         "timestamp": Utc::now(),
@@ -54,13 +58,17 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     };
     let ok = status == StatusCode::OK;
-    (status, Json(json!({"status": if ok { "ok" } else { "unavailable" }, "reason": reason})))
+    (
+        status,
+        Json(json!({"status": if ok { "ok" } else { "unavailable" }, "reason": reason})),
+    )
 }
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!("croupier_ws_connections_max").set(state.config.ws.max_connections as f64);
+    let mut body = state.metrics.render();
     // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
-    metrics_process::Collector::default().collect();
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    body.push_str(&crate::telemetry::render_process_metrics());
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

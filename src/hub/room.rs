@@ -81,7 +81,11 @@ impl RoomTask {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::Join { member, greeting, reply } => {
+            Command::Join {
+                member,
+                greeting,
+                reply,
+            } => {
                 let result = self.join(member, greeting).await;
                 let _ = reply.send(result);
             }
@@ -98,8 +102,16 @@ impl RoomTask {
     async fn load(&mut self) -> Result<(), StoreError> {
         let room = self.hub.inner.store.room(&self.key).await?;
         self.mirror = Some(match room {
-            Some(room) => Mirror { history: room.history, version: room.version, epoch: Some(room.epoch) },
-            None => Mirror { history: History::default(), version: 0, epoch: None },
+            Some(room) => Mirror {
+                history: room.history,
+                version: room.version,
+                epoch: Some(room.epoch),
+            },
+            None => Mirror {
+                history: History::default(),
+                version: 0,
+                epoch: None,
+            },
         });
         self.recent.clear();
         self.pending.clear();
@@ -112,51 +124,77 @@ impl RoomTask {
         }
         self.members.retain(|m| m.conn_id != member.conn_id);
         let Some(mirror) = &self.mirror else {
-            return Err(StoreError::Internal("room mirror missing after load".into()));
+            return Err(StoreError::Internal(
+                "room mirror missing after load".into(),
+            ));
         };
         let epoch = mirror.epoch.as_deref();
-        let mut greeting_frames: Vec<Frame> = Vec::new();
+        let mut greeting_frames: Vec<(Frame, &'static str)> = Vec::new();
         match greeting {
-            Greeting::Sync => greeting_frames.push(frames::full_state(
-                member.dialect,
-                &self.key,
-                &mirror.history,
-                mirror.version,
-                epoch,
+            Greeting::Sync => greeting_frames.push((
+                frames::full_state(
+                    member.dialect,
+                    &self.key,
+                    &mirror.history,
+                    mirror.version,
+                    epoch,
+                ),
+                frames::full_state_type(member.dialect),
             )),
-            Greeting::HistoryUpdate => {
-                greeting_frames.push(frames::history_update(&self.key, &mirror.history))
-            }
+            Greeting::HistoryUpdate => greeting_frames.push((
+                frames::history_update(&self.key, &mirror.history),
+                "historyUpdate",
+            )),
             Greeting::Nothing => {}
-            Greeting::Resume { version, epoch: client_epoch } => {
+            Greeting::Resume {
+                version,
+                epoch: client_epoch,
+            } => {
                 let replay = if client_epoch.is_some_and(|e| Some(e.as_str()) != epoch) {
                     None
                 } else {
                     self.missed_events(version).await
                 };
                 let Some(mirror) = self.mirror.as_ref() else {
-                    return Err(StoreError::Internal("room mirror missing after load".into()));
+                    return Err(StoreError::Internal(
+                        "room mirror missing after load".into(),
+                    ));
                 };
                 match replay {
                     Some(events) => {
                         for event in &events {
-                            greeting_frames.push(frames::event(member.dialect, event, &mirror.history));
+                            greeting_frames.push((
+                                frames::event(member.dialect, event, &mirror.history),
+                                frames::frame_type(member.dialect, &event.change),
+                            ));
                         }
-                        greeting_frames.push(frames::recovered(&self.key, mirror.version, epoch));
+                        greeting_frames.push((
+                            frames::recovered(&self.key, mirror.version, epoch),
+                            "recovered",
+                        ));
                     }
                     None => {
                         metrics::counter!("croupier_ws_resyncs_total").increment(1);
-                        greeting_frames.push(frames::sync_v2(
-                            &self.key,
-                            &mirror.history,
-                            mirror.version,
-                            mirror.epoch.as_deref(),
+                        greeting_frames.push((
+                            frames::sync_v2(
+                                &self.key,
+                                &mirror.history,
+                                mirror.version,
+                                mirror.epoch.as_deref(),
+                            ),
+                            "sync",
                         ));
                     }
                 }
             }
         }
-        if greeting_frames.iter().all(|f| push(&member, f.clone())) {
+        for (_, kind) in &greeting_frames {
+            metrics::counter!("croupier_ws_messages_sent_total", "type" => *kind).increment(1);
+        }
+        if greeting_frames
+            .into_iter()
+            .all(|(frame, _)| push(&member, frame))
+        {
             self.members.push(member);
         }
         Ok(())
@@ -177,10 +215,26 @@ impl RoomTask {
         if missing == 0 {
             return Some(Vec::new());
         }
-        if self.recent.front().is_some_and(|e| e.version <= version + 1) {
-            return Some(self.recent.iter().filter(|e| e.version > version).cloned().collect());
+        if self
+            .recent
+            .front()
+            .is_some_and(|e| e.version <= version + 1)
+        {
+            return Some(
+                self.recent
+                    .iter()
+                    .filter(|e| e.version > version)
+                    .cloned()
+                    .collect(),
+            );
         }
-        let events = self.hub.inner.store.events_since(&self.key, version).await.ok()??;
+        let events = self
+            .hub
+            .inner
+            .store
+            .events_since(&self.key, version)
+            .await
+            .ok()??;
         let events: Vec<RoomEvent> = events
             .into_iter()
             .filter(|e| e.version <= mirror.version && Some(&e.epoch) == mirror.epoch.as_ref())
@@ -258,12 +312,22 @@ impl RoomTask {
         }
         let Some(mirror) = &self.mirror else { return };
         metrics::counter!("croupier_ws_resyncs_total").increment(self.members.len() as u64);
+        for member in &self.members {
+            let kind = frames::full_state_type(member.dialect);
+            metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
+        }
         let mut rendered: [Option<Frame>; 3] = Default::default();
         let key = &self.key;
         self.members.retain(|member| {
             let frame = rendered[dialect_slot(member.dialect)]
                 .get_or_insert_with(|| {
-                    frames::full_state(member.dialect, key, &mirror.history, mirror.version, mirror.epoch.as_deref())
+                    frames::full_state(
+                        member.dialect,
+                        key,
+                        &mirror.history,
+                        mirror.version,
+                        mirror.epoch.as_deref(),
+                    )
                 })
                 .clone();
             push(member, frame)
@@ -278,7 +342,9 @@ impl RoomTask {
     }
 
     fn apply_and_deliver(&mut self, event: RoomEvent) {
-        let Some(mirror) = &mut self.mirror else { return };
+        let Some(mirror) = &mut self.mirror else {
+            return;
+        };
         mirror.history.apply(&event.change);
         mirror.version = event.version;
         if mirror.epoch.is_none() {
@@ -299,10 +365,13 @@ impl RoomTask {
             let count = sent[dialect_slot(dialect)];
             if count > 0 {
                 let kind = frames::frame_type(dialect, &event.change);
-                metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(count);
+                metrics::counter!("croupier_ws_messages_sent_total", "type" => kind)
+                    .increment(count);
             }
         }
-        let latency = (Utc::now() - event.committed_at).to_std().unwrap_or_default();
+        let latency = (Utc::now() - event.committed_at)
+            .to_std()
+            .unwrap_or_default();
         metrics::histogram!("croupier_fanout_latency_seconds").record(latency.as_secs_f64());
 
         self.recent.push_back(event);

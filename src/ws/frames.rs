@@ -59,6 +59,14 @@ pub fn full_state(
     }
 }
 
+/// The `type` of [`full_state`]'s frame, for the sent-messages metric.
+pub fn full_state_type(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::V2 | Dialect::V1 => "sync",
+        Dialect::Seed => "historyUpdated",
+    }
+}
+
 pub fn recovered(key: &RoomKey, version: Version, epoch: Option<&str>) -> Frame {
     frame(json!({"type": "recovered", "key": key, "version": version, "epoch": epoch}))
 }

@@ -45,14 +45,20 @@ impl TestServer {
 
     /// Embedded mode on an existing data directory (for restart tests).
     pub async fn start_in(data_dir: &Path, env: &[(&str, &str)]) -> TestServer {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut server = TestServer {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data_dir: data_dir.to_path_buf(),
             env,
             _temp: None,
-            http: reqwest::Client::builder().no_proxy().build().expect("http client"),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("http client"),
         };
         server.spawn().await;
         server
@@ -67,7 +73,10 @@ impl TestServer {
             .env("PORT", self.addr.port().to_string())
             .env("DATA_DIR", &self.data_dir)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .current_dir(&self.data_dir)
             .stdin(Stdio::null());
         for (k, v) in &self.env {
@@ -85,10 +94,17 @@ impl TestServer {
             {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("croupier exited during start-up: {status}");
             }
-            assert!(Instant::now() < deadline, "croupier did not become ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "croupier did not become ready within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -108,10 +124,17 @@ impl TestServer {
     /// Sends SIGTERM and waits (up to `limit`) for the exit status.
     pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
         let pid = self.pid();
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 return Some(status);
             }
@@ -142,17 +165,35 @@ impl TestServer {
     }
 
     pub async fn get_with_token(&self, path: &str, token: &str) -> (u16, Value) {
-        let r = self.http.get(self.url(path)).bearer_auth(token).send().await.expect("GET");
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET");
         decode(r).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(self.url(path)).json(body).send().await.expect("POST");
+        let r = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
         decode(r).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.put(self.url(path)).json(body).send().await.expect("PUT");
+        let r = self
+            .http
+            .put(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("PUT");
         decode(r).await
     }
 
@@ -160,12 +201,19 @@ impl TestServer {
     pub async fn room(&self, key: &str) -> (Value, u64) {
         let (status, body) = self.get(&format!("/api/roulette/{}", encode(key))).await;
         assert_eq!(status, 200, "reading room {key}: {body}");
-        (body["history"].clone(), body["version"].as_u64().expect("version"))
+        (
+            body["history"].clone(),
+            body["version"].as_u64().expect("version"),
+        )
     }
 
     pub async fn token(&self, key: &str, password: &str) -> String {
-        let (status, body) =
-            self.post("/api/rooms/auth", &serde_json::json!({"key": key, "password": password})).await;
+        let (status, body) = self
+            .post(
+                "/api/rooms/auth",
+                &serde_json::json!({"key": key, "password": password}),
+            )
+            .await;
         assert_eq!(status, 200, "auth failed: {body}");
         body["token"].as_str().expect("token").to_owned()
     }
@@ -201,7 +249,8 @@ fn url_escape(s: &str) -> String {
 pub async fn decode(r: reqwest::Response) -> (u16, Value) {
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON reply ({status}): {text:?}"));
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("non-JSON reply ({status}): {text:?}"));
     (status, value)
 }
 
@@ -219,12 +268,17 @@ pub enum WsEvent {
 
 impl WsClient {
     pub async fn connect(url: &str) -> WsClient {
-        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket connect");
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
         WsClient { stream }
     }
 
     pub async fn send(&mut self, value: Value) {
-        self.stream.send(Message::text(value.to_string())).await.expect("send");
+        self.stream
+            .send(Message::text(value.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, message: Message) {
@@ -240,7 +294,9 @@ impl WsClient {
                 .expect("timed out waiting for a WebSocket frame");
             match message {
                 Some(Ok(Message::Text(text))) => {
-                    return WsEvent::Json(serde_json::from_str(&text).expect("server sent non-JSON"));
+                    return WsEvent::Json(
+                        serde_json::from_str(&text).expect("server sent non-JSON"),
+                    );
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return WsEvent::Closed(frame.map(|f: CloseFrame| u16::from(f.code)));
@@ -255,13 +311,17 @@ impl WsClient {
     pub async fn recv(&mut self) -> Value {
         match self.next_within(Duration::from_secs(10)).await {
             WsEvent::Json(v) => v,
-            WsEvent::Closed(code) => panic!("connection closed ({code:?}) while waiting for a frame"),
+            WsEvent::Closed(code) => {
+                panic!("connection closed ({code:?}) while waiting for a frame")
+            }
         }
     }
 
     /// Asserts nothing arrives for `quiet`.
     pub async fn expect_silence(&mut self, quiet: Duration) {
-        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(quiet, self.stream.next()).await {
+        if let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(quiet, self.stream.next()).await
+        {
             panic!("expected no frame, got {text}");
         }
     }
@@ -598,7 +658,10 @@ impl TestServer {
             data_dir: PathBuf::new(),
             env: Vec::new(),
             _temp: None,
-            http: reqwest::Client::builder().no_proxy().build().expect("http client"),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("http client"),
         }
     }
 }
@@ -614,9 +677,14 @@ impl TestServer {
 pub fn tls_pinned(pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let pinned = CertificateDer::from_pem_slice(pem).expect("PEM certificate").into_owned();
+    let pinned = CertificateDer::from_pem_slice(pem)
+        .expect("PEM certificate")
+        .into_owned();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = PinnedCertificate { pinned, provider: provider.clone() };
+    let verifier = PinnedCertificate {
+        pinned,
+        provider: provider.clone(),
+    };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS protocol versions")
@@ -645,7 +713,9 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
         if end_entity.as_ref() == self.pinned.as_ref() {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
         }
     }
 
@@ -655,7 +725,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -664,11 +739,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCertificate {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

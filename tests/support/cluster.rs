@@ -53,7 +53,12 @@ impl TestCluster {
         }
         let upstreams: Vec<_> = instances.iter().map(|s| s.addr).collect();
         let nginx = TestNginx::start(&upstreams).await;
-        TestCluster { postgres, redis, instances, nginx }
+        TestCluster {
+            postgres,
+            redis,
+            instances,
+            nginx,
+        }
     }
 
     /// URL of `path` through Nginx.
@@ -72,12 +77,13 @@ impl TestCluster {
         TestServer::remote(SocketAddr::from(([127, 0, 0, 1], self.nginx.http_port)))
     }
 
-    /// An HTTP client that trusts Nginx's generated certificate, for `https_url`.
+    /// An HTTP client that accepts Nginx's generated certificate (pinned, see
+    /// [`super::app::tls_pinned`]), for `nginx.https_url`.
     pub fn https_client(&self) -> reqwest::Client {
-        let certificate = reqwest::Certificate::from_pem(&self.nginx.certificate_pem()).expect("test certificate");
+        let tls = super::app::tls_pinned(&self.nginx.certificate_pem());
         reqwest::Client::builder()
             .no_proxy()
-            .add_root_certificate(certificate)
+            .use_preconfigured_tls((*tls).clone())
             .build()
             .expect("https client")
     }
@@ -105,7 +111,10 @@ impl TestCluster {
         row.map(|row| {
             let history: String = row.get("history");
             let version: i64 = row.get("version");
-            (serde_json::from_str(&history).expect("history is JSON"), version as u64)
+            (
+                serde_json::from_str(&history).expect("history is JSON"),
+                version as u64,
+            )
         })
     }
 
@@ -126,11 +135,128 @@ impl TestCluster {
             .map(|row| DbEvent {
                 version: row.get::<i64, _>("version") as u64,
                 kind: row.get("kind"),
-                payload: serde_json::from_str(row.get::<&str, _>("payload")).expect("payload is JSON"),
+                payload: serde_json::from_str(row.get::<&str, _>("payload"))
+                    .expect("payload is JSON"),
                 mutation_id: row.get("mutation_id"),
             })
             .collect()
     }
+}
+
+impl TestCluster {
+    /// A command connection to the cluster's Redis, opened now.
+    pub async fn redis_admin(&self) -> RedisAdmin {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.redis.port()))
+            .await
+            .expect("connecting to Redis");
+        RedisAdmin {
+            stream: tokio::io::BufReader::new(stream),
+        }
+    }
+}
+
+/// One raw connection to Redis for test manipulations (`CLIENT KILL`, `CONFIG
+/// SET`); it stays usable while new connections are refused.
+pub struct RedisAdmin {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl RedisAdmin {
+    /// Sends one command and returns the reply's text (a bulk string's contents,
+    /// or the status, integer or error line).
+    pub async fn command(&mut self, args: &[&str]) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        self.stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .expect("writing to Redis");
+        let mut line = String::new();
+        self.stream
+            .read_line(&mut line)
+            .await
+            .expect("reading from Redis");
+        match line
+            .strip_prefix('$')
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
+            Some(len) => {
+                let mut body = vec![0; len + 2];
+                self.stream
+                    .read_exact(&mut body)
+                    .await
+                    .expect("reading a bulk reply");
+                String::from_utf8_lossy(&body[..len]).into_owned()
+            }
+            None => line,
+        }
+    }
+
+    /// How many clients Redis has connected, this one included.
+    pub async fn client_count(&mut self) -> usize {
+        self.command(&["CLIENT", "LIST"])
+            .await
+            .lines()
+            .filter(|l| l.starts_with("id="))
+            .count()
+    }
+
+    /// Closes `instance`'s Redis connections of `kind` (`normal`: the command and
+    /// publishing connection; `pubsub`: the subscriber) from the Redis side, as a
+    /// network blip or a proxy reset would. Returns how many were closed.
+    pub async fn kill_links(&mut self, instance: &TestServer, kind: &str) -> usize {
+        let ports = local_tcp_ports(instance.pid());
+        let list = self.command(&["CLIENT", "LIST", "TYPE", kind]).await;
+        let mut killed = 0;
+        for line in list.lines() {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            };
+            let port = field("addr")
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok());
+            if let (Some(id), Some(port)) = (field("id"), port)
+                && ports.contains(&port)
+            {
+                let reply = self.command(&["CLIENT", "KILL", "ID", id]).await;
+                assert_eq!(reply.trim(), ":1", "CLIENT KILL ID {id}");
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
+/// Local ports of the TCP sockets process `pid` holds (from `/proc`).
+fn local_tcp_ports(pid: u32) -> std::collections::HashSet<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading the instance's descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            inodes.contains(*fields.get(9)?).then_some(port)
+        })
+        .collect()
 }
 
 /// One row of `room_events`.
@@ -140,4 +266,15 @@ pub struct DbEvent {
     pub kind: String,
     pub payload: Value,
     pub mutation_id: Option<String>,
+}
+
+impl Drop for TestCluster {
+    /// Stops the instances before their dependencies (fields drop in declaration
+    /// order, PostgreSQL and Redis first), so that they do not log a Redis or
+    /// database outage while the test is being torn down.
+    fn drop(&mut self) {
+        for instance in &mut self.instances {
+            instance.kill();
+        }
+    }
 }

@@ -18,7 +18,9 @@ pub struct Sample {
 impl Sample {
     /// True when every `(label, value)` pair of `filter` is on this sample.
     pub fn matches(&self, filter: &[(&str, &str)]) -> bool {
-        filter.iter().all(|(k, v)| self.labels.get(*k).is_some_and(|actual| actual == v))
+        filter
+            .iter()
+            .all(|(k, v)| self.labels.get(*k).is_some_and(|actual| actual == v))
     }
 }
 
@@ -43,26 +45,39 @@ impl Scrape {
             if let Some(comment) = line.strip_prefix('#') {
                 let mut words = comment.split_whitespace();
                 if words.next() == Some("TYPE") {
-                    let (Some(name), Some(kind), None) = (words.next(), words.next(), words.next()) else {
+                    let (Some(name), Some(kind), None) = (words.next(), words.next(), words.next())
+                    else {
                         return Err(fail("malformed TYPE line"));
                     };
                     if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
                         return Err(fail("unknown metric type"));
                     }
-                    if scrape.types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                    if scrape
+                        .types
+                        .insert(name.to_owned(), kind.to_owned())
+                        .is_some()
+                    {
                         return Err(fail("second TYPE line for the family"));
                     }
                 }
                 continue;
             }
-            scrape.samples.push(parse_sample(line).map_err(|why| fail(&why))?);
+            scrape
+                .samples
+                .push(parse_sample(line).map_err(|why| fail(&why))?);
         }
         Ok(scrape)
     }
 
     /// All samples named exactly `name` carrying the `filter` labels.
-    pub fn select<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples.iter().filter(move |s| s.name == name && s.matches(filter))
+    pub fn select<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples
+            .iter()
+            .filter(move |s| s.name == name && s.matches(filter))
     }
 
     /// The sum over [`Scrape::select`]; 0 when nothing matches (a counter that
@@ -73,8 +88,14 @@ impl Scrape {
 
     /// The one sample named `name` with exactly the labels `labels`.
     pub fn exact(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let wanted: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.samples.iter().find(|s| s.name == name && s.labels == wanted).map(|s| s.value)
+        let wanted: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == wanted)
+            .map(|s| s.value)
     }
 
     /// Whether any sample is named `name`.
@@ -96,7 +117,10 @@ impl Scrape {
     pub fn family_of<'a>(&self, sample_name: &'a str) -> &'a str {
         for suffix in ["_bucket", "_sum", "_count"] {
             if let Some(base) = sample_name.strip_suffix(suffix)
-                && matches!(self.types.get(base).map(String::as_str), Some("histogram" | "summary"))
+                && matches!(
+                    self.types.get(base).map(String::as_str),
+                    Some("histogram" | "summary")
+                )
             {
                 return base;
             }
@@ -109,17 +133,23 @@ impl Scrape {
     /// `_count`, and a `_sum`. Returns the number of label sets checked.
     pub fn check_histogram(&self, family: &str) -> Result<usize, String> {
         if self.types.get(family).map(String::as_str) != Some("histogram") {
-            return Err(format!("{family}: not declared as a histogram (TYPE {:?})", self.types.get(family)));
+            return Err(format!(
+                "{family}: not declared as a histogram (TYPE {:?})",
+                self.types.get(family)
+            ));
         }
         let bucket_name = format!("{family}_bucket");
         let mut series: BTreeMap<BTreeMap<String, String>, Vec<(f64, f64)>> = BTreeMap::new();
         for s in self.samples.iter().filter(|s| s.name == bucket_name) {
             let mut labels = s.labels.clone();
-            let le = labels.remove("le").ok_or_else(|| format!("{bucket_name} sample without le: {s:?}"))?;
+            let le = labels
+                .remove("le")
+                .ok_or_else(|| format!("{bucket_name} sample without le: {s:?}"))?;
             let bound = if le == "+Inf" {
                 f64::INFINITY
             } else {
-                le.parse::<f64>().map_err(|_| format!("{bucket_name}: bad le {le:?}"))?
+                le.parse::<f64>()
+                    .map_err(|_| format!("{bucket_name}: bad le {le:?}"))?
             };
             series.entry(labels).or_default().push((bound, s.value));
         }
@@ -128,19 +158,26 @@ impl Scrape {
         }
         for (labels, mut buckets) in series.clone() {
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let pairs: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             if buckets.last().map(|b| b.0) != Some(f64::INFINITY) {
                 return Err(format!("{family}{labels:?}: no +Inf bucket"));
             }
             if buckets.windows(2).any(|w| w[1].1 < w[0].1) {
-                return Err(format!("{family}{labels:?}: bucket counts decrease: {buckets:?}"));
+                return Err(format!(
+                    "{family}{labels:?}: bucket counts decrease: {buckets:?}"
+                ));
             }
             let count = self
                 .exact(&format!("{family}_count"), &pairs)
                 .ok_or_else(|| format!("{family}{labels:?}: no _count"))?;
             let inf = buckets.last().map(|b| b.1).unwrap_or_default();
             if inf != count {
-                return Err(format!("{family}{labels:?}: +Inf bucket {inf} != _count {count}"));
+                return Err(format!(
+                    "{family}{labels:?}: +Inf bucket {inf} != _count {count}"
+                ));
             }
             if self.exact(&format!("{family}_sum"), &pairs).is_none() {
                 return Err(format!("{family}{labels:?}: no _sum"));
@@ -152,7 +189,9 @@ impl Scrape {
 
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
@@ -177,7 +216,9 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
             if !valid_name(label) || label.contains(':') {
                 return Err(format!("invalid label name {label:?}"));
             }
-            let quoted = rest[eq + 1..].strip_prefix('"').ok_or_else(|| format!("label {label} has no quoted value"))?;
+            let quoted = rest[eq + 1..]
+                .strip_prefix('"')
+                .ok_or_else(|| format!("label {label} has no quoted value"))?;
             let mut value = String::new();
             let mut chars = quoted.char_indices();
             let close = loop {
@@ -211,20 +252,32 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
         "NaN" => f64::NAN,
-        raw => raw.parse::<f64>().map_err(|_| format!("bad value {raw:?}"))?,
+        raw => raw
+            .parse::<f64>()
+            .map_err(|_| format!("bad value {raw:?}"))?,
     };
     if let Some(ts) = fields.next() {
-        ts.parse::<i64>().map_err(|_| format!("bad timestamp {ts:?}"))?;
+        ts.parse::<i64>()
+            .map_err(|_| format!("bad timestamp {ts:?}"))?;
     }
     if fields.next().is_some() {
         return Err("trailing fields".into());
     }
-    Ok(Sample { name: name.to_owned(), labels, value })
+    Ok(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
 }
 
 /// `GET /metrics` on one instance, parsed; panics on a non-200 reply or a parse error.
 pub async fn scrape(server: &TestServer) -> Scrape {
-    let reply = server.http.get(server.url("/metrics")).send().await.expect("GET /metrics");
+    let reply = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
     assert_eq!(reply.status().as_u16(), 200, "GET /metrics");
     let content_type = reply
         .headers()
@@ -232,7 +285,10 @@ pub async fn scrape(server: &TestServer) -> Scrape {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(content_type.starts_with("text/plain"), "/metrics content type is {content_type:?}");
+    assert!(
+        content_type.starts_with("text/plain"),
+        "/metrics content type is {content_type:?}"
+    );
     let text = reply.text().await.expect("/metrics body");
     Scrape::parse(&text).unwrap_or_else(|e| panic!("/metrics is not valid exposition text: {e}"))
 }

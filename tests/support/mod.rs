@@ -4,10 +4,10 @@
 #![allow(dead_code)]
 
 pub mod app;
-pub mod redis;
 pub mod cluster;
-pub mod nginx;
-pub mod postgres;
 pub mod exposition;
+pub mod nginx;
 pub mod ops;
+pub mod postgres;
 pub mod prometheus;
+pub mod redis;

@@ -23,8 +23,14 @@ impl TestNginx {
     /// Starts Nginx balancing over `upstreams`; panics with a clear message when
     /// the binary is missing (the test command installs it).
     pub async fn start(upstreams: &[SocketAddr]) -> TestNginx {
-        assert!(Path::new(NGINX).exists(), "{NGINX} not found: install the Debian package `nginx`");
-        let dir = tempfile::Builder::new().prefix("croupier-nginx-").tempdir().expect("temp dir");
+        assert!(
+            Path::new(NGINX).exists(),
+            "{NGINX} not found: install the Debian package `nginx`"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("croupier-nginx-")
+            .tempdir()
+            .expect("temp dir");
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx");
         let (http_port, https_port) = (free_port(), free_port());
         for entry in std::fs::read_dir(&source).expect("reading nginx/") {
@@ -32,17 +38,37 @@ impl TestNginx {
             if path.extension().is_some_and(|e| e == "conf") {
                 let text = std::fs::read_to_string(&path).expect("reading nginx config");
                 let text = text
-                    .replace("listen 80 default_server;", &format!("listen 127.0.0.1:{http_port} default_server;"))
-                    .replace("listen 443 ssl default_server;", &format!("listen 127.0.0.1:{https_port} ssl default_server;"));
-                std::fs::write(dir.path().join(path.file_name().expect("file name")), text).expect("writing config");
+                    .replace(
+                        "listen 80 default_server;",
+                        &format!("listen 127.0.0.1:{http_port} default_server;"),
+                    )
+                    .replace(
+                        "listen 443 ssl default_server;",
+                        &format!("listen 127.0.0.1:{https_port} ssl default_server;"),
+                    );
+                std::fs::write(dir.path().join(path.file_name().expect("file name")), text)
+                    .expect("writing config");
             }
         }
-        let upstream: String = upstreams.iter().map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n")).collect();
+        let upstream: String = upstreams
+            .iter()
+            .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n"))
+            .collect();
         std::fs::write(dir.path().join("upstream.conf"), upstream).expect("writing upstream.conf");
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).expect("certs dir");
         let status = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+            ])
             .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
             .arg("-keyout")
             .arg(certs.join("tls.key"))
@@ -52,11 +78,18 @@ impl TestNginx {
             .stderr(Stdio::null())
             .status()
             .expect("running openssl");
-        assert!(status.success(), "openssl could not make a test certificate");
+        assert!(
+            status.success(),
+            "openssl could not make a test certificate"
+        );
 
         // As root, workers would switch to `nobody`, which cannot use the private
         // temporary prefix; keep them as the current user.
-        let globals = if running_as_root() { "daemon off; user root;" } else { "daemon off;" };
+        let globals = if running_as_root() {
+            "daemon off; user root;"
+        } else {
+            "daemon off;"
+        };
         let prefix = format!("{}/", dir.path().display());
         let child = Command::new(NGINX)
             .args(["-p", &prefix, "-e", "stderr", "-c"])
@@ -67,15 +100,26 @@ impl TestNginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting nginx");
-        let nginx = TestNginx { child: Some(child), http_port, https_port, dir };
+        let nginx = TestNginx {
+            child: Some(child),
+            http_port,
+            https_port,
+            dir,
+        };
         nginx.wait_listening().await;
         nginx
     }
 
     async fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await.is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start listening within 15 s");
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start listening within 15 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -103,7 +147,10 @@ impl TestNginx {
 }
 
 fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 impl Drop for TestNginx {

@@ -13,9 +13,23 @@ const PSQL: &str = "/usr/bin/psql";
 /// Runs SQL with `psql` (`ON_ERROR_STOP`, unaligned tuples-only output) and
 /// returns stdout; panics with stderr when psql fails.
 pub fn psql(url: &str, sql: &str) -> String {
-    assert!(Path::new(PSQL).exists(), "{PSQL} not found: install the Debian package `postgresql-client`");
+    assert!(
+        Path::new(PSQL).exists(),
+        "{PSQL} not found: install the Debian package `postgresql-client`"
+    );
     let output = Command::new(PSQL)
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
         .output()
         .expect("running psql");
     assert!(
@@ -29,14 +43,22 @@ pub fn psql(url: &str, sql: &str) -> String {
 /// Runs `sh scripts/<name> args...` from the repository with only `env` (plus
 /// PATH) in its environment, so no ambient PG* variable can change its target.
 pub fn run_script(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
     assert!(script.is_file(), "{} not found", script.display());
     let mut command = Command::new("sh");
-    command.arg(&script).args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+        .arg(&script)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         command.env(k, v);
     }
-    command.output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
 }
 
 /// Sends one command to the Redis server on `port` (RESP over a fresh

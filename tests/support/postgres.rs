@@ -276,12 +276,14 @@ impl TestPostgres {
         }
     }
 
+    /// Asks through the Unix socket in our own directory, so that a foreign
+    /// server that happens to hold the port can never be mistaken for ours.
     async fn accepts_connections(&self) -> bool {
         Command::new(self.bin.join("pg_isready"))
+            .arg("-q")
+            .arg("-h")
+            .arg(self.dir.path().join("socket"))
             .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
                 "-U",

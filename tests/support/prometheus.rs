@@ -25,18 +25,29 @@ impl TestPrometheus {
     /// Starts Prometheus scraping `targets` (job `job`, path `/metrics`) every
     /// `interval`, evaluating `rule_files` at the same interval. Panics with a
     /// clear message when the binary is missing (the test command installs it).
-    pub async fn start(job: &str, targets: &[SocketAddr], interval: Duration, rule_files: &[PathBuf]) -> TestPrometheus {
+    pub async fn start(
+        job: &str,
+        targets: &[SocketAddr],
+        interval: Duration,
+        rule_files: &[PathBuf],
+    ) -> TestPrometheus {
         assert!(
             Path::new(PROMETHEUS).exists(),
             "{PROMETHEUS} not found: install the Debian package `prometheus` (apt-get install -y prometheus); \
              the observability tests need a real Prometheus and are never skipped"
         );
-        let mut dir = tempfile::Builder::new().prefix("croupier-prometheus-").tempdir().expect("temp dir");
+        let mut dir = tempfile::Builder::new()
+            .prefix("croupier-prometheus-")
+            .tempdir()
+            .expect("temp dir");
         let seconds = interval.as_secs_f64();
         // Like prometheus/prometheus.yml: one static target per instance and no
         // relabelling, so `instance` is the scraped `host:port`.
         let targets: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
-        let rules: Vec<String> = rule_files.iter().map(|p| format!("\"{}\"", p.display())).collect();
+        let rules: Vec<String> = rule_files
+            .iter()
+            .map(|p| format!("\"{}\"", p.display()))
+            .collect();
         let config = format!(
             "global:\n  scrape_interval: {seconds}s\n  scrape_timeout: {seconds}s\n  evaluation_interval: {seconds}s\n\
              rule_files: [{}]\n\
@@ -53,7 +64,10 @@ impl TestPrometheus {
             let port = free_port();
             let child = Command::new(PROMETHEUS)
                 .arg(format!("--config.file={}", config_path.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
                 .arg(format!("--web.listen-address=127.0.0.1:{port}"))
                 .arg("--log.level=warn")
                 .current_dir(dir.path())
@@ -66,14 +80,20 @@ impl TestPrometheus {
                 child: Some(child),
                 port,
                 dir,
-                http: reqwest::Client::builder().no_proxy().build().expect("http client"),
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .expect("http client"),
             };
             match prometheus.wait_ready().await {
                 Ok(()) => return prometheus,
                 Err(e) => {
                     last_error = e;
                     prometheus.kill();
-                    dir = std::mem::replace(&mut prometheus.dir, tempfile::tempdir().expect("temp dir"));
+                    dir = std::mem::replace(
+                        &mut prometheus.dir,
+                        tempfile::tempdir().expect("temp dir"),
+                    );
                 }
             }
         }
@@ -88,12 +108,22 @@ impl TestPrometheus {
             {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                return Err(format!("prometheus exited with {status}; log:\n{}", self.log()));
+                return Err(format!(
+                    "prometheus exited with {status}; log:\n{}",
+                    self.log()
+                ));
             }
             if Instant::now() > deadline {
-                return Err(format!("not ready after {READY_TIMEOUT:?}; log:\n{}", self.log()));
+                return Err(format!(
+                    "not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -111,10 +141,17 @@ impl TestPrometheus {
     /// `GET path` with query parameters; the whole JSON reply (also for 4xx,
     /// whose body carries `status: "error"` and the reason).
     pub async fn api(&self, path: &str, params: &[(&str, &str)]) -> Value {
-        let r = self.http.get(self.url(path)).query(params).send().await.expect("Prometheus API request");
+        let r = self
+            .http
+            .get(self.url(path))
+            .query(params)
+            .send()
+            .await
+            .expect("Prometheus API request");
         let status = r.status();
         let text = r.text().await.expect("Prometheus API body");
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("Prometheus answered {status} with non-JSON: {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("Prometheus answered {status} with non-JSON: {text}"))
     }
 
     /// An instant query (`/api/v1/query`) at the current time.
