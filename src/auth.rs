@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use argon2::Argon2;
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -58,8 +60,12 @@ impl Auth {
     /// Issues a token for one room.
     pub fn issue(&self, key: &RoomKey) -> anyhow::Result<String> {
         let exp = jsonwebtoken::get_current_timestamp() + TOKEN_LIFETIME.as_secs();
-        let claims = Claims { key: key.to_string(), exp };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).context("signing a room token")
+        let claims = Claims {
+            key: key.to_string(),
+            exp,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .context("signing a room token")
     }
 
     /// Checks that `token` is a valid, unexpired token for exactly this room.
@@ -68,7 +74,8 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|_| TokenError::Invalid)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map_err(|_| TokenError::Invalid)?;
         if data.claims.key != key.as_str() {
             return Err(TokenError::OtherRoom);
         }
@@ -77,7 +84,11 @@ impl Auth {
 
     /// Hashes a password with argon2id and a random salt.
     pub async fn hash_password(&self, password: String) -> anyhow::Result<String> {
-        let _permit = self.hashing.acquire().await.context("hashing pool closed")?;
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .context("hashing pool closed")?;
         tokio::task::spawn_blocking(move || {
             let salt = SaltString::generate(&mut OsRng);
             Argon2::default()
@@ -91,10 +102,17 @@ impl Auth {
 
     /// Verifies a password against a stored hash (constant-time comparison inside argon2).
     pub async fn verify_password(&self, password: String, hash: String) -> anyhow::Result<bool> {
-        let _permit = self.hashing.acquire().await.context("hashing pool closed")?;
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .context("hashing pool closed")?;
         tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash is invalid: {e}"))?;
-            Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+            let parsed = PasswordHash::new(&hash)
+                .map_err(|e| anyhow::anyhow!("stored hash is invalid: {e}"))?;
+            Ok(Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok())
         })
         .await
         .context("password verification task")?
@@ -107,18 +125,29 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join("jwt_secret");
     match std::fs::read_to_string(&path) {
         Ok(secret) if secret.trim().len() >= 32 => return Ok(secret.trim().to_owned()),
-        Ok(_) => anyhow::bail!("{} is too short; delete it to generate a new secret", path.display()),
+        Ok(_) => anyhow::bail!(
+            "{} is too short; delete it to generate a new secret",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&path).with_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut file, secret.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, secret.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(secret)
 }
 
@@ -145,7 +174,11 @@ mod tests {
         let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
         let hash = auth.hash_password("hunter2".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(auth.verify_password("hunter2".into(), hash.clone()).await.unwrap());
+        assert!(
+            auth.verify_password("hunter2".into(), hash.clone())
+                .await
+                .unwrap()
+        );
         assert!(!auth.verify_password("hunter3".into(), hash).await.unwrap());
     }
 }

@@ -86,7 +86,10 @@ pub struct ConfigError {
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { name, reason: reason.into() }
+    ConfigError {
+        name,
+        reason: reason.into(),
+    }
 }
 
 /// Reads variables through a lookup function, so tests need not touch the
@@ -95,7 +98,9 @@ struct Vars<F>(F);
 
 impl<F: Fn(&str) -> Option<String>> Vars<F> {
     fn get(&self, name: &str) -> Option<String> {
-        (self.0)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+        (self.0)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 
     fn parse<T: FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
@@ -110,7 +115,11 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
         }
     }
 
-    fn positive<T: FromStr + PartialOrd + Default>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    fn positive<T: FromStr + PartialOrd + Default>(
+        &self,
+        name: &'static str,
+        default: T,
+    ) -> Result<T, ConfigError>
     where
         T::Err: std::fmt::Display,
     {
@@ -190,7 +199,12 @@ impl Config {
             instance_id: vars
                 .get("INSTANCE_ID")
                 .or_else(|| vars.get("HOSTNAME"))
-                .unwrap_or_else(|| format!("croupier-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])),
+                .unwrap_or_else(|| {
+                    format!(
+                        "croupier-{}",
+                        &uuid::Uuid::new_v4().simple().to_string()[..8]
+                    )
+                }),
             trust_proxy: vars.flag("TRUST_PROXY", false)?,
             max_history: vars.positive("MAX_HISTORY", 10_000)?,
             max_body_bytes: vars.positive("MAX_BODY_BYTES", 1024 * 1024)?,
@@ -224,14 +238,20 @@ impl Config {
     }
 }
 
-fn database<F: Fn(&str) -> Option<String>>(vars: &Vars<F>, data_dir: &std::path::Path) -> Result<Database, ConfigError> {
+fn database<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<F>,
+    data_dir: &std::path::Path,
+) -> Result<Database, ConfigError> {
     if let Some(url) = vars.get("DATABASE_URL") {
         return if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Database::Postgres(url))
         } else if url.starts_with("sqlite:") {
             Ok(Database::Sqlite(url))
         } else {
-            Err(invalid("DATABASE_URL", "must be a postgres:// or sqlite: URL"))
+            Err(invalid(
+                "DATABASE_URL",
+                "must be a postgres:// or sqlite: URL",
+            ))
         };
     }
     if let Some(host) = vars.get("DB_HOST") {
@@ -240,9 +260,19 @@ fn database<F: Fn(&str) -> Option<String>>(vars: &Vars<F>, data_dir: &std::path:
         let password = vars.get("DB_PASSWORD").unwrap_or_default();
         let name = vars.get("DB_NAME").unwrap_or_else(|| "croupier".into());
         let ssl = vars.get("DB_SSL_MODE").unwrap_or_else(|| "prefer".into());
-        const MODES: &[&str] = &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"];
+        const MODES: &[&str] = &[
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ];
         if !MODES.contains(&ssl.as_str()) {
-            return Err(invalid("DB_SSL_MODE", format!("{ssl:?} is not one of {}", MODES.join(", "))));
+            return Err(invalid(
+                "DB_SSL_MODE",
+                format!("{ssl:?} is not one of {}", MODES.join(", ")),
+            ));
         }
         let bad_host = |_| invalid("DB_HOST", format!("{host:?} is not a valid host name"));
         let mut url = url::Url::parse(&format!("postgres://{host}:{port}")).map_err(bad_host)?;
@@ -256,7 +286,10 @@ fn database<F: Fn(&str) -> Option<String>>(vars: &Vars<F>, data_dir: &std::path:
         url.query_pairs_mut().append_pair("sslmode", &ssl);
         return Ok(Database::Postgres(url.to_string()));
     }
-    Ok(Database::Sqlite(format!("sqlite://{}", data_dir.join("croupier.db").display())))
+    Ok(Database::Sqlite(format!(
+        "sqlite://{}",
+        data_dir.join("croupier.db").display()
+    )))
 }
 
 #[cfg(test)]
@@ -265,7 +298,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn config(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|name| map.get(name).cloned())
     }
 
@@ -281,7 +317,12 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        for (name, value) in [("PORT", "eighty"), ("MAX_HISTORY", "0"), ("REDIS_URL", "http://x"), ("TRUST_PROXY", "maybe")] {
+        for (name, value) in [
+            ("PORT", "eighty"),
+            ("MAX_HISTORY", "0"),
+            ("REDIS_URL", "http://x"),
+            ("TRUST_PROXY", "maybe"),
+        ] {
             let err = config(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name);
         }
@@ -289,8 +330,17 @@ mod tests {
 
     #[test]
     fn db_variables_build_a_postgres_url() {
-        let c = config(&[("DB_HOST", "db"), ("DB_USER", "app"), ("DB_PASSWORD", "p@ss word"), ("DB_NAME", "rooms")]).unwrap();
-        assert_eq!(c.database, Database::Postgres("postgres://app:p%40ss%20word@db:5432/rooms?sslmode=prefer".into()));
+        let c = config(&[
+            ("DB_HOST", "db"),
+            ("DB_USER", "app"),
+            ("DB_PASSWORD", "p@ss word"),
+            ("DB_NAME", "rooms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.database,
+            Database::Postgres("postgres://app:p%40ss%20word@db:5432/rooms?sslmode=prefer".into())
+        );
         assert!(c.is_cluster());
     }
 

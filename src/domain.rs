@@ -299,7 +299,10 @@ mod tests {
         ] {
             assert_eq!(Number::from_json(&bad), Err(DomainError::InvalidNumber));
         }
-        assert_eq!(Number::from_json(&json!(15.0)).unwrap().to_json(), json!(15));
+        assert_eq!(
+            Number::from_json(&json!(15.0)).unwrap().to_json(),
+            json!(15)
+        );
     }
 
     #[test]
@@ -308,14 +311,19 @@ mod tests {
             assert!(RoomKey::parse(ok).is_ok(), "{ok} should parse");
         }
         let long = "k".repeat(101);
-        for bad in ["", "   ", "a/b", " x", "x ", "a\nb", &long, "sessions", "save"] {
+        for bad in [
+            "", "   ", "a/b", " x", "x ", "a\nb", &long, "sessions", "save",
+        ] {
             assert!(RoomKey::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 
     #[test]
     fn history_is_all_or_nothing() {
-        assert_eq!(History::from_json(&json!([1, "00", 36]), 10).unwrap().len(), 3);
+        assert_eq!(
+            History::from_json(&json!([1, "00", 36]), 10).unwrap().len(),
+            3
+        );
         assert!(History::from_json(&json!([1, 37]), 10).is_err());
         assert_eq!(
             History::from_json(&json!([1, 2, 3]), 2),

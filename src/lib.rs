@@ -5,15 +5,15 @@
 //! Redis); the `hub` that keeps each room's local members in version order; the
 //! `ws` protocol and the `http` API on top; `startup` wires them together.
 
+pub mod auth;
 pub mod bus;
+pub mod config;
 pub mod domain;
+pub mod http;
+pub mod hub;
+pub mod rooms;
+pub mod startup;
+pub mod state;
 pub mod store;
 pub mod telemetry;
-pub mod hub;
 pub mod ws;
-pub mod config;
-pub mod auth;
-pub mod rooms;
-pub mod http;
-pub mod state;
-pub mod startup;

@@ -8,7 +8,11 @@ use croupier::startup::{Application, open_store, shutdown_signal};
 use croupier::telemetry;
 
 #[derive(Parser)]
-#[command(name = "croupier", version, about = "Realtime backend for shared roulette rooms")]
+#[command(
+    name = "croupier",
+    version,
+    about = "Realtime backend for shared roulette rooms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -54,7 +58,12 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Serve => Application::build(config).await?.run_until(shutdown_signal()).await,
+        Command::Serve => {
+            Application::build(config)
+                .await?
+                .run_until(shutdown_signal())
+                .await
+        }
         Command::Migrate => {
             open_store(&config).await?.migrate().await?;
             println!("migrations applied");

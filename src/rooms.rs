@@ -28,7 +28,11 @@ pub struct Rooms {
 
 impl Rooms {
     /// Reads a room, enforcing its token if it is protected. `Ok(None)`: never created.
-    pub async fn read(&self, key: &RoomKey, token: Option<&str>) -> Result<Option<Room>, AccessError> {
+    pub async fn read(
+        &self,
+        key: &RoomKey,
+        token: Option<&str>,
+    ) -> Result<Option<Room>, AccessError> {
         let room = self.store.room(key).await?;
         if let Some(room) = &room
             && room.protected
@@ -55,7 +59,12 @@ impl Rooms {
     ) -> Result<Applied, StoreError> {
         let applied = self
             .store
-            .apply(Mutation { key, change, mutation_id, max_history: self.max_history })
+            .apply(Mutation {
+                key,
+                change,
+                mutation_id,
+                max_history: self.max_history,
+            })
             .await?;
         if !applied.duplicate {
             self.hub.deliver(applied.event.clone());

@@ -14,12 +14,12 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{self, Auth};
 use crate::bus::memory::MemoryBroker;
+use crate::bus::redis::RedisBus;
 use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
 use crate::hub::{Hub, HubConfig};
 use crate::rooms::Rooms;
 use crate::state::{AppState, Lifecycle};
-use crate::bus::redis::RedisBus;
 use crate::store::cached::CachedStore;
 use crate::store::postgres::{PgOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
@@ -32,7 +32,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {
     let store: DynStore = match &config.database {
         Database::Sqlite(url) => {
             if let Some(dir) = sqlite_dir(url) {
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating data directory {}", dir.display()))?;
             }
             Arc::new(SqliteStore::open_url(url).await?)
         }
@@ -50,7 +51,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {
 }
 
 fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
-    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next()?;
     (path != ":memory:").then(|| std::path::Path::new(path).parent().map(|p| p.to_path_buf()))?
 }
@@ -83,7 +86,9 @@ impl Application {
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
             None if config.is_cluster() => {
-                anyhow::bail!("JWT_SECRET must be set in cluster mode (every instance must share it)")
+                anyhow::bail!(
+                    "JWT_SECRET must be set in cluster mode (every instance must share it)"
+                )
             }
             None => auth::load_or_create_secret(&config.data_dir)?,
         };
@@ -94,7 +99,9 @@ impl Application {
         let handler: InboundHandler = {
             let targets = targets.clone();
             Arc::new(move |inbound| {
-                let Some((hub, connections)) = targets.get() else { return };
+                let Some((hub, connections)) = targets.get() else {
+                    return;
+                };
                 match inbound {
                     Inbound::Event(event) => hub.deliver(event),
                     Inbound::Control(ControlMessage::Disconnect { connection_id }) => {
@@ -108,23 +115,41 @@ impl Application {
             Some(url) => {
                 let bus = RedisBus::connect(url, &config.instance_id, handler).await?;
                 // Hot rooms are read from Redis; every write goes through to it.
-                let cached = CachedStore::new(store, bus.command_client(), config.cache_ttl, config.cache_max_history);
+                let cached = CachedStore::new(
+                    store,
+                    bus.command_client(),
+                    config.cache_ttl,
+                    config.cache_max_history,
+                );
                 (Arc::new(bus), Arc::new(cached))
             }
-            None => (Arc::new(broker.connect(&config.instance_id, handler)), store),
+            None => (
+                Arc::new(broker.connect(&config.instance_id, handler)),
+                store,
+            ),
         };
 
         let hub = Hub::new(
             store.clone(),
             bus.clone(),
-            HubConfig { queue_capacity: config.ws.queue_capacity, ..HubConfig::default() },
+            HubConfig {
+                queue_capacity: config.ws.queue_capacity,
+                ..HubConfig::default()
+            },
         );
         let connections = Connections::default();
         let _ = targets.set((hub.clone(), connections.clone()));
 
-        let per_minute = NonZeroU32::new(config.auth_attempts_per_minute).unwrap_or(NonZeroU32::MIN);
+        let per_minute =
+            NonZeroU32::new(config.auth_attempts_per_minute).unwrap_or(NonZeroU32::MIN);
         let state = AppState {
-            rooms: Rooms { store, bus, hub, auth: Auth::new(secret.as_bytes()), max_history: config.max_history },
+            rooms: Rooms {
+                store,
+                bus,
+                hub,
+                auth: Auth::new(secret.as_bytes()),
+                max_history: config.max_history,
+            },
             connections,
             metrics,
             lifecycle: Arc::new(Lifecycle::default()),
@@ -134,12 +159,16 @@ impl Application {
         };
 
         let address = SocketAddr::new(state.config.bind, state.config.port);
-        let listener = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
         Ok(Application { listener, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::new(self.state.config.bind, self.state.config.port))
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(self.state.config.bind, self.state.config.port))
     }
 
     pub fn state(&self) -> &AppState {
@@ -148,7 +177,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains: readiness turns 503, sockets
     /// close with 1001, in-flight requests finish, all within `SHUTDOWN_GRACE`.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Application { listener, state } = self;
         let lifecycle = state.lifecycle.clone();
         let grace = state.config.shutdown_grace;
@@ -159,16 +191,19 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, instance = %state.config.instance_id, store = state.store().backend(), "serving");
 
         let draining = lifecycle.shutdown.clone();
-        let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown({
-                let lifecycle = lifecycle.clone();
-                async move {
-                    shutdown.await;
-                    tracing::info!("shutdown requested; draining");
-                    lifecycle.set_ready(false);
-                    lifecycle.shutdown.cancel();
-                }
-            });
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown({
+            let lifecycle = lifecycle.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested; draining");
+                lifecycle.set_ready(false);
+                lifecycle.shutdown.cancel();
+            }
+        });
         // The server returns once in-flight requests are done; upgraded WebSockets
         // are not tracked by it, so also wait for every session to hand back its
         // connection slot (after sending its 1001 close), within the same grace.

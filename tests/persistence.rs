@@ -18,12 +18,21 @@ async fn get_room(s: &TestServer, key: &str, token: Option<&str>) -> (u16, Value
 }
 
 async fn save_with_token(s: &TestServer, body: &Value, token: &str) -> (u16, Value) {
-    let r = s.http.post(s.url("/api/roulette/save")).bearer_auth(token).json(body).send().await.expect("POST");
+    let r = s
+        .http
+        .post(s.url("/api/roulette/save"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("POST");
     decode(r).await
 }
 
 async fn save(s: &TestServer, key: &str, number: Value) -> Value {
-    let (status, body) = s.post("/api/roulette/save", &json!({"key": key, "number": number})).await;
+    let (status, body) = s
+        .post("/api/roulette/save", &json!({"key": key, "number": number}))
+        .await;
     assert_eq!(status, 200, "save to {key}: {body}");
     body
 }
@@ -47,22 +56,37 @@ async fn rooms_versions_epochs_and_tokens_survive_a_restart() {
     // "alpha": HTTP adds (one retried with the same id), then a WS add and remove.
     save(&s, "alpha", json!(1)).await;
     save(&s, "alpha", json!(2)).await;
-    let first = s.post("/api/roulette/save", &json!({"key": "alpha", "number": 3, "id": "retry-me"})).await;
+    let first = s
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "alpha", "number": 3, "id": "retry-me"}),
+        )
+        .await;
     assert_eq!(first.0, 200, "{}", first.1);
     save(&s, "alpha", json!("00")).await;
     let (mut ws, sync) = join_v2(&s, "alpha", json!({})).await;
     assert_eq!(sync["version"], 4, "{sync}");
     ws.send(json!({"type": "add", "number": 17})).await;
-    assert_eq!(ws.recv().await, json!({"type": "add", "key": "alpha", "number": 17, "version": 5}));
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "add", "key": "alpha", "number": 17, "version": 5})
+    );
     ws.send(json!({"type": "remove", "index": 0})).await;
-    assert_eq!(ws.recv().await, json!({"type": "remove", "key": "alpha", "index": 0, "version": 6}));
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "remove", "key": "alpha", "index": 0, "version": 6})
+    );
     ws.close().await;
 
     // "beta": created by a replace, then appended to.
-    let (status, body) = s.put("/api/roulette/beta", &json!({"history": [5, 6, "00", 7]})).await;
+    let (status, body) = s
+        .put("/api/roulette/beta", &json!({"history": [5, 6, "00", 7]}))
+        .await;
     assert_eq!(status, 200, "{body}");
     save(&s, "beta", json!(8)).await;
-    let (status, body) = s.put("/api/roulette/beta", &json!({"history": [9, 0]})).await;
+    let (status, body) = s
+        .put("/api/roulette/beta", &json!({"history": [9, 0]}))
+        .await;
     assert_eq!(status, 200, "{body}");
 
     // A non-Latin key.
@@ -79,7 +103,10 @@ async fn rooms_versions_epochs_and_tokens_survive_a_restart() {
     for key in keys {
         let (status, body) = get_room(&s, key, Some(&token)).await;
         assert_eq!(status, 200, "{key}: {body}");
-        assert!(body["epoch"].as_str().is_some_and(|e| !e.is_empty()), "{key} has no epoch: {body}");
+        assert!(
+            body["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+            "{key} has no epoch: {body}"
+        );
         before.push(body);
     }
     assert_eq!(before[0]["history"], json!([2, 3, "00", 17]));
@@ -102,19 +129,41 @@ async fn rooms_versions_epochs_and_tokens_survive_a_restart() {
     let (status, listing) = s.get("/api/roulette/sessions").await;
     assert_eq!(status, 200);
     assert_eq!(listing["total"], 4, "{listing}");
-    assert_eq!(listing, listing_before, "room list changed across the restart");
-    let vault = listing["sessions"].as_array().expect("sessions").iter().find(|r| r["key"] == "vault");
-    assert_eq!(vault.map(|r| r["protected"].clone()), Some(json!(true)), "{listing}");
+    assert_eq!(
+        listing, listing_before,
+        "room list changed across the restart"
+    );
+    let vault = listing["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .find(|r| r["key"] == "vault");
+    assert_eq!(
+        vault.map(|r| r["protected"].clone()),
+        Some(json!(true)),
+        "{listing}"
+    );
 
     // Protection survived: no token is still refused, the old token still works.
     let (status, body) = get_room(&s, "vault", None).await;
-    assert_eq!(status, 401, "protected room readable without a token after restart: {body}");
+    assert_eq!(
+        status, 401,
+        "protected room readable without a token after restart: {body}"
+    );
     let (status, body) = save_with_token(&s, &json!({"key": "vault", "number": 12}), &token).await;
-    assert_eq!(status, 200, "token issued before the restart was refused: {body}");
+    assert_eq!(
+        status, 200,
+        "token issued before the restart was refused: {body}"
+    );
     assert_eq!(body["data"]["version"], 2, "{body}");
     assert_eq!(body["data"]["history"], json!([11, 12]), "{body}");
     // The password hash survived too.
-    let (status, _) = s.post("/api/rooms/auth", &json!({"key": "vault", "password": "wrong"})).await;
+    let (status, _) = s
+        .post(
+            "/api/rooms/auth",
+            &json!({"key": "vault", "password": "wrong"}),
+        )
+        .await;
     assert_eq!(status, 401, "wrong password accepted after restart");
 
     // The token also opens the room over WebSocket.
@@ -125,10 +174,19 @@ async fn rooms_versions_epochs_and_tokens_survive_a_restart() {
     ws.close().await;
 
     // A mutation id applied before the restart is still recognised.
-    let (status, body) = s.post("/api/roulette/save", &json!({"key": "alpha", "number": 3, "id": "retry-me"})).await;
+    let (status, body) = s
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "alpha", "number": 3, "id": "retry-me"}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let (history, version) = s.room("alpha").await;
-    assert_eq!((history, version), (json!([2, 3, "00", 17]), 6), "a retried id was applied twice");
+    assert_eq!(
+        (history, version),
+        (json!([2, 3, "00", 17]), 6),
+        "a retried id was applied twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +195,9 @@ async fn resume_after_a_restart_is_served_from_the_event_log() {
     for n in [4, 8, 15, 16] {
         save(&s, "log", json!(n)).await;
     }
-    let (status, body) = s.put("/api/roulette/log", &json!({"history": [23, 35]})).await;
+    let (status, body) = s
+        .put("/api/roulette/log", &json!({"history": [23, 35]}))
+        .await;
     assert_eq!(status, 200, "{body}");
     let (mut ws, sync) = join_v2(&s, "log", json!({})).await;
     let epoch = sync["epoch"].as_str().expect("epoch").to_owned();
@@ -149,11 +209,17 @@ async fn resume_after_a_restart_is_served_from_the_event_log() {
 
     s.restart().await;
     // The socket opened before the restart is gone.
-    assert!(matches!(ws.next_within(Duration::from_secs(5)).await, support::app::WsEvent::Closed(_)));
+    assert!(matches!(
+        ws.next_within(Duration::from_secs(5)).await,
+        support::app::WsEvent::Closed(_)
+    ));
 
     // At the current version: nothing missed.
     let (mut current, greeting) = join_v2(&s, "log", json!({"version": 7, "epoch": epoch})).await;
-    assert_eq!(greeting, json!({"type": "recovered", "key": "log", "version": 7, "epoch": epoch}));
+    assert_eq!(
+        greeting,
+        json!({"type": "recovered", "key": "log", "version": 7, "epoch": epoch})
+    );
     current.expect_silence(Duration::from_millis(300)).await;
 
     // Behind: the missed events, from the store (the new process has no memory of them).
@@ -189,5 +255,8 @@ async fn the_token_secret_is_per_data_dir() {
     let (status, _) = get_room(&b, "locked", Some(&token_b)).await;
     assert_eq!(status, 200);
     let (status, body) = get_room(&b, "locked", Some(&token_a)).await;
-    assert_eq!(status, 401, "a token signed by another data directory's secret was accepted: {body}");
+    assert_eq!(
+        status, 401,
+        "a token signed by another data directory's secret was accepted: {body}"
+    );
 }

@@ -23,7 +23,9 @@ async fn room_with(s: &TestServer, key: &str, n: usize) -> String {
     let history: Vec<usize> = (0..n).map(|i| (i * 5) % 37).collect();
     let mut epoch = String::new();
     for number in history {
-        let (status, body) = s.post("/api/roulette/save", &json!({"key": key, "number": number})).await;
+        let (status, body) = s
+            .post("/api/roulette/save", &json!({"key": key, "number": number}))
+            .await;
         assert_eq!(status, 200, "{body}");
         epoch = body["data"]["epoch"].as_str().expect("epoch").to_owned();
     }
@@ -65,20 +67,31 @@ async fn a_returning_member_gets_exactly_the_fifty_missed_events() {
             7 => {
                 let history: Vec<Value> = (0..(i % 6 + 2)).map(|j| json!((i + j) % 37)).collect();
                 len = history.len();
-                writer.send(json!({"type": "update", "history": history})).await;
+                writer
+                    .send(json!({"type": "update", "history": history}))
+                    .await;
             }
             3 => {
-                let (status, body) = s.post("/api/roulette/save", &json!({"key": key, "number": "00"})).await;
+                let (status, body) = s
+                    .post("/api/roulette/save", &json!({"key": key, "number": "00"}))
+                    .await;
                 assert_eq!(status, 200, "{body}");
                 len += 1;
             }
             9 => {
-                let (status, body) = s.put(&format!("/api/roulette/{key}"), &json!({"history": [i % 37, 0]})).await;
+                let (status, body) = s
+                    .put(
+                        &format!("/api/roulette/{key}"),
+                        &json!({"history": [i % 37, 0]}),
+                    )
+                    .await;
                 assert_eq!(status, 200, "{body}");
                 len = 2;
             }
             _ => {
-                writer.send(json!({"type": "add", "number": i % 37, "id": format!("m{i}")})).await;
+                writer
+                    .send(json!({"type": "add", "number": i % 37, "id": format!("m{i}")}))
+                    .await;
                 len += 1;
             }
         }
@@ -93,13 +106,19 @@ async fn a_returning_member_gets_exactly_the_fifty_missed_events() {
     let (history, version) = s.room(key).await;
     assert_eq!(version, last + 50);
 
-    let (mut back, first) =
-        join(&s, json!({"type": "join", "key": key, "version": last, "epoch": epoch})).await;
+    let (mut back, first) = join(
+        &s,
+        json!({"type": "join", "key": key, "version": last, "epoch": epoch}),
+    )
+    .await;
     assert_eq!(first, missed[0], "first replayed event");
     for (i, expected) in missed.iter().enumerate().skip(1) {
         assert_eq!(&back.recv().await, expected, "replayed event {i}");
     }
-    assert_eq!(back.recv().await, json!({"type": "recovered", "key": key, "version": version, "epoch": epoch}));
+    assert_eq!(
+        back.recv().await,
+        json!({"type": "recovered", "key": key, "version": version, "epoch": epoch})
+    );
     back.expect_silence(QUIET).await;
 
     // Replaying the events from the old state gives the stored history.
@@ -118,9 +137,18 @@ async fn resume_without_epoch_replays_too() {
     let s = TestServer::start(&[]).await;
     let epoch = room_with(&s, "no-epoch", 6).await;
     let (mut ws, first) = join(&s, json!({"type": "join", "key": "no-epoch", "version": 4})).await;
-    assert_eq!(first, json!({"type": "add", "key": "no-epoch", "number": 20, "version": 5}));
-    assert_eq!(ws.recv().await, json!({"type": "add", "key": "no-epoch", "number": 25, "version": 6}));
-    assert_eq!(ws.recv().await, json!({"type": "recovered", "key": "no-epoch", "version": 6, "epoch": epoch}));
+    assert_eq!(
+        first,
+        json!({"type": "add", "key": "no-epoch", "number": 20, "version": 5})
+    );
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "add", "key": "no-epoch", "number": 25, "version": 6})
+    );
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "recovered", "key": "no-epoch", "version": 6, "epoch": epoch})
+    );
     ws.expect_silence(QUIET).await;
 }
 
@@ -133,17 +161,34 @@ async fn resume_after_the_room_went_idle_replays_from_the_log() {
     let (ws, sync) = join(&s, json!({"type": "join", "key": "idle", "version": 0})).await;
     assert_eq!(sync["version"], 3);
     ws.close().await;
-    let (status, _) = s.put("/api/roulette/idle", &json!({"history": [1, 2, 3, 4]})).await;
+    let (status, _) = s
+        .put("/api/roulette/idle", &json!({"history": [1, 2, 3, 4]}))
+        .await;
     assert_eq!(status, 200);
     // Longer than a room with no member is kept in memory.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "idle", "number": 5})).await;
+    let (status, _) = s
+        .post("/api/roulette/save", &json!({"key": "idle", "number": 5}))
+        .await;
     assert_eq!(status, 200);
 
-    let (mut back, first) = join(&s, json!({"type": "join", "key": "idle", "version": 3, "epoch": epoch})).await;
-    assert_eq!(first, json!({"type": "sync", "key": "idle", "history": [1, 2, 3, 4], "full": true, "version": 4}));
-    assert_eq!(back.recv().await, json!({"type": "add", "key": "idle", "number": 5, "version": 5}));
-    assert_eq!(back.recv().await, json!({"type": "recovered", "key": "idle", "version": 5, "epoch": epoch}));
+    let (mut back, first) = join(
+        &s,
+        json!({"type": "join", "key": "idle", "version": 3, "epoch": epoch}),
+    )
+    .await;
+    assert_eq!(
+        first,
+        json!({"type": "sync", "key": "idle", "history": [1, 2, 3, 4], "full": true, "version": 4})
+    );
+    assert_eq!(
+        back.recv().await,
+        json!({"type": "add", "key": "idle", "number": 5, "version": 5})
+    );
+    assert_eq!(
+        back.recv().await,
+        json!({"type": "recovered", "key": "idle", "version": 5, "epoch": epoch})
+    );
     back.expect_silence(QUIET).await;
 }
 
@@ -151,24 +196,36 @@ async fn resume_after_the_room_went_idle_replays_from_the_log() {
 async fn resume_ahead_of_the_room_gets_one_full_sync() {
     let s = TestServer::start(&[]).await;
     let epoch = room_with(&s, "ahead", 4).await;
-    let (mut ws, first) = join(&s, json!({"type": "join", "key": "ahead", "version": 9, "epoch": epoch})).await;
+    let (mut ws, first) = join(
+        &s,
+        json!({"type": "join", "key": "ahead", "version": 9, "epoch": epoch}),
+    )
+    .await;
     assert_eq!(
         first,
         json!({"type": "sync", "key": "ahead", "history": [0, 5, 10, 15], "full": true, "version": 4, "epoch": epoch})
     );
     ws.expect_silence(QUIET).await;
     // And it is a member from there on.
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "ahead", "number": 1})).await;
+    let (status, _) = s
+        .post("/api/roulette/save", &json!({"key": "ahead", "number": 1}))
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(ws.recv().await, json!({"type": "add", "key": "ahead", "number": 1, "version": 5}));
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "add", "key": "ahead", "number": 1, "version": 5})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_with_another_epoch_gets_one_full_sync() {
     let s = TestServer::start(&[]).await;
     let epoch = room_with(&s, "epochs", 4).await;
-    let (mut ws, first) =
-        join(&s, json!({"type": "join", "key": "epochs", "version": 2, "epoch": "not-this-room"})).await;
+    let (mut ws, first) = join(
+        &s,
+        json!({"type": "join", "key": "epochs", "version": 2, "epoch": "not-this-room"}),
+    )
+    .await;
     assert_eq!(
         first,
         json!({"type": "sync", "key": "epochs", "history": [0, 5, 10, 15], "full": true, "version": 4, "epoch": epoch})
@@ -180,10 +237,25 @@ async fn resume_with_another_epoch_gets_one_full_sync() {
 async fn resume_at_the_current_version_is_just_recovered() {
     let s = TestServer::start(&[]).await;
     let epoch = room_with(&s, "current", 4).await;
-    let (mut ws, first) = join(&s, json!({"type": "join", "key": "current", "version": 4, "epoch": epoch})).await;
-    assert_eq!(first, json!({"type": "recovered", "key": "current", "version": 4, "epoch": epoch}));
+    let (mut ws, first) = join(
+        &s,
+        json!({"type": "join", "key": "current", "version": 4, "epoch": epoch}),
+    )
+    .await;
+    assert_eq!(
+        first,
+        json!({"type": "recovered", "key": "current", "version": 4, "epoch": epoch})
+    );
     ws.expect_silence(QUIET).await;
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "current", "number": "00"})).await;
+    let (status, _) = s
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "current", "number": "00"}),
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(ws.recv().await, json!({"type": "add", "key": "current", "number": "00", "version": 5}));
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "add", "key": "current", "number": "00", "version": 5})
+    );
 }

@@ -115,6 +115,17 @@ async fn migrations_apply_roll_back_and_apply_again() {
         }
     };
     assert!(table_exists("rooms").await && table_exists("room_events").await);
+    let compression: String = sqlx::query_scalar(
+        "SELECT attcompression::text FROM pg_attribute
+         WHERE attrelid = 'rooms'::regclass AND attname = 'history'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        compression, "l",
+        "histories are lz4-compressed on a server that has lz4"
+    );
 
     assert!(store.rollback(0).await.is_err());
     assert!(store.rollback(after.len() + 1).await.is_err());
@@ -714,6 +725,36 @@ async fn events_since_is_none_once_pruning_removed_needed_events() {
         Some(Vec::new())
     );
     assert_eq!(store.events_since(&room, count + 1).await.unwrap(), None);
+
+    // A backlog larger than one pruning statement handles is removed completely.
+    let bulk = key("bulk");
+    store
+        .apply(mutation(&bulk, Change::Added(n(1))))
+        .await
+        .unwrap();
+    sqlx::query(
+        "WITH room AS (UPDATE rooms SET version = 25000 WHERE key = 'bulk' RETURNING id)
+         INSERT INTO room_events (room_id, version, kind, payload, created_at)
+         SELECT room.id, v, 'add', '1', now() - interval '1 hour'
+         FROM room, generate_series(2, 25000) AS v",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        store.prune_events().await.unwrap(),
+        23_999,
+        "2..=24000; 1 is young"
+    );
+    assert_eq!(
+        store
+            .events_since(&bulk, 24_000)
+            .await
+            .unwrap()
+            .map(|e| e.len()),
+        Some(1000)
+    );
+    assert_eq!(store.events_since(&bulk, 23_999).await.unwrap(), None);
 
     // Pruning never touches another room's young log.
     let other = key("fresh");

@@ -37,7 +37,9 @@ impl RawWs {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             s.addr
         );
-        tcp.write_all(request.as_bytes()).await.expect("write upgrade");
+        tcp.write_all(request.as_bytes())
+            .await
+            .expect("write upgrade");
         let mut buf = Vec::new();
         let end = loop {
             let mut chunk = [0u8; 1024];
@@ -54,7 +56,11 @@ impl RawWs {
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
         buf.drain(..end);
-        RawWs { tcp, buf, opened: Instant::now() }
+        RawWs {
+            tcp,
+            buf,
+            opened: Instant::now(),
+        }
     }
 
     /// Sends a masked text frame (clients must mask).
@@ -108,7 +114,11 @@ impl RawWs {
         let opcode = b[0] & 0x0f;
         let payload = b[header..header + len].to_vec();
         self.buf.drain(..header + len);
-        Some(RawFrame { at: self.opened.elapsed(), opcode, payload })
+        Some(RawFrame {
+            at: self.opened.elapsed(),
+            opcode,
+            payload,
+        })
     }
 }
 
@@ -119,7 +129,9 @@ const TEXT: u8 = 0x1;
 async fn active_connections(s: &TestServer) -> u64 {
     let (status, body) = s.get_with_token("/api/admin/stats", ADMIN_TOKEN).await;
     assert_eq!(status, 200, "{body}");
-    body["activeConnections"].as_u64().expect("activeConnections")
+    body["activeConnections"]
+        .as_u64()
+        .expect("activeConnections")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,40 +139,63 @@ async fn a_client_that_never_answers_pings_is_closed_after_the_idle_timeout() {
     let s = TestServer::start(&[("WS_IDLE_TIMEOUT", "2"), ("WS_PING_INTERVAL", "1")]).await;
     // A member that reads (and so answers pings) throughout.
     let mut other = s.ws().await;
-    other.send(json!({"type": "join", "key": "quiet", "version": 0})).await;
+    other
+        .send(json!({"type": "join", "key": "quiet", "version": 0}))
+        .await;
     assert_eq!(other.recv().await["version"], 0);
     let other = spawn_reader(other, 1);
 
     let mut raw = RawWs::connect(&s).await;
-    raw.send_text(r#"{"type":"join","key":"quiet","version":0}"#).await;
+    raw.send_text(r#"{"type":"join","key":"quiet","version":0}"#)
+        .await;
     let joined = raw.opened.elapsed();
     let deadline = Instant::now() + Duration::from_secs(8);
     let mut frames = Vec::new();
     let close = loop {
-        let frame = raw.next_frame(deadline).await.expect("stream ended without a close frame");
+        let frame = raw
+            .next_frame(deadline)
+            .await
+            .expect("stream ended without a close frame");
         if frame.opcode == CLOSE {
             break frame;
         }
         frames.push(frame);
     };
     // After the close frame the server drops the connection.
-    assert!(raw.next_frame(Instant::now() + Duration::from_secs(3)).await.is_none(), "data after the close frame");
+    assert!(
+        raw.next_frame(Instant::now() + Duration::from_secs(3))
+            .await
+            .is_none(),
+        "data after the close frame"
+    );
 
     let pings: Vec<&RawFrame> = frames.iter().filter(|f| f.opcode == PING).collect();
-    assert!(frames.iter().any(|f| f.opcode == TEXT), "no sync after join: {frames:?}");
-    assert!(!pings.is_empty(), "the server sent no ping before giving up: {frames:?}");
+    assert!(
+        frames.iter().any(|f| f.opcode == TEXT),
+        "no sync after join: {frames:?}"
+    );
+    assert!(
+        !pings.is_empty(),
+        "the server sent no ping before giving up: {frames:?}"
+    );
     assert!(
         close.at >= joined + Duration::from_secs(2),
         "closed after {:?}, before the 2 s idle timeout",
         close.at
     );
-    assert!(close.at < joined + Duration::from_millis(4500), "closed only after {:?}", close.at);
+    assert!(
+        close.at < joined + Duration::from_millis(4500),
+        "closed only after {:?}",
+        close.at
+    );
     assert!(close.payload.len() >= 2, "close frame without a code");
     let code = u16::from_be_bytes([close.payload[0], close.payload[1]]);
     assert!(matches!(code, 1000 | 1001), "idle close code {code}");
 
     // The room still serves the member that stayed.
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "quiet", "number": 4})).await;
+    let (status, _) = s
+        .post("/api/roulette/save", &json!({"key": "quiet", "number": 4}))
+        .await;
     assert_eq!(status, 200);
     let (_, versions) = other.await.expect("reader");
     assert_eq!(versions, vec![1]);
@@ -171,7 +206,12 @@ async fn a_client_that_answers_pings_stays_connected() {
     let s = TestServer::start(&[("WS_IDLE_TIMEOUT", "2"), ("WS_PING_INTERVAL", "1")]).await;
     let ws = s.ws().await;
     let mut stream = ws.into_inner();
-    stream.send(Message::text(json!({"type": "join", "key": "alive", "version": 0}).to_string())).await.expect("send");
+    stream
+        .send(Message::text(
+            json!({"type": "join", "key": "alive", "version": 0}).to_string(),
+        ))
+        .await
+        .expect("send");
     // Reading answers pings (tungstenite queues the pong and flushes it on the next read).
     let until = tokio::time::Instant::now() + Duration::from_millis(4500);
     let mut pings = 0;
@@ -183,12 +223,23 @@ async fn a_client_that_answers_pings_stays_connected() {
             Ok(other) => panic!("a responsive client was disconnected: {other:?}"),
         }
     }
-    assert!(pings >= 3, "expected a ping about every second, got {pings}");
-    stream.send(Message::text(r#"{"type":"ping"}"#)).await.expect("send");
+    assert!(
+        pings >= 3,
+        "expected a ping about every second, got {pings}"
+    );
+    stream
+        .send(Message::text(r#"{"type":"ping"}"#))
+        .await
+        .expect("send");
     let mut ws_pong = None;
     while ws_pong.is_none() {
-        match tokio::time::timeout(Duration::from_secs(3), stream.next()).await.expect("pong") {
-            Some(Ok(Message::Text(t))) => ws_pong = Some(serde_json::from_str::<Value>(&t).expect("json")),
+        match tokio::time::timeout(Duration::from_secs(3), stream.next())
+            .await
+            .expect("pong")
+        {
+            Some(Ok(Message::Text(t))) => {
+                ws_pong = Some(serde_json::from_str::<Value>(&t).expect("json"))
+            }
             Some(Ok(Message::Ping(_))) => {}
             other => panic!("unexpected {other:?}"),
         }
@@ -203,7 +254,9 @@ fn spawn_reader(ws: WsClient, until: u64) -> tokio::task::JoinHandle<(WsClient, 
         let mut versions = Vec::new();
         loop {
             let frame = ws.recv().await;
-            let v = frame["version"].as_u64().unwrap_or_else(|| panic!("frame without version: {frame}"));
+            let v = frame["version"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("frame without version: {frame}"));
             versions.push(v);
             if v >= until {
                 return (ws, versions);
@@ -222,13 +275,20 @@ const PREFILL: usize = 100_000;
 fn flood_adds() -> u64 {
     let send_buffer_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(4 << 20);
     let frame_bytes = 2 * PREFILL as u64;
     (send_buffer_max / frame_bytes + 16 + 12).max(45)
 }
 
-fn slow_consumer_env(idle_timeout: &'static str, ping_interval: &'static str) -> Vec<(&'static str, &'static str)> {
+fn slow_consumer_env(
+    idle_timeout: &'static str,
+    ping_interval: &'static str,
+) -> Vec<(&'static str, &'static str)> {
     vec![
         ("WS_QUEUE_CAPACITY", "16"),
         ("MAX_HISTORY", "200000"),
@@ -240,10 +300,17 @@ fn slow_consumer_env(idle_timeout: &'static str, ping_interval: &'static str) ->
 /// A room holding `PREFILL` numbers (version 1), and a v2 member that will flood it.
 async fn big_room(s: &TestServer, key: &str) -> WsClient {
     let history: Vec<Value> = (0..PREFILL).map(|i| json!(i % 37)).collect();
-    let (status, body) = s.put(&format!("/api/roulette/{key}"), &json!({"history": history})).await;
+    let (status, body) = s
+        .put(
+            &format!("/api/roulette/{key}"),
+            &json!({"history": history}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let mut flooder = s.ws().await;
-    flooder.send(json!({"type": "join", "key": key, "version": 1})).await;
+    flooder
+        .send(json!({"type": "join", "key": key, "version": 1}))
+        .await;
     assert_eq!(flooder.recv().await["type"], "recovered");
     flooder
 }
@@ -275,7 +342,9 @@ async fn a_slow_consumer_is_cut_off_with_1013_and_the_room_keeps_working() {
     let key = "firehose";
     let mut flooder = big_room(&s, key).await;
     let mut observer = s.ws().await;
-    observer.send(json!({"type": "join", "key": key, "version": 1})).await;
+    observer
+        .send(json!({"type": "join", "key": key, "version": 1}))
+        .await;
     assert_eq!(observer.recv().await["type"], "recovered");
     let mut slow = slow_v1_member(&s, key).await;
 
@@ -286,7 +355,11 @@ async fn a_slow_consumer_is_cut_off_with_1013_and_the_room_keeps_working() {
     let last = flood(&mut flooder, key).await;
     let (mut observer, seen) = reader.await.expect("observer task");
     eprintln!("flooded {adds} adds in {:?}", started.elapsed());
-    assert_eq!(seen, (2..=last).collect::<Vec<_>>(), "the reading member missed or reordered events");
+    assert_eq!(
+        seen,
+        (2..=last).collect::<Vec<_>>(),
+        "the reading member missed or reordered events"
+    );
 
     // Now `slow` reads: whatever it got is gap-free (one more number per frame),
     // and then it is either closed with 1013 or brought up to date in one step.
@@ -313,14 +386,22 @@ async fn a_slow_consumer_is_cut_off_with_1013_and_the_room_keeps_working() {
     match outcome {
         Some(code) => {
             assert_eq!(code, 1013, "slow consumer closed with {code}");
-            assert!(len < final_len, "closed with 1013 after receiving everything");
+            assert!(
+                len < final_len,
+                "closed with 1013 after receiving everything"
+            );
         }
-        None => assert!(received <= adds as usize, "resynced without having fallen behind"),
+        None => assert!(
+            received <= adds as usize,
+            "resynced without having fallen behind"
+        ),
     }
 
     // The room still works: the old members and a newcomer get the next event.
     let mut newcomer = s.ws().await;
-    newcomer.send(json!({"type": "join", "key": key, "version": last})).await;
+    newcomer
+        .send(json!({"type": "join", "key": key, "version": last}))
+        .await;
     assert_eq!(newcomer.recv().await["type"], "recovered");
     flooder.send(json!({"type": "add", "number": "00"})).await;
     let next = json!({"type": "add", "key": key, "number": "00", "version": last + 1});
@@ -345,12 +426,17 @@ async fn a_consumer_that_never_reads_again_is_dropped_after_the_idle_timeout() {
     let flooder = spawn_reader(flooder, last + 1);
     let deadline = Instant::now() + Duration::from_secs(8);
     while active_connections(&s).await != 1 {
-        assert!(Instant::now() < deadline, "a client that stopped reading is still connected 8 s after the flood");
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading is still connected 8 s after the flood"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("dropped {:?} after the flood began", started.elapsed());
     // The one left is the flooder, and the room still delivers to it.
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": key, "number": 1})).await;
+    let (status, _) = s
+        .post("/api/roulette/save", &json!({"key": key, "number": 1}))
+        .await;
     assert_eq!(status, 200);
     let (_, versions) = flooder.await.expect("flooder task");
     assert_eq!(versions.last(), Some(&(last + 1)));
@@ -362,37 +448,56 @@ async fn a_connection_may_join_at_most_twenty_rooms_by_default() {
     let s = TestServer::start(&[]).await;
     let mut ws = s.ws().await;
     for i in 0..20 {
-        ws.send(json!({"type": "join", "key": format!("room-{i}"), "version": 0})).await;
+        ws.send(json!({"type": "join", "key": format!("room-{i}"), "version": 0}))
+            .await;
         let sync = ws.recv().await;
         assert_eq!(sync["type"], "sync", "join {i}: {sync}");
     }
     // The 21st is refused; the connection stays open and keeps its 20 rooms.
-    ws.send(json!({"type": "join", "key": "room-20", "version": 0})).await;
+    ws.send(json!({"type": "join", "key": "room-20", "version": 0}))
+        .await;
     let refused = ws.recv().await;
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["code"], "too_many_rooms", "{refused}");
     // Same for the seed dialect's implicit joins.
-    ws.send(json!({"type": "getHistory", "key": "room-21"})).await;
+    ws.send(json!({"type": "getHistory", "key": "room-21"}))
+        .await;
     assert_eq!(ws.recv().await["type"], "error");
-    ws.send(json!({"type": "saveNumber", "key": "room-22", "number": 3})).await;
+    ws.send(json!({"type": "saveNumber", "key": "room-22", "number": 3}))
+        .await;
     assert_eq!(ws.recv().await["type"], "error");
     let (_, version) = s.room("room-22").await;
     assert_eq!(version, 0, "a refused saveNumber was applied");
 
     // Re-joining a room it already has is not a 21st room.
-    ws.send(json!({"type": "join", "key": "room-0", "version": 0})).await;
+    ws.send(json!({"type": "join", "key": "room-0", "version": 0}))
+        .await;
     assert_eq!(ws.recv().await["type"], "sync");
     // Not subscribed to the refused room...
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "room-20", "number": 9})).await;
+    let (status, _) = s
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "room-20", "number": 9}),
+        )
+        .await;
     assert_eq!(status, 200);
     // ...but still to the others.
-    let (status, _) = s.post("/api/roulette/save", &json!({"key": "room-19", "number": 8})).await;
+    let (status, _) = s
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "room-19", "number": 8}),
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(ws.recv().await, json!({"type": "add", "key": "room-19", "number": 8, "version": 1}));
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "add", "key": "room-19", "number": 8, "version": 1})
+    );
 
     // Leaving one frees a slot.
     ws.send(json!({"type": "leave", "key": "room-3"})).await;
-    ws.send(json!({"type": "join", "key": "room-20", "version": 0})).await;
+    ws.send(json!({"type": "join", "key": "room-20", "version": 0}))
+        .await;
     let sync = ws.recv().await;
     assert_eq!(sync["type"], "sync", "{sync}");
     assert_eq!(sync["key"], "room-20");

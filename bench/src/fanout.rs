@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -96,7 +96,15 @@ struct MemberLog {
 }
 
 /// Reads `add` frames of `key` until cancelled; the first version expected is `from + 1`.
-async fn member_loop(mut ws: Ws, key: String, from: u64, base: u64, progress: Arc<Progress>, stop: CancellationToken, log: &mut MemberLog) {
+async fn member_loop(
+    mut ws: Ws,
+    key: String,
+    from: u64,
+    base: u64,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+    log: &mut MemberLog,
+) {
     let mut last = from;
     loop {
         let frame = tokio::select! {
@@ -124,7 +132,10 @@ async fn member_loop(mut ws: Ws, key: String, from: u64, base: u64, progress: Ar
                 }
                 last = version;
                 log.receipts.push((version, now));
-                if let Some(slot) = version.checked_sub(base + 1).and_then(|i| progress.received.get(i as usize)) {
+                if let Some(slot) = version
+                    .checked_sub(base + 1)
+                    .and_then(|i| progress.received.get(i as usize))
+                {
                     let count = slot.fetch_add(1, Ordering::AcqRel) + 1;
                     if count >= progress.expected.load(Ordering::Acquire) {
                         progress.complete.notify_one();
@@ -144,11 +155,16 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         Some(url) => Target::parse(url)?,
         None => targets[0].clone(),
     };
-    let key = args.key.clone().unwrap_or_else(|| format!("bench-fanout-{}", crate::unique_suffix()));
+    let key = args
+        .key
+        .clone()
+        .unwrap_or_else(|| format!("bench-fanout-{}", crate::unique_suffix()));
     let sources = Arc::new(Sources::new(args.source_base, args.source_count)?);
 
     // The writer joins first: its sync gives the version every event counts from.
-    let (writer, base) = open_member(&writer_target, &sources, &key, 3).await.map_err(anyhow::Error::msg)?;
+    let (writer, base) = open_member(&writer_target, &sources, &key, 3)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let progress = Arc::new(Progress {
         received: (0..args.adds).map(|_| AtomicUsize::new(0)).collect(),
         expected: AtomicUsize::new(usize::MAX),
@@ -171,9 +187,14 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             joined_tx.clone(),
         );
         members.push(tokio::spawn(async move {
-            let mut log = MemberLog { instance, ..MemberLog::default() };
+            let mut log = MemberLog {
+                instance,
+                ..MemberLog::default()
+            };
             let opened = {
-                let Ok(_permit) = gate.acquire().await else { return log };
+                let Ok(_permit) = gate.acquire().await else {
+                    return log;
+                };
                 open_member(&target, &sources, &key, 3).await
             };
             match opened {
@@ -191,7 +212,8 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     }
     drop(joined_tx);
     let (mut joined, mut failed, mut first_error) = (0usize, 0usize, None);
-    let connect_deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
+    let connect_deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
     while joined + failed < args.members {
         match tokio::time::timeout_at(connect_deadline, joined_rx.recv()).await {
             Ok(Some(Ok(()))) => joined += 1,
@@ -208,7 +230,10 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         bail!("no member could join: {}", first_error.unwrap_or_default());
     }
     progress.expected.store(joined, Ordering::Release);
-    eprintln!("fanout: {joined}/{} members joined in {connect_s:.1} s; adding {} numbers", args.members, args.adds);
+    eprintln!(
+        "fanout: {joined}/{} members joined in {connect_s:.1} s; adding {} numbers",
+        args.members, args.adds
+    );
 
     let (mut sink, mut stream) = writer.split();
     // The writer's own echoes are drained so its socket keeps flowing.
@@ -227,10 +252,15 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     for i in 0..args.adds {
         let add = json!({"type": "add", "key": key, "number": i % 37, "id": format!("fanout-{i}")});
         sent_at.push(Instant::now());
-        sink.send(json_text(&add)).await.context("writer: sending add")?;
+        sink.send(json_text(&add))
+            .await
+            .context("writer: sending add")?;
         let deadline = tokio::time::Instant::now() + event_timeout;
         while progress.received[i].load(Ordering::Acquire) < joined {
-            if tokio::time::timeout_at(deadline, progress.complete.notified()).await.is_err() {
+            if tokio::time::timeout_at(deadline, progress.complete.notified())
+                .await
+                .is_err()
+            {
                 incomplete += 1;
                 break;
             }
@@ -252,7 +282,11 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         violations += log.order_violations;
         failures += log.failures;
         for (version, at) in log.receipts {
-            let Some(i) = version.checked_sub(base + 1).map(|i| i as usize).filter(|i| *i < args.adds) else {
+            let Some(i) = version
+                .checked_sub(base + 1)
+                .map(|i| i as usize)
+                .filter(|i| *i < args.adds)
+            else {
                 continue;
             };
             let latency = at.saturating_duration_since(sent_at[i]);
@@ -303,11 +337,16 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
 }
 
 /// Forwards `(version, when read)` of every `add` of `key` until the stream ends.
-fn spawn_version_reader(mut stream: futures_util::stream::SplitStream<Ws>, key: String) -> mpsc::UnboundedReceiver<(u64, Instant)> {
+fn spawn_version_reader(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    key: String,
+) -> mpsc::UnboundedReceiver<(u64, Instant)> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(message)) = stream.next().await {
-            let Message::Text(text) = message else { continue };
+            let Message::Text(text) = message else {
+                continue;
+            };
             let now = Instant::now();
             if let Ok(frame) = serde_json::from_str::<Frame>(&text)
                 && frame.kind == "add"
@@ -323,7 +362,11 @@ fn spawn_version_reader(mut stream: futures_util::stream::SplitStream<Ws>, key: 
 }
 
 /// Waits for `version` on `rx`; older versions are skipped.
-async fn wait_version(rx: &mut mpsc::UnboundedReceiver<(u64, Instant)>, version: u64, deadline: tokio::time::Instant) -> Option<Instant> {
+async fn wait_version(
+    rx: &mut mpsc::UnboundedReceiver<(u64, Instant)>,
+    version: u64,
+    deadline: tokio::time::Instant,
+) -> Option<Instant> {
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some((v, at))) if v == version => return Some(at),
@@ -336,10 +379,17 @@ async fn wait_version(rx: &mut mpsc::UnboundedReceiver<(u64, Instant)>, version:
 pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let writer_target = Target::parse(&args.writer_url)?;
     let reader_target = Target::parse(&args.reader_url)?;
-    let key = args.key.clone().unwrap_or_else(|| format!("bench-latency-{}", crate::unique_suffix()));
+    let key = args
+        .key
+        .clone()
+        .unwrap_or_else(|| format!("bench-latency-{}", crate::unique_suffix()));
     let sources = Sources::new(0, 0)?;
-    let (reader, _) = open_member(&reader_target, &sources, &key, 3).await.map_err(anyhow::Error::msg)?;
-    let (writer, base) = open_member(&writer_target, &sources, &key, 3).await.map_err(anyhow::Error::msg)?;
+    let (reader, _) = open_member(&reader_target, &sources, &key, 3)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (writer, base) = open_member(&writer_target, &sources, &key, 3)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let (_reader_sink, reader_stream) = reader.split();
     let (mut sink, writer_stream) = writer.split();
     let mut remote_rx = spawn_version_reader(reader_stream, key.clone());
@@ -348,12 +398,15 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let (mut remote, mut local) = (Latencies::new(), Latencies::new());
     let mut lost = 0u64;
     let limit = Duration::from_secs_f64(args.timeout.max(0.1));
-    let misses = Arc::new(AtomicU64::new(0));
+    let mut echo_misses = 0u64;
     for i in 0..args.count {
         let version = base + 1 + i as u64;
-        let add = json!({"type": "add", "key": key, "number": i % 37, "id": format!("latency-{i}")});
+        let add =
+            json!({"type": "add", "key": key, "number": i % 37, "id": format!("latency-{i}")});
         let sent = Instant::now();
-        sink.send(json_text(&add)).await.context("writer: sending add")?;
+        sink.send(json_text(&add))
+            .await
+            .context("writer: sending add")?;
         let deadline = tokio::time::Instant::now() + limit;
         match wait_version(&mut remote_rx, version, deadline).await {
             Some(at) => remote.record(at.saturating_duration_since(sent)),
@@ -361,16 +414,14 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         }
         match wait_version(&mut local_rx, version, deadline).await {
             Some(at) => local.record(at.saturating_duration_since(sent)),
-            None => {
-                misses.fetch_add(1, Ordering::Relaxed);
-            }
+            None => echo_misses += 1,
         }
         tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
     }
     let _ = sink.close().await;
     let mut errors = BTreeMap::new();
     errors.insert("remote_lost", lost);
-    errors.insert("local_echo_lost", misses.load(Ordering::Relaxed));
+    errors.insert("local_echo_lost", echo_misses);
     emit(
         json!({
             "scenario": "latency",

@@ -112,12 +112,20 @@ async fn establish(args: &HoldArgs, offset: usize, count: usize) -> anyhow::Resu
     let (done_tx, mut done_rx) = mpsc::channel::<Result<(), String>>(1024);
     let mut tasks = Vec::with_capacity(count);
     for i in offset..offset + count {
-        let (target, sources, gate, release, dropped, done) =
-            (target.clone(), sources.clone(), gate.clone(), release.clone(), dropped.clone(), done_tx.clone());
+        let (target, sources, gate, release, dropped, done) = (
+            target.clone(),
+            sources.clone(),
+            gate.clone(),
+            release.clone(),
+            dropped.clone(),
+            done_tx.clone(),
+        );
         let key = format!("{}-{}", args.key_prefix, i % args.rooms.max(1));
         tasks.push(tokio::spawn(async move {
             let mut ws = {
-                let Ok(_permit) = gate.acquire().await else { return };
+                let Ok(_permit) = gate.acquire().await else {
+                    return;
+                };
                 if release.is_cancelled() {
                     return;
                 }
@@ -150,7 +158,8 @@ async fn establish(args: &HoldArgs, offset: usize, count: usize) -> anyhow::Resu
         }));
     }
     drop(done_tx);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
     let (mut established, mut failed, mut first_error) = (0u64, 0u64, None);
     while established + failed < count as u64 {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
@@ -167,7 +176,14 @@ async fn establish(args: &HoldArgs, offset: usize, count: usize) -> anyhow::Resu
             }
         }
     }
-    Ok(Held { established, failed, first_error, dropped, release, tasks })
+    Ok(Held {
+        established,
+        failed,
+        first_error,
+        dropped,
+        release,
+        tasks,
+    })
 }
 
 /// Hidden shard mode: establish, report, hold until released, report drops.
@@ -178,7 +194,11 @@ async fn run_shard(args: HoldArgs, offset: usize) -> anyhow::Result<()> {
         json!({"established": held.established, "failed": held.failed, "first_error": held.first_error})
     );
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let _ = tokio::time::timeout(Duration::from_secs_f64(args.hold.max(1.0)), lines.next_line()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs_f64(args.hold.max(1.0)),
+        lines.next_line(),
+    )
+    .await;
     let dropped = held.release().await;
     println!("{}", json!({ "dropped": dropped }));
     Ok(())
@@ -208,7 +228,8 @@ pub async fn ws_hold(args: HoldArgs) -> anyhow::Result<()> {
         connect_s = started.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs_f64(args.settle.max(0.0))).await;
         rss_held = rss(args.server_pid);
-        (established, failed, first_error) = (held.established, held.failed, held.first_error.clone());
+        (established, failed, first_error) =
+            (held.established, held.failed, held.first_error.clone());
         dropped = held.release().await;
     } else {
         let exe = std::env::current_exe().context("locating this binary")?;
@@ -219,10 +240,28 @@ pub async fn ws_hold(args: HoldArgs) -> anyhow::Result<()> {
             let mut child = tokio::process::Command::new(&exe)
                 .arg("ws-hold")
                 .args(["--url", &args.url, "--connections", &share.to_string()])
-                .args(["--rooms", &args.rooms.to_string(), "--key-prefix", &args.key_prefix])
-                .args(["--connect-concurrency", &(args.connect_concurrency / shards).max(1).to_string()])
-                .args(["--connect-timeout", &args.connect_timeout.to_string(), "--hold", &args.hold.to_string()])
-                .args(["--source-base", &args.source_base.to_string(), "--source-count", &args.source_count.to_string()])
+                .args([
+                    "--rooms",
+                    &args.rooms.to_string(),
+                    "--key-prefix",
+                    &args.key_prefix,
+                ])
+                .args([
+                    "--connect-concurrency",
+                    &(args.connect_concurrency / shards).max(1).to_string(),
+                ])
+                .args([
+                    "--connect-timeout",
+                    &args.connect_timeout.to_string(),
+                    "--hold",
+                    &args.hold.to_string(),
+                ])
+                .args([
+                    "--source-base",
+                    &args.source_base.to_string(),
+                    "--source-count",
+                    &args.source_count.to_string(),
+                ])
                 .args(["--shard", &offset.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -236,7 +275,9 @@ pub async fn ws_hold(args: HoldArgs) -> anyhow::Result<()> {
         let (mut est, mut fail, mut first) = (0, 0, None);
         let limit = Duration::from_secs_f64(args.connect_timeout + 30.0);
         for (_, lines) in children.iter_mut() {
-            let line = tokio::time::timeout(limit, lines.next_line()).await.context("shard did not report")??;
+            let line = tokio::time::timeout(limit, lines.next_line())
+                .await
+                .context("shard did not report")??;
             let report: ShardReport = serde_json::from_str(&line.context("shard exited early")?)?;
             est += report.established;
             fail += report.failed;
@@ -252,7 +293,8 @@ pub async fn ws_hold(args: HoldArgs) -> anyhow::Result<()> {
             if let Some(mut stdin) = child.stdin.take() {
                 let _ = stdin.write_all(b"release\n").await;
             }
-            if let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
                 && let Ok(end) = serde_json::from_str::<ShardEnd>(&line)
             {
                 drops += end.dropped;
@@ -262,15 +304,18 @@ pub async fn ws_hold(args: HoldArgs) -> anyhow::Result<()> {
         (established, failed, first_error, dropped) = (est, fail, first, drops);
     }
     if established == 0 && args.connections > 0 {
-        bail!("no WebSocket connection could be established: {}", first_error.unwrap_or_default());
+        bail!(
+            "no WebSocket connection could be established: {}",
+            first_error.unwrap_or_default()
+        );
     }
     // Give the server a moment to tear the sessions down before the last sample.
     tokio::time::sleep(Duration::from_secs_f64(args.settle.clamp(0.0, 3.0))).await;
     let rss_after = rss(args.server_pid);
     let per_conn_bytes = match (rss_before, rss_held) {
-        (Some(before), Some(held)) if established > 0 => {
-            Some(round3((held as f64 - before as f64) * 1024.0 / established as f64))
-        }
+        (Some(before), Some(held)) if established > 0 => Some(round3(
+            (held as f64 - before as f64) * 1024.0 / established as f64,
+        )),
         _ => None,
     };
     emit(

@@ -14,7 +14,7 @@ use clap::Args;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-use crate::net::{HttpConn, Target, encode_key, read_room};
+use crate::net::{ConnectionClosed, HttpConn, Target, encode_key, read_room};
 use crate::stats::{Latencies, emit, round3};
 
 #[derive(Debug, Args)]
@@ -85,13 +85,25 @@ async fn prefill(target: &Target, key: &str, count: usize) -> anyhow::Result<()>
     let mut conn = HttpConn::open(target, None).await?;
     let history: Vec<u32> = (0..count as u32).map(|i| (i * 7 + 3) % 37).collect();
     let body = Bytes::from(json!({ "history": history }).to_string());
-    let (status, reply) = conn.request(Method::PUT, &format!("/api/roulette/{}", encode_key(key)), Some(body)).await?;
+    let (status, reply) = conn
+        .request(
+            Method::PUT,
+            &format!("/api/roulette/{}", encode_key(key)),
+            Some(body),
+        )
+        .await?;
     if status != StatusCode::OK {
-        bail!("prefilling {key}: HTTP {status}: {}", String::from_utf8_lossy(&reply));
+        bail!(
+            "prefilling {key}: HTTP {status}: {}",
+            String::from_utf8_lossy(&reply)
+        );
     }
     let room = read_room(&mut conn, key).await?;
     if room.history.len() != count {
-        bail!("prefilled {count} numbers into {key} but it holds {}", room.history.len());
+        bail!(
+            "prefilled {count} numbers into {key} but it holds {}",
+            room.history.len()
+        );
     }
     Ok(())
 }
@@ -119,7 +131,13 @@ impl WorkerResult {
 
 /// Runs `workers` closed-loop workers until `deadline` or `max` requests in
 /// total; each sends `make()` on its own connection.
-async fn closed_loop<F>(target: &Target, workers: usize, deadline: Instant, max: u64, make: F) -> (WorkerResult, Duration)
+async fn closed_loop<F>(
+    target: &Target,
+    workers: usize,
+    deadline: Instant,
+    max: u64,
+    make: F,
+) -> (WorkerResult, Duration)
 where
     F: Fn(u64) -> (Method, String, Option<Bytes>) + Send + Sync + 'static,
 {
@@ -137,30 +155,42 @@ where
                 if ticket >= max {
                     break;
                 }
-                if conn.is_none() {
-                    match HttpConn::open(&target, None).await {
-                        Ok(c) => conn = Some(c),
-                        Err(_) => {
-                            result.error("connect");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
+                let (method, path, body) = make(ticket);
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    if conn.is_none() {
+                        match HttpConn::open(&target, None).await {
+                            Ok(c) => conn = Some(c),
+                            Err(_) => {
+                                result.error("connect");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                break;
+                            }
                         }
                     }
-                }
-                let Some(c) = conn.as_mut() else { continue };
-                let (method, path, body) = make(ticket);
-                let sent = Instant::now();
-                match c.request(method, &path, body).await {
-                    Ok((StatusCode::OK, _)) => {
-                        result.latencies.record(sent.elapsed());
-                        result.ok += 1;
+                    let Some(c) = conn.as_mut() else { break };
+                    let sent = Instant::now();
+                    match c.request(method.clone(), &path, body.clone()).await {
+                        Ok((StatusCode::OK, _)) => {
+                            result.latencies.record(sent.elapsed());
+                            result.ok += 1;
+                        }
+                        Ok((status, _)) => result.error(status.as_u16().to_string()),
+                        // Closed by the server between requests (e.g. Nginx's
+                        // keepalive_requests): nothing was sent, so reconnect and
+                        // send it again; this is normal HTTP/1.1, not an error.
+                        Err(err) if err.is::<ConnectionClosed>() && attempts < 3 => {
+                            conn = None;
+                            continue;
+                        }
+                        Err(_) => {
+                            // Unknown outcome (timeout, reset): count it, start over on a new connection.
+                            result.error("transport");
+                            conn = None;
+                        }
                     }
-                    Ok((status, _)) => result.error(status.as_u16().to_string()),
-                    Err(_) => {
-                        // Unknown outcome (timeout, reset): count it, start over on a new connection.
-                        result.error("transport");
-                        conn = None;
-                    }
+                    break;
                 }
             }
             result
@@ -190,10 +220,24 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
     };
     if args.warmup > 0.0 {
         let request = request.clone();
-        closed_loop(&target, args.connections, Instant::now() + secs(args.warmup), args.max_requests, request).await;
+        closed_loop(
+            &target,
+            args.connections,
+            Instant::now() + secs(args.warmup),
+            args.max_requests,
+            request,
+        )
+        .await;
     }
     let deadline = Instant::now() + secs(args.duration);
-    let (result, elapsed) = closed_loop(&target, args.connections, deadline, args.max_requests, request).await;
+    let (result, elapsed) = closed_loop(
+        &target,
+        args.connections,
+        deadline,
+        args.max_requests,
+        request,
+    )
+    .await;
     let errors: u64 = result.errors.values().sum();
     emit(
         json!({
@@ -219,16 +263,30 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
 
 pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
     let target = Target::parse(&args.url)?;
-    let key = args.key.unwrap_or_else(|| format!("bench-save-{}", crate::unique_suffix()));
+    let key = args
+        .key
+        .unwrap_or_else(|| format!("bench-save-{}", crate::unique_suffix()));
     let deadline = Instant::now() + secs(args.duration);
     let body_key = key.clone();
-    let (result, elapsed) = closed_loop(&target, args.writers, deadline, args.max_requests, move |ticket| {
-        let body = json!({"key": body_key, "number": ticket % 37}).to_string();
-        (Method::POST, "/api/roulette/save".to_owned(), Some(Bytes::from(body)))
-    })
+    let (result, elapsed) = closed_loop(
+        &target,
+        args.writers,
+        deadline,
+        args.max_requests,
+        move |ticket| {
+            let body = json!({"key": body_key, "number": ticket % 37}).to_string();
+            (
+                Method::POST,
+                "/api/roulette/save".to_owned(),
+                Some(Bytes::from(body)),
+            )
+        },
+    )
     .await;
     let mut conn = HttpConn::open(&target, None).await?;
-    let room = read_room(&mut conn, &key).await.context("reading the room back")?;
+    let room = read_room(&mut conn, &key)
+        .await
+        .context("reading the room back")?;
     let stored = room.history.len() as u64;
     let errors: u64 = result.errors.values().sum();
     emit(
@@ -275,11 +333,27 @@ fn wrk_ms(text: &str) -> Option<f64> {
 pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
     let target = Target::parse(&args.url)?;
     prefill(&target, &args.key, args.prefill).await?;
-    let url = format!("http://{}/api/roulette/{}", target.authority, encode_key(&args.key));
+    let url = format!(
+        "http://{}/api/roulette/{}",
+        target.authority,
+        encode_key(&args.key)
+    );
     // wrk stops by itself after --duration; the timeout only guards a hung wrk.
     let run = tokio::process::Command::new("wrk")
-        .args(["-t", &args.threads.to_string(), "-c", &args.connections.to_string()])
-        .args(["-d", &format!("{}s", args.duration), "--timeout", "10s", "--latency", &url])
+        .args([
+            "-t",
+            &args.threads.to_string(),
+            "-c",
+            &args.connections.to_string(),
+        ])
+        .args([
+            "-d",
+            &format!("{}s", args.duration),
+            "--timeout",
+            "10s",
+            "--latency",
+            &url,
+        ])
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(args.duration + 30), run)
@@ -288,7 +362,10 @@ pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
         .context("running wrk (is the Debian package `wrk` installed?)")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let field = |prefix: &str| -> Option<String> {
         text.lines()
@@ -296,17 +373,26 @@ pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
             .find_map(|l| l.strip_prefix(prefix))
             .map(|rest| rest.trim().to_owned())
     };
-    let percentile = |p: &str| field(p).and_then(|v| wrk_ms(v.split_whitespace().next().unwrap_or("")));
-    let rps: f64 = field("Requests/sec:").and_then(|v| v.parse().ok()).context("wrk printed no Requests/sec")?;
+    let percentile =
+        |p: &str| field(p).and_then(|v| wrk_ms(v.split_whitespace().next().unwrap_or("")));
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .context("wrk printed no Requests/sec")?;
     let requests: u64 = text
         .lines()
         .find(|l| l.contains(" requests in "))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    let non_2xx: u64 = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let non_2xx: u64 = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let socket_errors: u64 = field("Socket errors:")
-        .map(|v| v.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum())
+        .map(|v| {
+            v.split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
         .unwrap_or(0);
     let max_ms = field("Latency").and_then(|v| v.split_whitespace().nth(2).and_then(wrk_ms));
     emit(

@@ -34,7 +34,9 @@ impl Target {
     /// Parses a base URL; only loopback hosts are accepted.
     pub fn parse(raw: &str) -> anyhow::Result<Target> {
         let url = url::Url::parse(raw).with_context(|| format!("invalid URL {raw:?}"))?;
-        let host = url.host_str().with_context(|| format!("URL {raw:?} has no host"))?;
+        let host = url
+            .host_str()
+            .with_context(|| format!("URL {raw:?} has no host"))?;
         let ip: IpAddr = match host {
             "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
             other => other
@@ -43,11 +45,18 @@ impl Target {
                 .with_context(|| format!("{raw:?}: the host must be a loopback IP address"))?,
         };
         if !ip.is_loopback() {
-            bail!("{raw:?} is not a loopback address; this benchmark only targets servers on this machine");
+            bail!(
+                "{raw:?} is not a loopback address; this benchmark only targets servers on this machine"
+            );
         }
-        let port = url.port_or_known_default().with_context(|| format!("URL {raw:?} has no port"))?;
+        let port = url
+            .port_or_known_default()
+            .with_context(|| format!("URL {raw:?} has no port"))?;
         let addr = SocketAddr::new(ip, port);
-        Ok(Target { addr, authority: addr.to_string() })
+        Ok(Target {
+            addr,
+            authority: addr.to_string(),
+        })
     }
 
     pub fn parse_all(raws: &[String]) -> anyhow::Result<Vec<Target>> {
@@ -71,8 +80,13 @@ impl Sources {
         if count > 0 && (base == 0 || u16::from(base) + u16::from(count) > 256) {
             bail!("source addresses 127.0.0.{base} + {count} do not fit in 127.0.0.1..127.0.0.255");
         }
-        let addrs = (0..count).map(|i| Ipv4Addr::new(127, 0, 0, base + i)).collect();
-        Ok(Sources { addrs, next: AtomicUsize::new(0) })
+        let addrs = (0..count)
+            .map(|i| Ipv4Addr::new(127, 0, 0, base + i))
+            .collect();
+        Ok(Sources {
+            addrs,
+            next: AtomicUsize::new(0),
+        })
     }
 
     pub fn pick(&self) -> Option<Ipv4Addr> {
@@ -86,7 +100,11 @@ impl Sources {
 
 /// A TCP connection to `target`, bound to `source` when given (IPv4 targets).
 pub async fn connect(target: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
-    let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if target.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     if let (Some(ip), true) = (source, target.is_ipv4()) {
         // Lets the kernel reuse a local port whose previous connection is still in
         // TIME_WAIT; the 4-tuple stays unique because the peer differs or moved on.
@@ -104,6 +122,18 @@ pub struct HttpConn {
     authority: String,
 }
 
+/// The server closed this keep-alive connection; nothing was sent.
+#[derive(Debug)]
+pub struct ConnectionClosed;
+
+impl std::fmt::Display for ConnectionClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server closed the keep-alive connection")
+    }
+}
+
+impl std::error::Error for ConnectionClosed {}
+
 /// Upper bound for a single request, so that no worker can hang forever.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -113,29 +143,55 @@ impl HttpConn {
             .await
             .context("connect timed out")?
             .with_context(|| format!("connecting to {}", target.addr))?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.context("HTTP/1.1 handshake")?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP/1.1 handshake")?;
         // The connection task ends when the sender is dropped or the peer closes.
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        Ok(HttpConn { sender, authority: target.authority.clone() })
+        Ok(HttpConn {
+            sender,
+            authority: target.authority.clone(),
+        })
     }
 
     /// Sends one request and reads the whole body.
-    pub async fn request(&mut self, method: Method, path: &str, json: Option<Bytes>) -> anyhow::Result<(StatusCode, Bytes)> {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        json: Option<Bytes>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let exchange = async {
             self.sender.ready().await.context("connection closed")?;
-            let mut builder = Request::builder().method(method).uri(path).header(hyper::header::HOST, &self.authority);
+            let mut builder = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, &self.authority);
             if json.is_some() {
                 builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
             }
-            let request = builder.body(Full::new(json.unwrap_or_default())).context("building request")?;
-            let response = self.sender.send_request(request).await.context("sending request")?;
+            let request = builder
+                .body(Full::new(json.unwrap_or_default()))
+                .context("building request")?;
+            let response = self
+                .sender
+                .send_request(request)
+                .await
+                .context("sending request")?;
             let status = response.status();
-            let body = response.into_body().collect().await.context("reading body")?.to_bytes();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .context("reading body")?
+                .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.context("request timed out")?
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .context("request timed out")?
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
@@ -164,9 +220,14 @@ pub struct RoomReply {
 }
 
 pub async fn read_room(conn: &mut HttpConn, key: &str) -> anyhow::Result<RoomReply> {
-    let (status, body) = conn.get(&format!("/api/roulette/{}", encode_key(key))).await?;
+    let (status, body) = conn
+        .get(&format!("/api/roulette/{}", encode_key(key)))
+        .await?;
     if status != StatusCode::OK {
-        bail!("reading room {key}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        bail!(
+            "reading room {key}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
     serde_json::from_slice(&body).context("decoding the room")
 }
@@ -176,7 +237,12 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// Connects and joins `key`, retrying a refused or failed attempt a few times
 /// (a burst of handshakes can overflow the server's accept queue). Returns the
 /// stream and the room version from its `sync`, or the last error.
-pub async fn open_member(target: &Target, sources: &Sources, key: &str, attempts: u32) -> Result<(Ws, u64), String> {
+pub async fn open_member(
+    target: &Target,
+    sources: &Sources,
+    key: &str,
+    attempts: u32,
+) -> Result<(Ws, u64), String> {
     let mut last_error = String::new();
     for attempt in 0..attempts.max(1) {
         let outcome = async {
@@ -199,12 +265,16 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Small buffers: the benchmark holds tens of thousands of these.
 fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
 }
 
 /// Opens a WebSocket to `target`'s `/ws`.
 pub async fn ws_connect(target: &Target, source: Option<Ipv4Addr>) -> anyhow::Result<Ws> {
-    let stream = connect(target.addr, source).await.with_context(|| format!("connecting to {}", target.addr))?;
+    let stream = connect(target.addr, source)
+        .await
+        .with_context(|| format!("connecting to {}", target.addr))?;
     let url = format!("ws://{}/ws", target.authority);
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
         .await
@@ -223,10 +293,6 @@ pub struct Frame<'a> {
     pub version: Option<u64>,
     #[serde(default, borrow)]
     pub id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub code: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub error: Option<std::borrow::Cow<'a, str>>,
 }
 
 pub fn json_text(value: &serde_json::Value) -> Message {
@@ -236,16 +302,20 @@ pub fn json_text(value: &serde_json::Value) -> Message {
 /// Sends `join` (dialect v2, version 0) and waits for the room's `sync`;
 /// returns the room's version. Frames for other rooms are skipped.
 pub async fn join(ws: &mut Ws, key: &str, limit: Duration) -> anyhow::Result<u64> {
-    ws.send(json_text(&serde_json::json!({"type": "join", "key": key, "version": 0})))
-        .await
-        .context("sending join")?;
+    ws.send(json_text(
+        &serde_json::json!({"type": "join", "key": key, "version": 0}),
+    ))
+    .await
+    .context("sending join")?;
     let wait = async {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => {
                     let frame: Frame = serde_json::from_str(&text).context("decoding a frame")?;
                     match frame.kind.as_ref() {
-                        "sync" if frame.key.as_deref() == Some(key) => return Ok(frame.version.unwrap_or(0)),
+                        "sync" if frame.key.as_deref() == Some(key) => {
+                            return Ok(frame.version.unwrap_or(0));
+                        }
                         "error" | "authRequired" => bail!("join {key} refused: {text}"),
                         _ => {}
                     }
@@ -257,5 +327,7 @@ pub async fn join(ws: &mut Ws, key: &str, limit: Duration) -> anyhow::Result<u64
             }
         }
     };
-    tokio::time::timeout(limit, wait).await.context("no sync after join")?
+    tokio::time::timeout(limit, wait)
+        .await
+        .context("no sync after join")?
 }

@@ -19,7 +19,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn open_files_limit() -> Option<u64> {
     let limits = fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3).and_then(|soft| soft.parse().ok())
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|soft| soft.parse().ok())
 }
 
 fn meminfo_kib(field: &str) -> Option<u64> {
@@ -40,8 +42,14 @@ pub fn machine() -> Value {
         .and_then(|l| l.split_once(':'))
         .map(|(_, m)| m.trim().to_owned())
         .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let read = |path: &str| fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default();
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let read = |path: &str| {
+        fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
     let loadavg = read("/proc/loadavg");
     json!({
         "scenario": "machine",

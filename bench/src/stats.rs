@@ -26,7 +26,9 @@ impl Latencies {
     }
 
     pub fn record(&mut self, elapsed: Duration) {
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(HIGHEST_US).clamp(1, HIGHEST_US);
+        let us = u64::try_from(elapsed.as_micros())
+            .unwrap_or(HIGHEST_US)
+            .clamp(1, HIGHEST_US);
         self.0.saturating_record(us);
     }
 
@@ -55,7 +57,11 @@ impl Latencies {
     }
 
     pub fn max_ms(&self) -> f64 {
-        if self.0.is_empty() { 0.0 } else { round3(self.0.max() as f64 / 1000.0) }
+        if self.0.is_empty() {
+            0.0
+        } else {
+            round3(self.0.max() as f64 / 1000.0)
+        }
     }
 
     /// `{"count", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "mean_ms"}`.

@@ -5,11 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
-use super::{
-    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler,
-};
+use super::{Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler};
 use crate::domain::{RoomEvent, RoomKey};
+use async_trait::async_trait;
 
 struct Peer {
     instance: String,
@@ -108,8 +106,13 @@ impl Bus for MemoryBus {
     }
 
     async fn control(&self, message: ControlMessage) -> Result<(), BusError> {
-        let handlers: Vec<InboundHandler> =
-            self.broker.lock().peers.iter().map(|p| p.handler.clone()).collect();
+        let handlers: Vec<InboundHandler> = self
+            .broker
+            .lock()
+            .peers
+            .iter()
+            .map(|p| p.handler.clone())
+            .collect();
         for handler in handlers {
             handler(Inbound::Control(message.clone()));
         }
@@ -117,7 +120,10 @@ impl Bus for MemoryBus {
     }
 
     async fn put_presence(&self, info: &ConnectionInfo) -> Result<(), BusError> {
-        self.broker.lock().presence.insert(info.id.clone(), info.clone());
+        self.broker
+            .lock()
+            .presence
+            .insert(info.id.clone(), info.clone());
         Ok(())
     }
 

@@ -13,6 +13,14 @@
 //! invariant 3). The subscriber re-subscribes *before* the resync is emitted, so an
 //! event is either delivered by Redis or visible to the catch-up, never neither.
 //!
+//! The publishing side needs the same care: an event committed while this
+//! instance's connection is down cannot be published, and the other instances
+//! may already have resynchronised (their connections were fine, or came back
+//! sooner), so nothing would ever tell them — their members would stay behind
+//! until the room's next event. So an instance that failed to publish announces
+//! it on `croupier:resync` once its connection is back, and every other instance
+//! answers with [`Inbound::Resync`]: the store's log has what was not published.
+//!
 //! Wire format, one channel per room (`croupier:room:{key}`), JSON payloads:
 //! `{"origin","key","epoch","version","kind","value","mutationId","committedAt"}`,
 //! `kind`/`value` being `add`/number, `remove`/index or `replace`/history, and
@@ -41,11 +49,17 @@ use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey};
 
 const ROOM_CHANNEL_PREFIX: &str = "croupier:room:";
 const CONTROL_CHANNEL: &str = "croupier:control";
+/// "I could not publish some events; catch up from the store." Payload: the
+/// announcing instance (which ignores its own announcement).
+const RESYNC_CHANNEL: &str = "croupier:resync";
 const PRESENCE_PREFIX: &str = "croupier:presence:";
 const JOINS_KEY: &str = "croupier:joins";
 /// Keys per `SUBSCRIBE`, `MGET` or `SCAN` page: large enough to be cheap, small
 /// enough not to stall Redis for other clients.
 const BATCH: usize = 500;
+/// How often a pending resync announcement is retried (besides right after a
+/// reconnect), for publishes that failed only after the reconnect was reported.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 
 /// Tuning for [`RedisBus::connect_with`]; [`Default`] is what production uses.
 #[derive(Debug, Clone)]
@@ -166,6 +180,8 @@ struct Shared {
     /// match it after every reconnect. A std `Mutex` is right: it is never held
     /// across an `.await`, only for a set insert, remove or copy.
     wanted: Mutex<HashSet<RoomKey>>,
+    /// A publish failed since the last resync announcement (module documentation).
+    lost_publish: AtomicBool,
     /// Commands that should fail at once rather than queue while disconnected.
     fast: Options,
     health: Options,
@@ -216,6 +232,7 @@ impl RedisBus {
             subscriber,
             handler,
             wanted: Mutex::new(HashSet::new()),
+            lost_publish: AtomicBool::new(false),
             fast: Options {
                 fail_fast: true,
                 timeout: Some(options.command_timeout),
@@ -239,15 +256,16 @@ impl RedisBus {
             tokio::spawn(dispatch(shared.clone(), messages)),
             tokio::spawn(watch_connection(shared.clone(), Role::Publisher)),
             tokio::spawn(watch_connection(shared.clone(), Role::Subscriber)),
+            tokio::spawn(retry_announcement(shared.clone())),
         ];
         let bus = RedisBus { shared, tasks };
         count_command("subscribe");
         bus.shared
             .subscriber
-            .subscribe(CONTROL_CHANNEL)
+            .subscribe(vec![CONTROL_CHANNEL, RESYNC_CHANNEL])
             .await
             .inspect_err(|_| count_error("subscribe"))
-            .context("subscribing to the control channel")?;
+            .context("subscribing to the control channels")?;
         bus.shared
             .confirm_subscriptions()
             .await
@@ -337,6 +355,9 @@ impl Bus for RedisBus {
         let result = client
             .publish::<i64, _, _>(room_channel(&event.key), payload)
             .await;
+        if result.is_err() {
+            self.shared.lost_publish.store(true, Ordering::SeqCst);
+        }
         observe("publish", result)?;
         metrics::counter!("croupier_bus_messages_total", "direction" => "out").increment(1);
         Ok(())
@@ -494,7 +515,12 @@ impl Shared {
         let Some(payload) = message.value.as_bytes() else {
             return self.malformed(channel, "payload is not a string");
         };
-        let inbound = if channel == CONTROL_CHANNEL {
+        let inbound = if channel == RESYNC_CHANNEL {
+            if payload == self.instance.as_bytes() {
+                return; // its own members had every event delivered locally
+            }
+            Inbound::Resync
+        } else if channel == CONTROL_CHANNEL {
             match serde_json::from_slice::<ControlMessage>(payload) {
                 Ok(control) => Inbound::Control(control),
                 Err(err) => return self.malformed(channel, &err.to_string()),
@@ -520,6 +546,24 @@ impl Shared {
         (self.handler)(inbound);
     }
 
+    /// Tells the other instances to catch up from the store if a publish failed
+    /// since the last announcement; if this fails too, it stays pending.
+    async fn announce_lost_publishes(&self) {
+        if !self.lost_publish.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let client = self.client.with_options(&self.fast);
+        let sent = client
+            .publish::<i64, _, _>(RESYNC_CHANNEL, self.instance.as_str())
+            .await;
+        match observe("publish", sent) {
+            Ok(_) => tracing::info!(
+                "asked the other instances to catch up on events this one could not publish"
+            ),
+            Err(_) => self.lost_publish.store(true, Ordering::SeqCst),
+        }
+    }
+
     fn malformed(&self, channel: &str, reason: &str) {
         count_error("decode");
         tracing::warn!(channel, reason, "malformed bus message ignored");
@@ -530,6 +574,7 @@ impl Shared {
         let rooms: Vec<RoomKey> = self.lock_wanted().iter().cloned().collect();
         let mut channels: Vec<String> = rooms.iter().map(room_channel).collect();
         channels.push(CONTROL_CHANNEL.to_owned());
+        channels.push(RESYNC_CHANNEL.to_owned());
         for chunk in channels.chunks(BATCH) {
             observe("subscribe", self.subscriber.subscribe(chunk.to_vec()).await)?;
         }
@@ -632,8 +677,9 @@ async fn watch_connection(shared: Arc<Shared>, role: Role) {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     metrics::counter!("croupier_redis_reconnects_total", "connection" => role.name()).increment(1);
                     shared.mark(role, true);
-                    if let Role::Subscriber = role {
-                        resubscribe_until_done(&shared).await;
+                    match role {
+                        Role::Subscriber => resubscribe_until_done(&shared).await,
+                        Role::Publisher => shared.announce_lost_publishes().await,
                     }
                     if shared.closed.load(Ordering::SeqCst) {
                         return;
@@ -650,6 +696,20 @@ async fn watch_connection(shared: Arc<Shared>, role: Role) {
                 Err(RecvError::Lagged(_)) => shared.mark(role, false),
                 Err(RecvError::Closed) => return,
             },
+        }
+    }
+}
+
+/// Retries a pending resync announcement every [`ANNOUNCE_RETRY`]: a publish can
+/// fail after the reconnect that would have announced it was already reported (a
+/// command issued just before a drop), or time out while the connection stays up.
+async fn retry_announcement(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(ANNOUNCE_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shared.closed.load(Ordering::SeqCst) {
+        tick.tick().await;
+        if shared.lost_publish.load(Ordering::SeqCst) && shared.client.is_connected() {
+            shared.announce_lost_publishes().await;
         }
     }
 }

@@ -23,7 +23,10 @@ pub struct Admin;
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let Some(expected) = &state.config.admin_token else {
             return Err(ApiError::NotFound);
         };
@@ -31,7 +34,9 @@ impl FromRequestParts<AppState> for Admin {
         if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(Admin)
         } else {
-            Err(ApiError::Unauthorized("a valid admin token is required".into()))
+            Err(ApiError::Unauthorized(
+                "a valid admin token is required".into(),
+            ))
         }
     }
 }
@@ -61,9 +66,21 @@ fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>
 
 /// `GET /api/admin/sessions`
 pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let (rooms, _) = state.store().list_rooms(Page { limit: 1000, offset: 0, include_history: false }).await?;
+    let (rooms, _) = state
+        .store()
+        .list_rooms(Page {
+            limit: 1000,
+            offset: 0,
+            include_history: false,
+        })
+        .await?;
     let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
-    let joins = state.rooms.bus.join_counts().await.map_err(bus_unavailable)?;
+    let joins = state
+        .rooms
+        .bus
+        .join_counts()
+        .await
+        .map_err(bus_unavailable)?;
     let live = by_room(&presence);
     let list: Vec<Value> = rooms
         .iter()
@@ -85,7 +102,12 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Va
 pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let totals = state.store().stats().await?;
     let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
-    let joins = state.rooms.bus.join_counts().await.map_err(bus_unavailable)?;
+    let joins = state
+        .rooms
+        .bus
+        .join_counts()
+        .await
+        .map_err(bus_unavailable)?;
     Ok(Json(json!({
         "totalSessions": totals.rooms,
         "activeSessions": by_room(&presence).len(),
@@ -96,14 +118,22 @@ pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Value
 }
 
 /// `GET /api/admin/sessions/{key}/history`
-pub async fn history(_: Admin, State(state): State<AppState>, ApiPath(raw_key): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+pub async fn history(
+    _: Admin,
+    State(state): State<AppState>,
+    ApiPath(raw_key): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
     let room = state.store().room(&key).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(json!(room.history)))
 }
 
 /// `POST /api/admin/connections/{id}/disconnect`
-pub async fn disconnect(_: Admin, State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+pub async fn disconnect(
+    _: Admin,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
     if !presence.iter().any(|c| c.id == id) {
         return Err(ApiError::NotFound);
@@ -111,15 +141,21 @@ pub async fn disconnect(_: Admin, State(state): State<AppState>, ApiPath(id): Ap
     state
         .rooms
         .bus
-        .control(ControlMessage::Disconnect { connection_id: id.clone() })
+        .control(ControlMessage::Disconnect {
+            connection_id: id.clone(),
+        })
         .await
         .map_err(bus_unavailable)?;
-    Ok(Json(json!({"status": "success", "message": format!("connection {id} disconnected")})))
+    Ok(Json(
+        json!({"status": "success", "message": format!("connection {id} disconnected")}),
+    ))
 }
 
 /// `GET /api/admin/migrations` (read-only; schema changes happen through the CLI).
 pub async fn migrations(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let all = state.store().migration_status().await?;
     let (applied, pending): (Vec<_>, Vec<_>) = all.into_iter().partition(|m| m.applied);
-    Ok(Json(json!({"backend": state.store().backend(), "applied": applied, "pending": pending})))
+    Ok(Json(
+        json!({"backend": state.store().backend(), "applied": applied, "pending": pending}),
+    ))
 }

@@ -63,7 +63,11 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (self.status_code(), Json(json!({"success": false, "error": message}))).into_response()
+        (
+            self.status_code(),
+            Json(json!({"success": false, "error": message})),
+        )
+            .into_response()
     }
 }
 
@@ -80,7 +84,9 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %detail, "database unavailable");
                 ApiError::Unavailable
             }
-            StoreError::IndexOutOfRange { .. } | StoreError::HistoryTooLong { .. } => ApiError::BadRequest(err.to_string()),
+            StoreError::IndexOutOfRange { .. } | StoreError::HistoryTooLong { .. } => {
+                ApiError::BadRequest(err.to_string())
+            }
             StoreError::Internal(detail) => ApiError::Internal(detail),
         }
     }

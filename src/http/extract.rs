@@ -4,9 +4,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::{HeaderMap, StatusCode};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -20,7 +20,9 @@ pub struct JsonObject(pub Map<String, Value>);
 impl JsonObject {
     /// A required field.
     pub fn field(&self, name: &str) -> Result<&Value, ApiError> {
-        self.0.get(name).ok_or_else(|| ApiError::bad_request(format!("missing field \"{name}\"")))
+        self.0
+            .get(name)
+            .ok_or_else(|| ApiError::bad_request(format!("missing field \"{name}\"")))
     }
 }
 
@@ -32,8 +34,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             Ok(axum::Json(Value::Object(map))) => Ok(JsonObject(map)),
             Ok(_) => Err(ApiError::bad_request("request body must be a JSON object")),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
-            Err(JsonRejection::JsonSyntaxError(_)) => Err(ApiError::bad_request("request body is not valid JSON")),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge)
+            }
+            Err(JsonRejection::JsonSyntaxError(_)) => {
+                Err(ApiError::bad_request("request body is not valid JSON"))
+            }
             Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
         }
     }
@@ -50,7 +56,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(value)) => Ok(ApiPath(value)),
             // A route without the parameter is our bug, not the client's.
-            Err(rejection) if rejection.status().is_server_error() => Err(ApiError::Internal(rejection.body_text())),
+            Err(rejection) if rejection.status().is_server_error() => {
+                Err(ApiError::Internal(rejection.body_text()))
+            }
             Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
         }
     }
@@ -84,7 +92,9 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
 pub fn bearer(parts: &Parts) -> Option<String> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
 }
 
 /// The client's address: the peer, or — behind a trusted proxy — the first
@@ -95,9 +105,19 @@ pub struct ClientIp(pub IpAddr);
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        Ok(ClientIp(client_ip(&parts.headers, peer, state.config.trust_proxy)))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        Ok(ClientIp(client_ip(
+            &parts.headers,
+            peer,
+            state.config.trust_proxy,
+        )))
     }
 }
 
@@ -106,7 +126,9 @@ pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>, trust_proxy: boo
         let raw = headers.get(name)?.to_str().ok()?;
         raw.split(',').next()?.trim().parse().ok()
     };
-    let forwarded = trust_proxy.then(|| header_ip("x-forwarded-for").or_else(|| header_ip("x-real-ip"))).flatten();
+    let forwarded = trust_proxy
+        .then(|| header_ip("x-forwarded-for").or_else(|| header_ip("x-real-ip")))
+        .flatten();
     forwarded
         .or_else(|| peer.map(|p| p.ip()))
         .unwrap_or(IpAddr::from([0, 0, 0, 0]))

@@ -6,8 +6,8 @@ mod admin;
 pub mod error;
 pub mod extract;
 mod ops;
-mod roulette;
 mod rooms_auth;
+mod roulette;
 
 use std::time::{Duration, Instant};
 
@@ -35,12 +35,18 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/roulette/sessions", get(roulette::list))
         .route("/roulette/save", post(roulette::save))
-        .route("/roulette/{key}", get(roulette::get_room).put(roulette::replace))
+        .route(
+            "/roulette/{key}",
+            get(roulette::get_room).put(roulette::replace),
+        )
         .route("/rooms/auth", post(rooms_auth::authenticate))
         .route("/admin/sessions", get(admin::sessions))
         .route("/admin/stats", get(admin::stats))
         .route("/admin/sessions/{key}/history", get(admin::history))
-        .route("/admin/connections/{id}/disconnect", post(admin::disconnect))
+        .route(
+            "/admin/connections/{id}/disconnect",
+            post(admin::disconnect),
+        )
         .route("/admin/migrations", get(admin::migrations));
 
     Router::new()
@@ -56,9 +62,15 @@ pub fn router(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(make_span).on_response(log_response))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(make_span)
+                        .on_response(log_response),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                .layer(CatchPanicLayer::custom(|_| ApiError::Internal("handler panicked".into()).into_response()))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::Internal("handler panicked".into()).into_response()
+                }))
                 .layer(cors(&state.config.cors_origins))
                 .layer(middleware::from_fn(record_metrics)),
         )
@@ -74,7 +86,13 @@ fn cors(origins: &CorsOrigins) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
         .max_age(Duration::from_secs(600))
 }
@@ -87,21 +105,33 @@ fn route_of(req: &Request) -> String {
 }
 
 fn make_span(req: &Request<Body>) -> Span {
-    let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
     tracing::info_span!("request", method = %req.method(), route = %route_of(req), request_id = %request_id)
 }
 
 fn log_response<B>(res: &Response<B>, latency: Duration, _: &Span) {
-    tracing::info!(status = res.status().as_u16(), latency_ms = latency.as_secs_f64() * 1e3, "request");
+    tracing::info!(
+        status = res.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1e3,
+        "request"
+    );
 }
 
 /// Counts requests and their durations by method, route template and status.
 async fn record_metrics(req: Request, next: Next) -> Response<Body> {
     let started = Instant::now();
     let method = match *req.method() {
-        Method::GET | Method::POST | Method::PUT | Method::DELETE | Method::OPTIONS | Method::HEAD | Method::PATCH => {
-            req.method().as_str().to_owned()
-        }
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::OPTIONS
+        | Method::HEAD
+        | Method::PATCH => req.method().as_str().to_owned(),
         _ => "other".to_owned(),
     };
     let route = route_of(&req);

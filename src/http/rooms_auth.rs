@@ -25,7 +25,9 @@ pub async fn authenticate(
         None | Some(Value::Null) => String::new(),
         Some(Value::String(p)) if p.len() <= MAX_PASSWORD_BYTES => p.clone(),
         Some(Value::String(_)) => {
-            return Err(ApiError::bad_request(format!("password may be at most {MAX_PASSWORD_BYTES} bytes")));
+            return Err(ApiError::bad_request(format!(
+                "password may be at most {MAX_PASSWORD_BYTES} bytes"
+            )));
         }
         Some(_) => return Err(ApiError::bad_request("password must be a string")),
     };
@@ -34,16 +36,26 @@ pub async fn authenticate(
     let stored_hash = match existing {
         Some(room) => room.password_hash,
         None => {
-            let hash = if password.is_empty() { None } else { Some(auth.hash_password(password.clone()).await?) };
+            let hash = if password.is_empty() {
+                None
+            } else {
+                Some(auth.hash_password(password.clone()).await?)
+            };
             let created = state.store().create_room(&key, hash.clone()).await?;
             // If another request created the room first, its password state wins.
-            if created.password_hash == hash { None } else { created.password_hash }
+            if created.password_hash == hash {
+                None
+            } else {
+                created.password_hash
+            }
         }
     };
     if let Some(hash) = stored_hash
         && !auth.verify_password(password, hash).await?
     {
-        return Err(ApiError::Unauthorized("wrong password for this room".into()));
+        return Err(ApiError::Unauthorized(
+            "wrong password for this room".into(),
+        ));
     }
     let token = auth.issue(&key)?;
     Ok(Json(json!({"token": token})))

@@ -32,7 +32,10 @@ pub fn session_json(room: &Room) -> Value {
 }
 
 fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
-    body.0.get("id").map(|v| MutationId::from_json(v).map_err(ApiError::bad_request)).transpose()
+    body.0
+        .get("id")
+        .map(|v| MutationId::from_json(v).map_err(ApiError::bad_request))
+        .transpose()
 }
 
 /// `GET /api/roulette/{key}`
@@ -43,7 +46,9 @@ pub async fn get_room(
 ) -> Result<Json<Value>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
     let reply = match state.rooms.read(&key, token.as_deref()).await? {
-        Some(room) => json!({"key": room.key, "history": room.history, "version": room.version, "epoch": &*room.epoch}),
+        Some(room) => {
+            json!({"key": room.key, "history": room.history, "version": room.version, "epoch": &*room.epoch})
+        }
         None => json!({"key": key, "history": [], "version": 0}),
     };
     Ok(Json(reply))
@@ -60,7 +65,9 @@ pub async fn save(
     let id = mutation_id(&body)?;
     state.rooms.authorize(&key, token.as_deref()).await?;
     let applied = state.rooms.mutate(key, Change::Added(number), id).await?;
-    Ok(Json(json!({"success": true, "data": session_json(&applied.room)})))
+    Ok(Json(
+        json!({"success": true, "data": session_json(&applied.room)}),
+    ))
 }
 
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
@@ -74,8 +81,13 @@ pub async fn replace(
     let history = History::from_json(body.field("history")?, state.config.max_history)?;
     let id = mutation_id(&body)?;
     state.rooms.authorize(&key, token.as_deref()).await?;
-    let applied = state.rooms.mutate(key, Change::Replaced(history), id).await?;
-    Ok(Json(json!({"success": true, "data": session_json(&applied.room)})))
+    let applied = state
+        .rooms
+        .mutate(key, Change::Replaced(history), id)
+        .await?;
+    Ok(Json(
+        json!({"success": true, "data": session_json(&applied.room)}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +98,10 @@ pub struct ListQuery {
 }
 
 /// `GET /api/roulette/sessions?limit=&offset=&include=history`
-pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = match query.limit.as_deref() {
         None | Some("") => 100,
         Some(raw) => raw
@@ -98,14 +113,23 @@ pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQ
     };
     let offset = match query.offset.as_deref() {
         None | Some("") => 0,
-        Some(raw) => raw.parse::<u64>().map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
+        Some(raw) => raw
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
     };
     let include_history = match query.include.as_deref() {
         None | Some("") => false,
         Some("history") => true,
         Some(_) => return Err(ApiError::bad_request("include may only be \"history\"")),
     };
-    let (rooms, total) = state.store().list_rooms(Page { limit, offset, include_history }).await?;
+    let (rooms, total) = state
+        .store()
+        .list_rooms(Page {
+            limit,
+            offset,
+            include_history,
+        })
+        .await?;
     let sessions: Vec<Value> = rooms
         .iter()
         .map(|r| {

@@ -37,7 +37,11 @@ pub struct HubConfig {
 
 impl Default for HubConfig {
     fn default() -> Self {
-        HubConfig { linger: Duration::from_secs(5), recent_events: 1000, queue_capacity: 1024 }
+        HubConfig {
+            linger: Duration::from_secs(5),
+            recent_events: 1000,
+            queue_capacity: 1024,
+        }
     }
 }
 
@@ -60,7 +64,10 @@ pub enum Greeting {
     Sync,
     /// `join` with `version: V` (V > 0): the missed events then `recovered`, or a
     /// full `sync` when they cannot all be replayed.
-    Resume { version: Version, epoch: Option<String> },
+    Resume {
+        version: Version,
+        epoch: Option<String>,
+    },
     /// `getHistory`: a `historyUpdate` reply.
     HistoryUpdate,
     /// `saveNumber` / `updateHistory` from a non-member: nothing; the event follows.
@@ -114,9 +121,18 @@ impl Hub {
 
     /// Adds a member to a room and sends its greeting. Returns once the member is
     /// registered, so an event committed after this returns is delivered to it.
-    pub async fn join(&self, key: &RoomKey, member: Member, greeting: Greeting) -> Result<(), StoreError> {
+    pub async fn join(
+        &self,
+        key: &RoomKey,
+        member: Member,
+        greeting: Greeting,
+    ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        let mut command = Command::Join { member, greeting, reply };
+        let mut command = Command::Join {
+            member,
+            greeting,
+            reply,
+        };
         loop {
             let (tx, generation) = self.room_sender(key);
             match tx.send(command) {
@@ -175,7 +191,13 @@ impl Hub {
         }
         let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        rooms.insert(key.clone(), RoomEntry { tx: tx.clone(), generation });
+        rooms.insert(
+            key.clone(),
+            RoomEntry {
+                tx: tx.clone(),
+                generation,
+            },
+        );
         room::spawn(self.clone(), key.clone(), generation, rx);
         (tx, generation)
     }
@@ -189,7 +211,12 @@ impl Hub {
 
     /// Called by a room task with no members: retires it unless a command is
     /// already waiting. Checked under the map lock so no sender can slip in.
-    fn try_retire(&self, key: &RoomKey, generation: u64, rx: &mpsc::UnboundedReceiver<Command>) -> bool {
+    fn try_retire(
+        &self,
+        key: &RoomKey,
+        generation: u64,
+        rx: &mpsc::UnboundedReceiver<Command>,
+    ) -> bool {
         let mut rooms = self.lock();
         if !rx.is_empty() {
             return false;

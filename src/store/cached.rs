@@ -15,11 +15,14 @@
 //! 3. **A missed write is remembered.** If a write-through fails and the key cannot
 //!    be deleted either, Redis may now hold an outdated room. This instance stops
 //!    reading from the cache until it has dropped every cached room (`SCAN` +
-//!    `DEL`). Other instances cannot know; the entry TTL bounds how long they might
-//!    serve such a room.
+//!    `DEL`). Other instances cannot know, and they would serve the outdated room
+//!    until the entry expires (`CACHE_TTL`, an hour by default) or the room is
+//!    written again — so a background task also deletes that key as soon as Redis
+//!    answers again, whether or not this instance reads anything meanwhile.
 
-use std::sync::Mutex;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -81,6 +84,9 @@ pub struct CachedStore {
     /// When the last flush attempt started; a std `Mutex` since it is never held
     /// across an `.await`.
     last_flush: Mutex<Option<Instant>>,
+    /// Keys of failed write-throughs that could not be deleted at once, for the
+    /// task started by [`CachedStore::new`] to delete once Redis is back (rule 3).
+    outdated: Arc<Mutex<HashSet<String>>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -170,22 +176,30 @@ impl CachedStore {
         ttl: Duration,
         max_cached_history: usize,
     ) -> CachedStore {
+        let options = Options {
+            // Never queue behind a reconnect: the database answers instead.
+            fail_fast: true,
+            timeout: Some(REDIS_TIMEOUT),
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        let outdated = Arc::new(Mutex::new(HashSet::new()));
+        tokio::spawn(delete_outdated(
+            redis.clone(),
+            options.clone(),
+            Arc::downgrade(&outdated),
+        ));
         CachedStore {
             inner,
             redis,
             ttl: ttl.max(Duration::from_millis(1)),
             max_cached_history,
-            options: Options {
-                // Never queue behind a reconnect: the database answers instead.
-                fail_fast: true,
-                timeout: Some(REDIS_TIMEOUT),
-                max_attempts: Some(1),
-                ..Options::default()
-            },
+            options,
             dirty: AtomicU64::new(0),
             cleaned: AtomicU64::new(0),
             flushing: AtomicBool::new(false),
             last_flush: Mutex::new(None),
+            outdated,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -217,8 +231,10 @@ impl CachedStore {
         if observe("cache_del", redis.del::<i64, _>(cache_key(&room.key)).await).is_ok() {
             return;
         }
-        // ...and if even that fails, stop trusting the cache until it is flushed.
+        // ...and if even that fails, stop trusting the cache until it is flushed,
+        // and have the key deleted for the other instances once Redis is back.
         self.dirty.fetch_add(1, Ordering::SeqCst);
+        lock_set(&self.outdated).insert(cache_key(&room.key));
         tracing::warn!(key = %room.key, "room cache write failed; cache marked stale until Redis is back");
     }
 
@@ -341,6 +357,41 @@ struct Release<'a>(&'a AtomicBool);
 impl Drop for Release<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn lock_set(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    // Poisoning only means a panic during a plain set insert or removal.
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Deletes the keys in `outdated` once Redis answers, trying every
+/// [`FLUSH_RETRY`]; ends when the store is dropped. A fill or write-through that
+/// follows the delete goes through the versioned script, so it can only store a
+/// state at least as new as the database's at the time.
+async fn delete_outdated(redis: Client, options: Options, outdated: Weak<Mutex<HashSet<String>>>) {
+    let mut tick = tokio::time::interval(FLUSH_RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(outdated) = outdated.upgrade() else {
+            return;
+        };
+        let keys: Vec<String> = lock_set(&outdated).iter().cloned().collect();
+        for chunk in keys.chunks(SCAN_COUNT as usize) {
+            let redis = redis.with_options(&options);
+            if observe("cache_del", redis.del::<i64, _>(chunk.to_vec()).await).is_err() {
+                break; // still unreachable; the next tick tries again
+            }
+            let mut set = lock_set(&outdated);
+            for key in chunk {
+                set.remove(key);
+            }
+            tracing::info!(
+                keys = chunk.len(),
+                "outdated room cache entries deleted after Redis came back"
+            );
+        }
     }
 }
 

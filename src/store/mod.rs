@@ -55,7 +55,16 @@ impl StoreError {
                 // statement timeout: the request may be retried later, so report 503.
                 let transient = matches!(
                     db.code().as_deref(),
-                    Some("5" | "6" | "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "40001" | "40P01")
+                    Some(
+                        "5" | "6"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "57014"
+                            | "55P03"
+                            | "40001"
+                            | "40P01"
+                    )
                 );
                 if transient {
                     StoreError::Unavailable(err.to_string())
@@ -251,7 +260,9 @@ pub fn decode_change(kind: &str, payload: &str) -> Result<Change, StoreError> {
     let bad = || StoreError::Internal(format!("corrupt event log entry: {kind} {payload}"));
     let value: serde_json::Value = serde_json::from_str(payload).map_err(|_| bad())?;
     match kind {
-        "add" => Number::from_json(&value).map(Change::Added).map_err(|_| bad()),
+        "add" => Number::from_json(&value)
+            .map(Change::Added)
+            .map_err(|_| bad()),
         "remove" => value
             .as_u64()
             .map(|i| Change::Removed(i as usize))

@@ -5,10 +5,13 @@
 //! transaction that applies the mutation and logs the event (invariant 2). The
 //! common case — appending a number to an existing room — is a single round trip
 //! to the `croupier_append` function (see the migration), so the lock is held only
-//! for the function body and the commit flush; everything else (room creation,
-//! removals, replacements) goes through an explicit transaction that applies the
-//! shared [`next_history`] rules in Rust. Both paths make the same decisions as the
-//! SQLite backend, in the same order: lock, de-duplicate, validate, write.
+//! for the function body and the commit flush. Adds to one room that arrive while
+//! such a call is running are sent together in the next call, which applies them
+//! one after another: a hot room pays one lock hand-over and one flush per group
+//! instead of per add. Everything else (room creation, removals, replacements)
+//! goes through an explicit transaction that applies the shared [`next_history`]
+//! rules in Rust. Both paths make the same decisions as the SQLite backend, in the
+//! same order: lock, de-duplicate, validate, write.
 //!
 //! There is no fallback: when the database cannot be reached every operation
 //! fails with [`StoreError::Unavailable`], and the pool reconnects by itself once
@@ -46,6 +49,9 @@ const ROOM_COLUMNS: &str =
 /// Longest wait between two connection attempts at start-up.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Most event-log rows one pruning statement deletes.
+const PRUNE_SLICE: i64 = 10_000;
+
 /// Most adds one `croupier_append` call carries.
 const MAX_APPEND_BATCH: usize = 256;
 
@@ -79,6 +85,10 @@ impl Default for PgOptions {
 pub struct PostgresStore {
     pool: PgPool,
     appends: Arc<AppendQueues>,
+    /// Client-side bound for one `croupier_append` call (see [`flush_appends`]).
+    append_timeout: Duration,
+    /// For migrations: the same server and credentials, without the timeouts.
+    admin: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -88,17 +98,17 @@ impl PostgresStore {
     /// a missing database — fail at once.
     pub async fn connect(url: &str, options: PgOptions) -> anyhow::Result<Self> {
         // The URL may hold a password: it is never logged or put into an error.
-        let timeout_ms = options.statement_timeout.as_millis();
-        let connect = PgConnectOptions::from_str(url)
+        let admin = PgConnectOptions::from_str(url)
             .context("invalid PostgreSQL URL")?
-            .application_name("croupier")
-            .options([
-                ("statement_timeout", format!("{timeout_ms}ms")),
-                (
-                    "idle_in_transaction_session_timeout",
-                    format!("{timeout_ms}ms"),
-                ),
-            ]);
+            .application_name("croupier");
+        let timeout_ms = options.statement_timeout.as_millis();
+        let connect = admin.clone().options([
+            ("statement_timeout", format!("{timeout_ms}ms")),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{timeout_ms}ms"),
+            ),
+        ]);
         wait_for_server(&connect, &options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -107,15 +117,35 @@ impl PostgresStore {
             // died with a server restart are replaced instead of failing a request.
             .test_before_acquire(true)
             .connect_lazy_with(connect);
+        // Waiting for a connection, then the statement's own limit, then slack.
+        let statement_limit = match options.statement_timeout {
+            Duration::ZERO => Duration::from_secs(60),
+            limit => limit,
+        };
+        let append_timeout = options.acquire_timeout + statement_limit + Duration::from_secs(1);
         Ok(PostgresStore {
             pool,
             appends: Arc::default(),
+            append_timeout,
+            admin,
         })
     }
 
     /// The underlying pool, for tests and tools that need raw SQL.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A connection of its own for migrations, which may take longer than a
+    /// statement is allowed to and may wait for another instance's migration lock.
+    /// (A one-connection pool: the migrator's API is easiest to use with a pool.)
+    async fn admin_pool(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(self.admin.clone())
+            .await
+            .context("connecting to PostgreSQL to migrate")
     }
 
     /// Queues an add for its room's next `croupier_append` call and waits for the
@@ -150,6 +180,7 @@ impl PostgresStore {
                 self.pool.clone(),
                 self.appends.clone(),
                 mutation.key.clone(),
+                self.append_timeout,
             );
             tokio::spawn(task);
         }
@@ -368,7 +399,11 @@ impl Drop for FlusherGuard<'_> {
 }
 
 /// Sends the room's queued adds, a group per call, until the queue is empty.
-async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey) {
+///
+/// Every add of this instance's room waits on this task, so a call gets a
+/// client-side deadline as well: the server's statement timeout cannot help when
+/// its answer never arrives (a network partition leaves the socket open).
+async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey, limit: Duration) {
     let mut guard = FlusherGuard {
         queues: &queues,
         key: &key,
@@ -389,7 +424,14 @@ async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey) {
                 }
             }
         };
-        let results = match call_append(&pool, &key, &batch).await {
+        let outcome = tokio::time::timeout(limit, call_append(&pool, &key, &batch))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer from PostgreSQL within {limit:?}"
+                )))
+            });
+        let results = match outcome {
             Ok(results) => results,
             Err(err) => batch.iter().map(|_| Err(copy_error(&err))).collect(),
         };
@@ -471,33 +513,39 @@ async fn call_append(
         protected: row.try_get("room_protected")?,
     };
 
-    let mut results = Vec::with_capacity(batch.len());
-    for (i, pending) in batch.iter().enumerate() {
+    // The room as it was once item i had been handled.
+    let room_after = |i: usize| -> Result<Room, StoreError> {
         let version = room_versions[i];
         let grown = usize::try_from(version - version_before).map_err(|_| corrupt())?;
         let numbers = history
             .numbers()
             .get(..length_before + grown)
             .ok_or_else(corrupt)?;
-        let room = Room {
+        Ok(Room {
             history: History::from_numbers(numbers.to_vec()),
             version: version as Version,
             updated_at: if grown > 0 { now } else { updated_before },
             ..template.clone()
-        };
+        })
+    };
+
+    let mut results = Vec::with_capacity(batch.len());
+    for (i, pending) in batch.iter().enumerate() {
         let result = match outcomes[i].as_str() {
-            "applied" => Ok(Some(Applied {
-                event: RoomEvent {
-                    key: key.clone(),
-                    epoch: room.epoch.clone(),
-                    version: room.version,
-                    change: Change::Added(pending.number),
-                    mutation_id: pending.mutation_id.clone(),
-                    committed_at: now,
-                },
-                room,
-                duplicate: false,
-            })),
+            "applied" => room_after(i).map(|room| {
+                Some(Applied {
+                    event: RoomEvent {
+                        key: key.clone(),
+                        epoch: room.epoch.clone(),
+                        version: room.version,
+                        change: Change::Added(pending.number),
+                        mutation_id: pending.mutation_id.clone(),
+                        committed_at: now,
+                    },
+                    room,
+                    duplicate: false,
+                })
+            }),
             "duplicate" => match (
                 &event_versions[i],
                 &event_kinds[i],
@@ -505,8 +553,10 @@ async fn call_append(
                 event_times[i],
             ) {
                 (Some(version), Some(kind), Some(payload), Some(committed_at)) => {
-                    decode_change(kind, payload).map(|change| {
-                        Some(Applied {
+                    let change = decode_change(kind, payload);
+                    change.and_then(|change| {
+                        let room = room_after(i)?;
+                        Ok(Some(Applied {
                             event: RoomEvent {
                                 key: key.clone(),
                                 epoch: room.epoch.clone(),
@@ -517,7 +567,7 @@ async fn call_append(
                             },
                             room,
                             duplicate: true,
-                        })
+                        }))
                     })
                 }
                 _ => Err(corrupt()),
@@ -599,10 +649,12 @@ impl Store for PostgresStore {
 
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
         let _t = DbTimer::new("apply");
-        if let Change::Added(number) = mutation.change {
-            if let Some(applied) = self.append(&mutation, number).await? {
-                return Ok(applied);
-            }
+        // Adds to an existing room take the grouped single-call path; everything
+        // else, and the add that creates a room, the general transaction.
+        if let Change::Added(number) = mutation.change
+            && let Some(applied) = self.append(&mutation, number).await?
+        {
+            return Ok(applied);
         }
         self.apply_in_transaction(mutation, now()).await
     }
@@ -737,15 +789,27 @@ impl Store for PostgresStore {
     async fn prune_events(&self) -> Result<u64, StoreError> {
         let _t = DbTimer::new("prune_events");
         let cutoff: DateTime<Utc> = Utc::now() - EVENT_RETENTION_AGE;
-        let result = sqlx::query(
-            "DELETE FROM room_events e USING rooms r
-             WHERE r.id = e.room_id AND e.created_at < $1 AND e.version <= r.version - $2",
-        )
-        .bind(cutoff)
-        .bind(EVENT_RETENTION_COUNT)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        // In slices, so that a large backlog never runs into the statement timeout
+        // and no statement holds many row locks for long.
+        let mut removed = 0;
+        loop {
+            let result = sqlx::query(
+                "DELETE FROM room_events WHERE (room_id, version) IN (
+                     SELECT e.room_id, e.version FROM room_events e JOIN rooms r ON r.id = e.room_id
+                     WHERE e.created_at < $1 AND e.version <= r.version - $2
+                     LIMIT $3
+                 )",
+            )
+            .bind(cutoff)
+            .bind(EVENT_RETENTION_COUNT)
+            .bind(PRUNE_SLICE)
+            .execute(&self.pool)
+            .await?;
+            removed += result.rows_affected();
+            if result.rows_affected() < PRUNE_SLICE as u64 {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -785,21 +849,30 @@ impl Store for PostgresStore {
 
     async fn migrate(&self) -> anyhow::Result<()> {
         // The migrator holds an advisory lock, so instances migrating at once are safe.
-        MIGRATOR
-            .run(&self.pool)
+        let admin = self.admin_pool().await?;
+        let result = MIGRATOR
+            .run(&admin)
             .await
-            .context("applying PostgreSQL migrations")
+            .context("applying PostgreSQL migrations");
+        admin.close().await;
+        result
     }
 
     async fn rollback(&self, steps: usize) -> anyhow::Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        conn.ensure_migrations_table().await?;
-        let applied = conn.list_applied_migrations().await?;
-        drop(conn);
-        let target = super::rollback_target(&applied, steps)?;
-        MIGRATOR
-            .undo(&self.pool, target)
-            .await
-            .context("reverting PostgreSQL migrations")
+        let admin = self.admin_pool().await?;
+        let result = async {
+            let mut conn = admin.acquire().await?;
+            conn.ensure_migrations_table().await?;
+            let applied = conn.list_applied_migrations().await?;
+            drop(conn);
+            let target = super::rollback_target(&applied, steps)?;
+            MIGRATOR
+                .undo(&admin, target)
+                .await
+                .context("reverting PostgreSQL migrations")
+        }
+        .await;
+        admin.close().await;
+        result
     }
 }

@@ -13,13 +13,15 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    Applied, MigrationInfo, Mutation, Page, RoomAuth, RoomSummary, Store, StoreError, StoreStats,
-    decode_change, encode_change, next_history, stored_history, stored_key,
-    EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, MUTATION_ID_WINDOW,
+    Applied, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, MUTATION_ID_WINDOW, MigrationInfo,
+    Mutation, Page, RoomAuth, RoomSummary, Store, StoreError, StoreStats, decode_change,
+    encode_change, next_history, stored_history, stored_key,
 };
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
 use crate::telemetry::DbTimer;
@@ -124,7 +126,8 @@ impl Store for SqliteStore {
             .bind(key.as_str())
             .fetch_optional(&self.reader)
             .await?;
-        row.map(|r| room_from_row(&r).map(|(room, _)| room)).transpose()
+        row.map(|r| room_from_row(&r).map(|(room, _)| room))
+            .transpose()
     }
 
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
@@ -179,7 +182,11 @@ impl Store for SqliteStore {
             if let Some(row) = row {
                 let event = event_from_row(&room.key, &room.epoch, &row)?;
                 tx.rollback().await?;
-                return Ok(Applied { event, room, duplicate: true });
+                return Ok(Applied {
+                    event,
+                    room,
+                    duplicate: true,
+                });
             }
         }
 
@@ -218,8 +225,17 @@ impl Store for SqliteStore {
             mutation_id: mutation.mutation_id,
             committed_at: now,
         };
-        let room = Room { history, version, updated_at: now, ..room };
-        Ok(Applied { event, room, duplicate: false })
+        let room = Room {
+            history,
+            version,
+            updated_at: now,
+            ..room
+        };
+        Ok(Applied {
+            event,
+            room,
+            duplicate: false,
+        })
     }
 
     async fn events_since(
@@ -262,7 +278,11 @@ impl Store for SqliteStore {
 
     async fn list_rooms(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError> {
         let _t = DbTimer::new("list_rooms");
-        let history_column = if page.include_history { "history" } else { "NULL AS history" };
+        let history_column = if page.include_history {
+            "history"
+        } else {
+            "NULL AS history"
+        };
         let sql = format!(
             "SELECT id, key, history_length, created_at, updated_at, password_hash IS NOT NULL AS protected, {history_column}
              FROM rooms ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?"
@@ -303,7 +323,10 @@ impl Store for SqliteStore {
             .fetch_optional(&self.reader)
             .await?;
         row.map(|r| {
-            room_from_row(&r).map(|(room, password_hash)| RoomAuth { room, password_hash })
+            room_from_row(&r).map(|(room, password_hash)| RoomAuth {
+                room,
+                password_hash,
+            })
         })
         .transpose()
     }
@@ -328,10 +351,16 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE key = ?");
-        let row = sqlx::query(&sql).bind(key.as_str()).fetch_one(&mut *tx).await?;
+        let row = sqlx::query(&sql)
+            .bind(key.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         let (room, password_hash) = room_from_row(&row)?;
-        Ok(RoomAuth { room, password_hash })
+        Ok(RoomAuth {
+            room,
+            password_hash,
+        })
     }
 
     async fn prune_events(&self) -> Result<u64, StoreError> {
@@ -356,7 +385,10 @@ impl Store for SqliteStore {
         .fetch_one(&self.reader)
         .await?;
         let rooms: i64 = row.try_get("rooms")?;
-        Ok(StoreStats { rooms: rooms as u64, average_history_length: row.try_get("average")? })
+        Ok(StoreStats {
+            rooms: rooms as u64,
+            average_history_length: row.try_get("average")?,
+        })
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {
@@ -373,7 +405,10 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        MIGRATOR.run(&self.writer).await.context("applying SQLite migrations")
+        MIGRATOR
+            .run(&self.writer)
+            .await
+            .context("applying SQLite migrations")
     }
 
     async fn rollback(&self, steps: usize) -> anyhow::Result<()> {
@@ -381,6 +416,9 @@ impl Store for SqliteStore {
         conn.ensure_migrations_table().await?;
         let applied = conn.list_applied_migrations().await?;
         let target = super::rollback_target(&applied, steps)?;
-        MIGRATOR.undo(&self.writer, target).await.context("reverting SQLite migrations")
+        MIGRATOR
+            .undo(&self.writer, target)
+            .await
+            .context("reverting SQLite migrations")
     }
 }

@@ -15,7 +15,10 @@ pub struct WsError {
 
 impl WsError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        WsError { code, message: message.into() }
+        WsError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -34,14 +37,49 @@ impl From<DomainError> for WsError {
 /// Where a membership's room and dialect come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
-    Join { key: RoomKey, token: Option<String>, version: Option<Version>, epoch: Option<String> },
-    Add { key: Option<RoomKey>, number: Number, token: Option<String>, id: Option<MutationId> },
-    Remove { key: Option<RoomKey>, index: usize, token: Option<String>, id: Option<MutationId> },
-    Update { key: Option<RoomKey>, history: History, token: Option<String>, id: Option<MutationId> },
-    GetHistory { key: RoomKey, token: Option<String> },
-    SaveNumber { key: RoomKey, number: Number, token: Option<String>, id: Option<MutationId> },
-    UpdateHistory { key: RoomKey, history: History, token: Option<String>, id: Option<MutationId> },
-    Leave { key: RoomKey },
+    Join {
+        key: RoomKey,
+        token: Option<String>,
+        version: Option<Version>,
+        epoch: Option<String>,
+    },
+    Add {
+        key: Option<RoomKey>,
+        number: Number,
+        token: Option<String>,
+        id: Option<MutationId>,
+    },
+    Remove {
+        key: Option<RoomKey>,
+        index: usize,
+        token: Option<String>,
+        id: Option<MutationId>,
+    },
+    Update {
+        key: Option<RoomKey>,
+        history: History,
+        token: Option<String>,
+        id: Option<MutationId>,
+    },
+    GetHistory {
+        key: RoomKey,
+        token: Option<String>,
+    },
+    SaveNumber {
+        key: RoomKey,
+        number: Number,
+        token: Option<String>,
+        id: Option<MutationId>,
+    },
+    UpdateHistory {
+        key: RoomKey,
+        history: History,
+        token: Option<String>,
+        id: Option<MutationId>,
+    },
+    Leave {
+        key: RoomKey,
+    },
     Ping,
 }
 
@@ -66,7 +104,9 @@ struct Fields<'a>(&'a Map<String, Value>);
 
 impl Fields<'_> {
     fn required(&self, name: &str, code: &'static str) -> Result<&Value, WsError> {
-        self.0.get(name).ok_or_else(|| WsError::new(code, format!("missing field \"{name}\"")))
+        self.0
+            .get(name)
+            .ok_or_else(|| WsError::new(code, format!("missing field \"{name}\"")))
     }
 
     fn key(&self) -> Result<RoomKey, WsError> {
@@ -81,11 +121,16 @@ impl Fields<'_> {
     }
 
     fn number(&self) -> Result<Number, WsError> {
-        Ok(Number::from_json(self.required("number", "invalid_number")?)?)
+        Ok(Number::from_json(
+            self.required("number", "invalid_number")?,
+        )?)
     }
 
     fn history(&self, max: usize) -> Result<History, WsError> {
-        Ok(History::from_json(self.required("history", "invalid_history")?, max)?)
+        Ok(History::from_json(
+            self.required("history", "invalid_history")?,
+            max,
+        )?)
     }
 
     fn string(&self, name: &str, code: &'static str) -> Result<Option<String>, WsError> {
@@ -103,7 +148,9 @@ impl Fields<'_> {
     fn id(&self) -> Result<Option<MutationId>, WsError> {
         match self.0.get("id") {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => MutationId::from_json(v).map(Some).map_err(|m| WsError::new("invalid_id", m)),
+            Some(v) => MutationId::from_json(v)
+                .map(Some)
+                .map_err(|m| WsError::new("invalid_id", m)),
         }
     }
 
@@ -114,9 +161,15 @@ impl Fields<'_> {
             Some(Value::Null) => Ok(Some(0)),
             Some(v) => v
                 .as_u64()
-                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+                .or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                        .map(|f| f as u64)
+                })
                 .map(Some)
-                .ok_or_else(|| WsError::new("invalid_version", "version must be a non-negative integer")),
+                .ok_or_else(|| {
+                    WsError::new("invalid_version", "version must be a non-negative integer")
+                }),
         }
     }
 
@@ -124,7 +177,12 @@ impl Fields<'_> {
         let value = self.required("index", "invalid_index")?;
         value
             .as_u64()
-            .or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+            .or_else(|| {
+                value
+                    .as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
             .map(|i| i as usize)
             .ok_or_else(|| WsError::new("invalid_index", "index must be a non-negative integer"))
     }
@@ -132,15 +190,23 @@ impl Fields<'_> {
 
 /// Parses one text frame.
 pub fn parse(text: &str, max_history: usize) -> Result<ClientMessage, WsError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|_| WsError::new("invalid_json", "message is not valid JSON"))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|_| WsError::new("invalid_json", "message is not valid JSON"))?;
     let Value::Object(map) = value else {
-        return Err(WsError::new("invalid_json", "message must be a JSON object"));
+        return Err(WsError::new(
+            "invalid_json",
+            "message must be a JSON object",
+        ));
     };
     let fields = Fields(&map);
     let kind = match map.get("type") {
         Some(Value::String(t)) => t.as_str(),
-        _ => return Err(WsError::new("unknown_type", "message needs a string \"type\"")),
+        _ => {
+            return Err(WsError::new(
+                "unknown_type",
+                "message needs a string \"type\"",
+            ));
+        }
     };
     Ok(match kind {
         "join" => ClientMessage::Join {
@@ -167,7 +233,10 @@ pub fn parse(text: &str, max_history: usize) -> Result<ClientMessage, WsError> {
             token: fields.token()?,
             id: fields.id()?,
         },
-        "getHistory" => ClientMessage::GetHistory { key: fields.key()?, token: fields.token()? },
+        "getHistory" => ClientMessage::GetHistory {
+            key: fields.key()?,
+            token: fields.token()?,
+        },
         "saveNumber" => ClientMessage::SaveNumber {
             key: fields.key()?,
             number: fields.number()?,
@@ -184,7 +253,10 @@ pub fn parse(text: &str, max_history: usize) -> Result<ClientMessage, WsError> {
         "ping" => ClientMessage::Ping,
         other => {
             let shown: String = other.chars().take(32).collect();
-            return Err(WsError::new("unknown_type", format!("unknown message type \"{shown}\"")));
+            return Err(WsError::new(
+                "unknown_type",
+                format!("unknown message type \"{shown}\""),
+            ));
         }
     })
 }
@@ -198,7 +270,13 @@ mod tests {
         let v1 = parse(r#"{"type":"join","key":"a"}"#, 10).unwrap();
         let v2 = parse(r#"{"type":"join","key":"a","version":0}"#, 10).unwrap();
         assert!(matches!(v1, ClientMessage::Join { version: None, .. }));
-        assert!(matches!(v2, ClientMessage::Join { version: Some(0), .. }));
+        assert!(matches!(
+            v2,
+            ClientMessage::Join {
+                version: Some(0),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -210,7 +288,10 @@ mod tests {
         assert_eq!(code(r#"{"type":"add","number":37}"#), "invalid_number");
         assert_eq!(code(r#"{"type":"add","number":"15"}"#), "invalid_number");
         assert_eq!(code(r#"{"type":"join","key":"a/b"}"#), "invalid_key");
-        assert_eq!(code(r#"{"type":"update","history":[1,2,3,4]}"#), "history_too_long");
+        assert_eq!(
+            code(r#"{"type":"update","history":[1,2,3,4]}"#),
+            "history_too_long"
+        );
         assert_eq!(code(r#"{"type":"remove","index":-1}"#), "invalid_index");
     }
 }

@@ -33,15 +33,21 @@ pub async fn upgrade(
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
-            return ApiError::bad_request(format!("WebSocket handshake required: {}", rejection.body_text()))
-                .into_response();
+            return ApiError::bad_request(format!(
+                "WebSocket handshake required: {}",
+                rejection.body_text()
+            ))
+            .into_response();
         }
     };
     if state.lifecycle.shutdown.is_cancelled() {
         return ApiError::Unavailable.into_response();
     }
     if let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok())
-        && !state.config.cors_origins.allows(origin.trim_end_matches('/'))
+        && !state
+            .config
+            .cors_origins
+            .allows(origin.trim_end_matches('/'))
     {
         return ApiError::Unauthorized(format!("origin {origin} is not allowed")).into_response();
     }
@@ -52,7 +58,13 @@ pub async fn upgrade(
     };
     let peer = Peer {
         ip: client_ip(&headers, Some(peer_addr), state.config.trust_proxy).to_string(),
-        user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").chars().take(256).collect(),
+        user_agent: headers
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .chars()
+            .take(256)
+            .collect(),
     };
     let max = state.config.ws.max_frame_bytes;
     ws.max_frame_size(max)

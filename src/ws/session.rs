@@ -44,12 +44,18 @@ struct Session {
     info: ConnectionInfo,
 }
 
-pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: OwnedSemaphorePermit) {
+pub(super) async fn run(
+    socket: WebSocket,
+    state: AppState,
+    peer: Peer,
+    permit: OwnedSemaphorePermit,
+) {
     let registration = state.connections.register(&state.config.instance_id);
     let limits = state.config.ws.clone();
     let (out, mut queue) = mpsc::channel::<Frame>(limits.queue_capacity);
-    let quota = Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
+    let quota =
+        Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
     let now = Utc::now();
     let mut session = Session {
         state: state.clone(),
@@ -70,7 +76,8 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
     };
     metrics::gauge!("croupier_ws_connections").increment(1.0);
     session.publish_presence().await;
-    let span = tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
+    let span =
+        tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
     let _entered = span.enter();
     tracing::debug!("connected");
 
@@ -122,7 +129,10 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
 
     if let Some((code, reason)) = close {
         tracing::debug!(code, reason, "closing");
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
         // Bounded like every write: a peer that is not reading must not keep this
         // task (and its membership clean-up below) waiting forever.
         if send_within(&mut sink, Message::Close(Some(frame)), limits.idle_timeout).await {
@@ -148,7 +158,11 @@ pub(super) async fn run(socket: WebSocket, state: AppState, peer: Peer, permit: 
 /// idle check, not the overflow (1013) or shutdown close — so without a bound such
 /// a peer would hold its task, queue and slot until the process exits. A peer that
 /// accepts nothing for a whole idle timeout is as gone as one that sends nothing.
-async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message, limit: Duration) -> bool {
+async fn send_within(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    limit: Duration,
+) -> bool {
     match tokio::time::timeout(limit, sink.send(message)).await {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
@@ -177,7 +191,10 @@ impl Session {
         if self.limiter.check().is_ok() {
             return true;
         }
-        self.reply_error(&WsError::new("rate_limited", "too many messages; slow down"));
+        self.reply_error(&WsError::new(
+            "rate_limited",
+            "too many messages; slow down",
+        ));
         false
     }
 
@@ -200,12 +217,14 @@ impl Session {
         let message = match messages::parse(text, self.state.config.max_history) {
             Ok(message) => message,
             Err(err) => {
-                metrics::counter!("croupier_ws_messages_received_total", "type" => "other").increment(1);
+                metrics::counter!("croupier_ws_messages_received_total", "type" => "other")
+                    .increment(1);
                 self.reply_error(&err);
                 return;
             }
         };
-        metrics::counter!("croupier_ws_messages_received_total", "type" => message.kind()).increment(1);
+        metrics::counter!("croupier_ws_messages_received_total", "type" => message.kind())
+            .increment(1);
         self.info.last_activity = Utc::now();
         if let Err(err) = self.handle(message).await {
             self.reply_error(&err);
@@ -218,13 +237,20 @@ impl Session {
                 self.reply(frames::pong(), "pong");
                 Ok(())
             }
-            ClientMessage::Join { key, token, version, epoch } => {
+            ClientMessage::Join {
+                key,
+                token,
+                version,
+                epoch,
+            } => {
                 let (dialect, greeting) = match version {
                     None => (Dialect::V1, Greeting::Sync),
                     Some(0) => (Dialect::V2, Greeting::Sync),
                     Some(version) => (Dialect::V2, Greeting::Resume { version, epoch }),
                 };
-                self.join(key, token.as_deref(), dialect, greeting).await.map(|_| ())
+                self.join(key, token.as_deref(), dialect, greeting)
+                    .await
+                    .map(|_| ())
             }
             ClientMessage::Leave { key } => {
                 if let Some(pos) = self.rooms.iter().position(|(k, _)| *k == key) {
@@ -236,9 +262,13 @@ impl Session {
             }
             ClientMessage::GetHistory { key, token } => {
                 let dialect = self.dialect_in(&key).unwrap_or(Dialect::Seed);
-                self.join(key, token.as_deref(), dialect, Greeting::HistoryUpdate).await.map(|_| ())
+                self.join(key, token.as_deref(), dialect, Greeting::HistoryUpdate)
+                    .await
+                    .map(|_| ())
             }
-            ClientMessage::Add { key, number, id, .. } => {
+            ClientMessage::Add {
+                key, number, id, ..
+            } => {
                 let key = self.member_room(key)?;
                 self.mutate(key, Change::Added(number), id).await
             }
@@ -246,17 +276,29 @@ impl Session {
                 let key = self.member_room(key)?;
                 self.mutate(key, Change::Removed(index), id).await
             }
-            ClientMessage::Update { key, history, id, .. } => {
+            ClientMessage::Update {
+                key, history, id, ..
+            } => {
                 let key = self.member_room(key)?;
                 self.mutate(key, Change::Replaced(history), id).await
             }
-            ClientMessage::SaveNumber { key, number, token, id } => {
+            ClientMessage::SaveNumber {
+                key,
+                number,
+                token,
+                id,
+            } => {
                 if self.ensure_seed_member(&key, token.as_deref()).await? {
                     self.mutate(key, Change::Added(number), id).await?;
                 }
                 Ok(())
             }
-            ClientMessage::UpdateHistory { key, history, token, id } => {
+            ClientMessage::UpdateHistory {
+                key,
+                history,
+                token,
+                id,
+            } => {
                 if self.ensure_seed_member(&key, token.as_deref()).await? {
                     self.mutate(key, Change::Replaced(history), id).await?;
                 }
@@ -276,28 +318,46 @@ impl Session {
         match key {
             Some(key) if self.dialect_in(&key).is_some() => Ok(key),
             Some(_) => Err(not_joined()),
-            None => self.rooms.last().map(|(k, _)| k.clone()).ok_or_else(not_joined),
+            None => self
+                .rooms
+                .last()
+                .map(|(k, _)| k.clone())
+                .ok_or_else(not_joined),
         }
     }
 
     /// Makes this connection a seed-dialect member unless it already is one in
     /// some dialect. False when the room refused it (`authRequired` was sent):
     /// the caller must not write.
-    async fn ensure_seed_member(&mut self, key: &RoomKey, token: Option<&str>) -> Result<bool, WsError> {
+    async fn ensure_seed_member(
+        &mut self,
+        key: &RoomKey,
+        token: Option<&str>,
+    ) -> Result<bool, WsError> {
         if self.dialect_in(key).is_some() {
             return Ok(true);
         }
-        self.join(key.clone(), token, Dialect::Seed, Greeting::Nothing).await
+        self.join(key.clone(), token, Dialect::Seed, Greeting::Nothing)
+            .await
     }
 
     /// Joins a room after checking its token. `Ok(false)`: the room is protected
     /// and the token did not fit; `authRequired` was sent and nothing changed.
-    async fn join(&mut self, key: RoomKey, token: Option<&str>, dialect: Dialect, greeting: Greeting) -> Result<bool, WsError> {
+    async fn join(
+        &mut self,
+        key: RoomKey,
+        token: Option<&str>,
+        dialect: Dialect,
+        greeting: Greeting,
+    ) -> Result<bool, WsError> {
         let already = self.dialect_in(&key).is_some();
         if !already && self.rooms.len() >= self.state.config.ws.max_rooms {
             return Err(WsError::new(
                 "too_many_rooms",
-                format!("a connection may join at most {} rooms", self.state.config.ws.max_rooms),
+                format!(
+                    "a connection may join at most {} rooms",
+                    self.state.config.ws.max_rooms
+                ),
             ));
         }
         match self.state.rooms.authorize(&key, token).await {
@@ -305,15 +365,27 @@ impl Session {
             Err(AccessError::Token(err)) => {
                 let message = match err {
                     TokenError::Missing => "this room is protected; a token is required",
-                    TokenError::Invalid | TokenError::OtherRoom => "the token is not valid for this room",
+                    TokenError::Invalid | TokenError::OtherRoom => {
+                        "the token is not valid for this room"
+                    }
                 };
                 self.reply(frames::auth_required(&key, message), "authRequired");
                 return Ok(false);
             }
             Err(AccessError::Store(err)) => return Err(store_error(err)),
         }
-        let member = Member { conn_id: self.number, dialect, out: self.out.clone(), overflow: self.overflow.clone() };
-        self.state.rooms.hub.join(&key, member, greeting).await.map_err(store_error)?;
+        let member = Member {
+            conn_id: self.number,
+            dialect,
+            out: self.out.clone(),
+            overflow: self.overflow.clone(),
+        };
+        self.state
+            .rooms
+            .hub
+            .join(&key, member, greeting)
+            .await
+            .map_err(store_error)?;
         self.rooms.retain(|(k, _)| *k != key);
         self.rooms.push((key.clone(), dialect));
         if !already {
@@ -325,10 +397,20 @@ impl Session {
         Ok(true)
     }
 
-    async fn mutate(&mut self, key: RoomKey, change: Change, id: Option<MutationId>) -> Result<(), WsError> {
+    async fn mutate(
+        &mut self,
+        key: RoomKey,
+        change: Change,
+        id: Option<MutationId>,
+    ) -> Result<(), WsError> {
         // The event reaches this connection through its membership, in order, like
         // every other member; there is no separate acknowledgement.
-        self.state.rooms.mutate(key, change, id).await.map(|_| ()).map_err(store_error)
+        self.state
+            .rooms
+            .mutate(key, change, id)
+            .await
+            .map(|_| ())
+            .map_err(store_error)
     }
 
     async fn publish_presence(&mut self) {
@@ -345,7 +427,10 @@ fn store_error(err: StoreError) -> WsError {
         StoreError::HistoryTooLong { .. } => WsError::new("history_too_long", err.to_string()),
         StoreError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "database unavailable");
-            WsError::new("unavailable", "the service is temporarily unavailable; try again")
+            WsError::new(
+                "unavailable",
+                "the service is temporarily unavailable; try again",
+            )
         }
         StoreError::Internal(detail) => {
             tracing::error!(error = %detail, "internal error");
