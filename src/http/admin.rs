@@ -53,6 +53,16 @@ fn connection_json(c: &ConnectionInfo, key: &str) -> Value {
     })
 }
 
+/// Every live connection in the cluster, and joins counted per room.
+async fn cluster_connections(
+    state: &AppState,
+) -> Result<(Vec<ConnectionInfo>, HashMap<String, u64>), ApiError> {
+    let bus = &state.rooms.bus;
+    let presence = bus.presence().await.map_err(bus_unavailable)?;
+    let joins = bus.join_counts().await.map_err(bus_unavailable)?;
+    Ok((presence, joins))
+}
+
 /// Live connections grouped by room key.
 fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>> {
     let mut rooms: HashMap<&str, Vec<&ConnectionInfo>> = HashMap::new();
@@ -74,13 +84,7 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Va
             include_history: false,
         })
         .await?;
-    let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
-    let joins = state
-        .rooms
-        .bus
-        .join_counts()
-        .await
-        .map_err(bus_unavailable)?;
+    let (presence, joins) = cluster_connections(&state).await?;
     let live = by_room(&presence);
     let list: Vec<Value> = rooms
         .iter()
@@ -101,13 +105,7 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Va
 /// `GET /api/admin/stats`
 pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let totals = state.store().stats().await?;
-    let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
-    let joins = state
-        .rooms
-        .bus
-        .join_counts()
-        .await
-        .map_err(bus_unavailable)?;
+    let (presence, joins) = cluster_connections(&state).await?;
     Ok(Json(json!({
         "totalSessions": totals.rooms,
         "activeSessions": by_room(&presence).len(),
