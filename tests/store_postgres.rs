@@ -989,8 +989,9 @@ async fn connect_waits_for_a_starting_server_but_not_for_a_wrong_database() {
 }
 
 /// Append throughput on one hot room: `cargo test --release --test store_postgres
-/// append_throughput -- --ignored --nocapture`. Writers, pools and duration can be
-/// changed with BENCH_WRITERS, BENCH_POOLS and BENCH_SECONDS.
+/// append_throughput -- --ignored --nocapture`. BENCH_WRITERS, BENCH_POOLS and
+/// BENCH_SECONDS change the load. The room starts with 100 numbers and may grow
+/// without limit, so the figure includes the cost of an ever longer history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run explicitly"]
 async fn append_throughput() {
@@ -1003,6 +1004,10 @@ async fn append_throughput() {
     let writers = setting("BENCH_WRITERS", 50);
     let pools = setting("BENCH_POOLS", 3);
     let seconds = setting("BENCH_SECONDS", 5);
+    let add = |room: &RoomKey, value: usize| Mutation {
+        max_history: usize::MAX,
+        ..mutation(room, Change::Added(n((value % 37) as u8)))
+    };
     let pg = TestPostgres::start_new().await;
     let room = key("hot");
     let mut stores = Vec::new();
@@ -1010,9 +1015,9 @@ async fn append_throughput() {
         let store = Arc::new(migrated_store(&pg).await);
         // Warm up: open connections and prepare statements before measuring.
         let warm: Vec<_> = (0..20)
-            .map(|_| {
-                let (store, room) = (store.clone(), room.clone());
-                tokio::spawn(async move { store.apply(mutation(&room, Change::Added(n(0)))).await })
+            .map(|i| {
+                let (store, m) = (store.clone(), add(&room, i));
+                tokio::spawn(async move { store.apply(m).await })
             })
             .collect();
         for task in warm {
@@ -1020,21 +1025,22 @@ async fn append_throughput() {
         }
         stores.push(store);
     }
-    let before = stores[0].room(&room).await.unwrap().unwrap().version;
+    let hundred = History::from_numbers((0..100).map(|i| n(i % 37)).collect());
+    let start = stores[0]
+        .apply(mutation(&room, Change::Replaced(hundred)))
+        .await
+        .unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(seconds as u64);
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
-            let (store, room) = (stores[w % pools].clone(), room.clone());
+            let (store, m) = (stores[w % pools].clone(), add(&room, w));
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    store
-                        .apply(mutation(&room, Change::Added(n((w % 37) as u8))))
-                        .await
-                        .unwrap();
+                    store.apply(m.clone()).await.unwrap();
                     latencies.push(t.elapsed());
                 }
                 latencies
@@ -1048,18 +1054,19 @@ async fn append_throughput() {
     let elapsed = started.elapsed();
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let after = stores[0].room(&room).await.unwrap().unwrap().version;
+    let after = stores[0].room(&room).await.unwrap().unwrap();
+    let acknowledged = latencies.len() as u64;
     assert_eq!(
-        after - before,
-        latencies.len() as u64,
+        after.version - start.room.version,
+        acknowledged,
         "rows stored == acknowledgements"
     );
     println!(
-        "{writers} writers on {pools} pools, {:.1?}: {} appends, {:.0} appends/s, p50 {:.2?}, p99 {:.2?}",
-        elapsed,
-        latencies.len(),
-        latencies.len() as f64 / elapsed.as_secs_f64(),
+        "{writers} writers on {pools} pools, {elapsed:.1?}: {acknowledged} appends, {:.0} appends/s, \
+         p50 {:.2?}, p99 {:.2?}, history 100 -> {}",
+        acknowledged as f64 / elapsed.as_secs_f64(),
         pct(0.50),
-        pct(0.99)
+        pct(0.99),
+        after.history.len()
     );
 }

@@ -94,6 +94,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     r        rooms%ROWTYPE;
+    numbers  JSONB;
     earlier  room_events%ROWTYPE;
     len      BIGINT;
     ver      BIGINT;
@@ -123,7 +124,9 @@ BEGIN
     event_kinds := '{}';
     event_payloads := '{}';
     event_times := '{}';
-    len := jsonb_array_length(r.history);
+    -- Read (and decompress) the history once; it is rebuilt once at the end.
+    numbers := r.history;
+    len := jsonb_array_length(numbers);
     ver := r.version;
 
     FOR i IN 1 .. jsonb_array_length(p_numbers) LOOP
@@ -163,13 +166,14 @@ BEGIN
     END LOOP;
 
     IF ver > r.version THEN
+        numbers := numbers || added;
         UPDATE rooms
-           SET history = r.history || added,
+           SET history = numbers,
                history_length = len,
                version = ver,
                updated_at = p_now
          WHERE rooms.id = r.id;
     END IF;
-    room_history := (r.history || added)::text;
+    room_history := numbers::text;
 END;
 $$;
