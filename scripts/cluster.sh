@@ -56,39 +56,16 @@ is_port "$http_port" || die "--http-port must be a port number"
 is_port "$https_port" || die "--https-port must be a port number"
 [ "$http_port" != "$https_port" ] || die "--http-port and --https-port must differ"
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+# shellcheck source=lib/packages.sh
+source "$ROOT/scripts/lib/packages.sh"
 
 # --- Packages ------------------------------------------------------------------
 
-# Debian package → a file that proves it is installed.
-declare -A NEEDED=(
-    [postgresql]="/usr/lib/postgresql/*/bin/initdb"
-    [redis-server]="/usr/bin/redis-server"
-    [nginx]="/usr/sbin/nginx"
-    [openssl]="/usr/bin/openssl"
-)
-missing=()
-for package in "${!NEEDED[@]}"; do
-    # shellcheck disable=SC2086 # the pattern must glob
-    if ! compgen -G ${NEEDED[$package]} >/dev/null; then
-        missing+=("$package")
-    fi
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "cluster: installing ${missing[*]}"
-    # Keep the packages' own daemons from starting: this script runs its own.
-    policy_created=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
-        as_root chmod +x /usr/sbin/policy-rc.d
-        policy_created=1
-    fi
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    if [ "$policy_created" = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
-fi
+ensure_packages cluster \
+    postgresql='/usr/lib/postgresql/*/bin/initdb' \
+    redis-server=/usr/bin/redis-server \
+    nginx=/usr/sbin/nginx \
+    openssl=/usr/bin/openssl
 PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d | sort -V | tail -n 1)
 [ -x "$PG_BIN/initdb" ] || die "PostgreSQL server binaries not found under /usr/lib/postgresql"
 

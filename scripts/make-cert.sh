@@ -44,6 +44,7 @@ if ! log=$(openssl req -x509 -newkey rsa:2048 -sha256 -nodes \
     -days "$days" \
     -subj "/CN=$cn" \
     -addext "subjectAltName=$san" \
+    -addext "basicConstraints=critical,CA:FALSE" \
     -addext "keyUsage=critical,digitalSignature,keyEncipherment" \
     -addext "extendedKeyUsage=serverAuth" \
     -keyout "$dir/tls.key.tmp" -out "$dir/tls.crt.tmp" 2>&1); then

@@ -1,0 +1,386 @@
+#!/usr/bin/env bash
+# The performance benchmark: prints the budgets of ARCHITECTURE.md
+# ("Performance budgets") as measured on this machine.
+#
+#   bash scripts/bench.sh            full run (about 10 minutes plus the build)
+#   bash scripts/bench.sh --quick    a small configuration of every scenario, in
+#                                    seconds each: checks that the benchmark works
+#                                    and that nothing is lost; judges no timing.
+#                                    Uses the dev-profile binaries that `cargo test
+#                                    --workspace` builds anyway (a release build
+#                                    from scratch takes many minutes on 2 cores);
+#                                    add --release to use release binaries
+#   bash scripts/bench.sh --strict   also exit non-zero when a budget is missed
+#   bash scripts/bench.sh --no-build use the binaries already in the target dir
+#   bash scripts/bench.sh --perf     also profile instance 1 with `perf record`
+#                                    during the direct GET and one-instance fan-out
+#                                    scenarios (target/bench/perf-*.txt)
+#
+# It starts its own cluster on free loopback ports in temporary directories:
+# PostgreSQL (initdb, fsync on; as the `postgres` user when run as root), Redis,
+# `croupier migrate`, three release instances sharing them, and Nginx with the
+# repository's nginx/ configuration over them. Every scenario is a subcommand of
+# the load generator `croupier-bench` (bench/), bounded in count and time and
+# talking only to 127.0.0.0/8. The table goes to stdout and, with every raw
+# scenario result, to target/bench/results.json. Everything started here is
+# stopped on exit.
+#
+# Exit status: non-zero when a scenario failed to run, an acknowledged save was
+# not stored, a fan-out event was lost, the mixed load saw an error, or (quick
+# mode) a requested connection could not be held; with --strict also when a
+# budget is missed. Timings on a busy machine are depressed: read them with the
+# load average printed above the table.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+QUICK=0
+STRICT=0
+PERF=0
+RELEASE=""
+BUILD=1
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        --strict) STRICT=1 ;;
+        --perf) PERF=1 ;;
+        --release) RELEASE=1 ;;
+        --no-build) BUILD=0 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "bench: unknown argument $arg (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() {
+    log "$*"
+    exit 1
+}
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# ---------------------------------------------------------------- packages
+# Debian package → a file that proves it is installed. wrk is only used by the
+# full run (it is the tool the GET budget is stated for).
+declare -A NEEDED=(
+    [postgresql]="/usr/lib/postgresql/*/bin/initdb"
+    [redis-server]="/usr/bin/redis-server"
+    [nginx]="/usr/sbin/nginx"
+)
+[ "$QUICK" = 1 ] || NEEDED[wrk]="/usr/bin/wrk"
+missing=()
+for package in "${!NEEDED[@]}"; do
+    # shellcheck disable=SC2086 # the pattern must glob
+    if ! compgen -G ${NEEDED[$package]} >/dev/null; then
+        missing+=("$package")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    # Keep the packages' own daemons from starting: the benchmark runs its own.
+    policy_created=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod +x /usr/sbin/policy-rc.d
+        policy_created=1
+    fi
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$policy_created" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d
+fi
+PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
+if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
+    die "PostgreSQL server binaries not found under /usr/lib/postgresql"
+fi
+command -v openssl >/dev/null || die "openssl is needed for Nginx's test certificate"
+HAVE_WRK=0
+if [ "$QUICK" = 0 ] && command -v wrk >/dev/null; then HAVE_WRK=1; fi
+
+# ---------------------------------------------------------------- limits
+# Each held WebSocket is a descriptor on both ends; the per-process hard limit
+# is the ceiling for the server and for each load-generator process.
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] && hard=1048576
+ulimit -n "$hard" 2>/dev/null || log "could not raise the open-file limit to $hard"
+NOFILE=$(ulimit -n)
+
+# ---------------------------------------------------------------- build
+# Full runs measure release binaries; quick runs default to the dev profile.
+if [ "$QUICK" = 0 ] || [ -n "$RELEASE" ]; then PROFILE=release PROFILE_DIR=release; else PROFILE=dev PROFILE_DIR=debug; fi
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN="$TARGET_DIR/$PROFILE_DIR/croupier"
+BENCH="$TARGET_DIR/$PROFILE_DIR/croupier-bench"
+if [ "$BUILD" = 1 ]; then
+    log "building $PROFILE binaries"
+    cargo build --profile "$PROFILE" --quiet -p croupier -p croupier-bench
+fi
+if [ ! -x "$BIN" ] || [ ! -x "$BENCH" ]; then
+    die "missing $BIN or $BENCH (build them, or drop --no-build)"
+fi
+OUT_DIR="$ROOT/target/bench"
+mkdir -p "$OUT_DIR"
+
+# ---------------------------------------------------------------- clean-up
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/croupier-bench.XXXXXX")
+PG_DIR=""
+PG_RUN=()
+PERF_PID=""
+NODE_PIDS=()
+REDIS_PID=""
+NGINX_PID=""
+
+# These run from the EXIT trap.
+# shellcheck disable=SC2317
+stop_pid() { # pid [seconds before SIGKILL]
+    local pid=$1 grace=${2:-10} i
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317
+cleanup() {
+    local status=$? stoppers=() pid
+    set +e
+    trap - EXIT INT TERM
+    [ -n "$PERF_PID" ] && stop_pid "$PERF_PID" 5
+    [ -n "$NGINX_PID" ] && stop_pid "$NGINX_PID" 5
+    # The instances drain in parallel (SIGTERM, then SIGKILL after 15 s).
+    for pid in "${NODE_PIDS[@]}"; do
+        stop_pid "$pid" 15 &
+        stoppers+=($!)
+    done
+    for pid in "${stoppers[@]}"; do wait "$pid"; done
+    [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID" 5
+    if [ -n "$PG_DIR" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
+        (cd / && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 30 stop) >/dev/null 2>&1
+    fi
+    if [ "$status" -ne 0 ] && [ -d "$WORK" ]; then
+        for f in "$WORK"/node-*.log "$WORK"/nginx.log "$WORK"/redis.log "$PG_DIR/server.log"; do
+            [ -s "$f" ] || continue
+            log "last lines of $(basename "$f"):"
+            tail -n 15 "$f" >&2 || true
+        done
+    fi
+    rm -rf "$WORK"
+    [ -n "$PG_DIR" ] && rm -rf "$PG_DIR"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_ports() { "$BENCH" free-ports --count "$1"; }
+
+wait_tcp() { # port seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+mapfile -t PORTS < <(free_ports 6)
+PG_PORT=${PORTS[0]}
+REDIS_PORT=${PORTS[1]}
+NODE_PORTS=("${PORTS[2]}" "${PORTS[3]}" "${PORTS[4]}")
+NGINX_PORT=${PORTS[5]}
+
+# ---------------------------------------------------------------- PostgreSQL
+log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/croupier-bench-pg.XXXXXX")
+mkdir -p "$PG_DIR/socket"
+if [ "$(id -u)" -eq 0 ]; then
+    # PostgreSQL refuses to run as root.
+    id postgres >/dev/null 2>&1 ||
+        useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
+    chown -R postgres:postgres "$PG_DIR"
+    chmod 700 "$PG_DIR"
+    PG_RUN=(runuser -u postgres --)
+fi
+(cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust --encoding=UTF8 --locale=C \
+    --no-sync) >"$WORK/initdb.log" 2>&1 || die "initdb failed: $(cat "$WORK/initdb.log")"
+PG_OPTS="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR/socket"
+PG_OPTS+=" -c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+PG_OPTS+=" -c max_connections=300 -c shared_buffers=128MB -c logging_collector=off"
+(cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -o "$PG_OPTS" \
+    -w -t 60 start) >/dev/null || die "PostgreSQL did not start: $(tail -n 20 "$PG_DIR/server.log" 2>/dev/null)"
+"$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres croupier
+DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/croupier"
+
+# ---------------------------------------------------------------- Redis
+log "starting Redis on 127.0.0.1:$REDIS_PORT"
+mkdir -p "$WORK/redis"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+    --dir "$WORK/redis" --logfile "$WORK/redis.log" </dev/null >/dev/null 2>&1 &
+REDIS_PID=$!
+wait_tcp "$REDIS_PORT" 20 || die "Redis did not start"
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+
+# ---------------------------------------------------------------- instances
+DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate >/dev/null 2>"$WORK/migrate.log" ||
+    die "croupier migrate failed: $(cat "$WORK/migrate.log")"
+JWT_SECRET="bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))
+for i in 1 2 3; do
+    port=${NODE_PORTS[$((i - 1))]}
+    mkdir -p "$WORK/node-$i"
+    # A clean environment in its own directory (so no .env is read): what the
+    # benchmark measures is exactly this configuration. RUST_LOG=warn: at the
+    # default `info` every request writes a log line.
+    (cd "$WORK/node-$i" && exec env -i PATH="$PATH" BIND=127.0.0.1 PORT="$port" DATA_DIR="$WORK/node-$i" \
+        DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
+        TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
+        RUST_LOG=warn "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
+    NODE_PIDS+=($!)
+done
+for i in 1 2 3; do
+    "$BENCH" ready --url "http://127.0.0.1:${NODE_PORTS[$((i - 1))]}" --timeout 60 || die "instance $i did not become ready"
+done
+log "instances ready on ports ${NODE_PORTS[*]} (pids ${NODE_PIDS[*]})"
+URL1="http://127.0.0.1:${NODE_PORTS[0]}"
+URL2="http://127.0.0.1:${NODE_PORTS[1]}"
+URL3="http://127.0.0.1:${NODE_PORTS[2]}"
+
+# ---------------------------------------------------------------- Nginx
+# The repository's configuration in a scratch prefix, as tests/support/nginx.rs
+# does it: listen ports rewritten to free loopback ports, upstream.conf pointed
+# at the instances, a throwaway certificate for the TLS server block.
+mkdir -p "$WORK/nginx/certs"
+for conf in nginx/*.conf; do
+    sed -e "s/listen 80 default_server;/listen 127.0.0.1:$NGINX_PORT default_server;/" \
+        -e "s/listen 443 ssl default_server;/listen 127.0.0.1:$(free_ports 1) ssl default_server;/" \
+        "$conf" >"$WORK/nginx/$(basename "$conf")"
+done
+for port in "${NODE_PORTS[@]}"; do
+    echo "server 127.0.0.1:$port max_fails=3 fail_timeout=5s;"
+done >"$WORK/nginx/upstream.conf"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/nginx/certs/tls.key" -out "$WORK/nginx/certs/tls.crt" >/dev/null 2>&1 ||
+    die "openssl could not make a certificate"
+NGINX_GLOBALS="daemon off;"
+# As root, workers would switch to `nobody`, which cannot read the private prefix.
+[ "$(id -u)" -eq 0 ] && NGINX_GLOBALS="daemon off; user root;"
+/usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
+    </dev/null >/dev/null 2>"$WORK/nginx.log" &
+NGINX_PID=$!
+NGINX_URL="http://127.0.0.1:$NGINX_PORT"
+"$BENCH" ready --url "$NGINX_URL" --timeout 20 || die "Nginx did not start"
+
+# ---------------------------------------------------------------- scenarios
+RESULTS="$WORK/results.jsonl"
+"$BENCH" machine >"$RESULTS"
+echo "{\"scenario\":\"run\",\"profile\":\"$PROFILE\",\"instances\":3,\"nofile\":$NOFILE}" >>"$RESULTS"
+
+# Idle memory of one instance in cluster mode, after start-up and before any load.
+sleep 2
+idle_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${NODE_PIDS[0]}/status")
+echo "{\"scenario\":\"idle-rss\",\"label\":\"idle-rss\",\"instance\":\"bench-1, cluster mode\",\"kib\":$idle_kib}" >>"$RESULTS"
+log "idle RSS of instance 1: $idle_kib KiB"
+
+# run LABEL SUBCOMMAND ARGS...: one scenario; its JSON line goes to the results.
+run() {
+    local label=$1 line rc=0
+    shift
+    log "scenario $label: croupier-bench $*"
+    line=$("$BENCH" "$@" --label "$label" | tail -n 1) || rc=$?
+    if [ "$rc" -eq 0 ] && [ -n "$line" ]; then
+        echo "$line" >>"$RESULTS"
+        log "  $line"
+    else
+        log "  scenario $label failed (exit $rc)"
+        echo "{\"scenario\":\"failed\",\"label\":\"$label\",\"error\":\"exit status $rc\"}" >>"$RESULTS"
+    fi
+}
+
+# profile LABEL SECONDS: samples instance 1's CPU while a scenario runs.
+profile_start() {
+    [ "$PERF" = 1 ] || return 0
+    perf record -F 499 -g -p "${NODE_PIDS[0]}" -o "$WORK/perf-$1.data" -- sleep "$2" >/dev/null 2>&1 &
+    PERF_PID=$!
+}
+profile_finish() {
+    [ -n "$PERF_PID" ] || return 0
+    wait "$PERF_PID" 2>/dev/null || true
+    PERF_PID=""
+    perf report -i "$WORK/perf-$1.data" --stdio --no-children --percent-limit 0.5 --sort dso,symbol \
+        -g none 2>/dev/null | grep -v '^$' | head -n 80 >"$OUT_DIR/perf-$1.txt" || true
+    log "  profile written to target/bench/perf-$1.txt"
+}
+
+if [ "$QUICK" = 1 ]; then
+    # Two load-generator processes, to exercise the multi-process path.
+    HOLD=(--connections 300 --rooms 10 --settle 1 --per-process 150)
+    GET=(--duration 2 --warmup 0.5)
+    SAVE=(--writers 20 --max-requests 500 --duration 10)
+    FAN1=(--members 200 --adds 5 --gap-ms 20)
+    FAN3=(--members 300 --adds 5 --gap-ms 20)
+    LAT=(--count 50 --gap-ms 5)
+    MIXED=(--duration 5 --clients 20 --rooms 5 --sample-ms 500 --cooldown 1)
+else
+    HOLD=(--connections 15000 --rooms 150 --settle 5)
+    GET=(--duration 10 --warmup 1)
+    SAVE=(--writers 50 --max-requests 10000 --duration 30)
+    FAN1=(--members 10000 --adds 50 --gap-ms 100)
+    FAN3=(--members 10000 --adds 50 --gap-ms 100)
+    LAT=(--count 1000 --gap-ms 10)
+    MIXED=(--duration 90 --clients 300 --rooms 50 --sample-ms 1000 --cooldown 3)
+fi
+
+# Connections first, on instance 3 while it is still fresh, so that memory freed
+# by earlier scenarios cannot hide what the connections cost.
+run hold ws-hold --url "$URL3" --server-pid "${NODE_PIDS[2]}" "${HOLD[@]}"
+sleep 2
+
+if [ "$HAVE_WRK" = 1 ]; then
+    run get-direct-wrk wrk --url "$URL1" --server-pid "${NODE_PIDS[0]}" --duration "${GET[1]%.*}" --connections 50
+fi
+profile_start get-direct "${GET[1]%.*}"
+run get-direct http-get --url "$URL1" --server-pid "${NODE_PIDS[0]}" --connections 50 "${GET[@]}"
+profile_finish get-direct
+if [ "$HAVE_WRK" = 1 ]; then
+    run get-nginx-wrk wrk --url "$NGINX_URL" --duration "${GET[1]%.*}" --connections 50
+fi
+run get-nginx http-get --url "$NGINX_URL" --connections 50 "${GET[@]}"
+
+run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
+
+profile_start fanout-1 20
+run fanout-1 fanout --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${FAN1[@]}"
+profile_finish fanout-1
+sleep 2
+run fanout-3 fanout --url "$URL1" --url "$URL2" --url "$URL3" \
+    --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${FAN3[@]}"
+
+# Idle cluster: let the fan-out members' sessions wind down first.
+sleep 3
+run latency latency --writer-url "$URL1" --reader-url "$URL2" "${LAT[@]}"
+
+run mixed mixed --url "$URL1" --url "$URL2" --url "$URL3" \
+    --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${MIXED[@]}"
+
+# ---------------------------------------------------------------- report
+for i in 0 1 2; do
+    kill -0 "${NODE_PIDS[$i]}" 2>/dev/null || log "instance $((i + 1)) is no longer running"
+done
+cp "$RESULTS" "$OUT_DIR/results.jsonl"
+report_args=(--results "$RESULTS" --json-out "$OUT_DIR/results.json")
+[ "$QUICK" = 1 ] && report_args+=(--quick)
+[ "$STRICT" = 1 ] && report_args+=(--strict)
+rc=0
+"$BENCH" report "${report_args[@]}" || rc=$?
+log "results: target/bench/results.json (raw scenario lines: target/bench/results.jsonl)"
+exit "$rc"
