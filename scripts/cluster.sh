@@ -56,7 +56,7 @@ is_port "$http_port" || die "--http-port must be a port number"
 is_port "$https_port" || die "--https-port must be a port number"
 [ "$http_port" != "$https_port" ] || die "--http-port and --https-port must differ"
 
-# shellcheck source=lib/packages.sh
+# shellcheck source-path=SCRIPTDIR source=lib/packages.sh
 source "$ROOT/scripts/lib/packages.sh"
 
 # --- Packages ------------------------------------------------------------------

@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{Frame, Sources, Target, Ws, json_text, open_member};
+use crate::procinfo::CpuProbe;
 use crate::stats::{Latencies, emit, round3};
 
 #[derive(Debug, Args)]
@@ -48,6 +49,9 @@ pub struct FanoutArgs {
     pub connect_concurrency: usize,
     #[arg(long, default_value_t = 120.0)]
     pub connect_timeout: f64,
+    /// Server processes whose CPU time over the adds is reported (repeat the flag).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
     #[arg(long, default_value_t = 40)]
     pub source_base: u8,
     #[arg(long, default_value_t = 16)]
@@ -246,6 +250,11 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             }
         }
     });
+    let cpu: Vec<CpuProbe> = args
+        .server_pids
+        .iter()
+        .map(|pid| CpuProbe::start(Some(*pid)))
+        .collect();
     let mut sent_at = Vec::with_capacity(args.adds);
     let mut incomplete = 0usize;
     let event_timeout = Duration::from_secs_f64(args.event_timeout.max(0.1));
@@ -269,6 +278,11 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     }
     stop.cancel();
     let _ = drain.await;
+    let deliveries_expected = (joined * args.adds) as u64;
+    let cpu: Vec<serde_json::Value> = cpu
+        .iter()
+        .map(|probe| probe.finish(deliveries_expected))
+        .collect();
 
     let mut all = Latencies::new();
     let mut per_instance: Vec<Latencies> = targets.iter().map(|_| Latencies::new()).collect();
@@ -330,6 +344,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             "complete_p50_ms": complete.p50_ms(),
             "complete_max_ms": complete.max_ms(),
             "per_instance": instances,
+            "cpu": cpu,
         }),
         args.label.as_deref(),
     );

@@ -15,6 +15,7 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 
 use crate::net::{ConnectionClosed, HttpConn, Target, encode_key, read_room};
+use crate::procinfo::CpuProbe;
 use crate::stats::{Latencies, emit, round3};
 
 #[derive(Debug, Args)]
@@ -38,6 +39,9 @@ pub struct GetArgs {
     /// Stop after this many requests even if time is left.
     #[arg(long, default_value_t = 5_000_000)]
     pub max_requests: u64,
+    /// The server process, to report the CPU it used (direct runs only).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     #[arg(long)]
     pub label: Option<String>,
 }
@@ -57,6 +61,9 @@ pub struct SaveArgs {
     /// Total appends (keep it at or under the server's MAX_HISTORY).
     #[arg(long, default_value_t = 10_000)]
     pub max_requests: u64,
+    /// The server process, to report the CPU it used (direct runs only).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     #[arg(long)]
     pub label: Option<String>,
 }
@@ -76,6 +83,9 @@ pub struct WrkArgs {
     /// Whole seconds (wrk's own unit).
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// The server process, to report the CPU it used (direct runs only).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     #[arg(long)]
     pub label: Option<String>,
 }
@@ -230,6 +240,7 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
         .await;
     }
     let deadline = Instant::now() + secs(args.duration);
+    let cpu = CpuProbe::start(args.server_pid);
     let (result, elapsed) = closed_loop(
         &target,
         args.connections,
@@ -238,6 +249,7 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
         request,
     )
     .await;
+    let cpu = cpu.finish(result.ok);
     let errors: u64 = result.errors.values().sum();
     emit(
         json!({
@@ -255,6 +267,7 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
             "p99_ms": result.latencies.p99_ms(),
             "max_ms": result.latencies.max_ms(),
             "latency": result.latencies.summary(),
+            "cpu": cpu,
         }),
         args.label.as_deref(),
     );
@@ -268,6 +281,7 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("bench-save-{}", crate::unique_suffix()));
     let deadline = Instant::now() + secs(args.duration);
     let body_key = key.clone();
+    let cpu = CpuProbe::start(args.server_pid);
     let (result, elapsed) = closed_loop(
         &target,
         args.writers,
@@ -283,6 +297,7 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
         },
     )
     .await;
+    let cpu = cpu.finish(result.ok);
     let mut conn = HttpConn::open(&target, None).await?;
     let room = read_room(&mut conn, &key)
         .await
@@ -308,6 +323,7 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
             "version": room.version,
             "lost": result.ok.saturating_sub(stored),
             "stored_equals_acks": stored == result.ok,
+            "cpu": cpu,
         }),
         args.label.as_deref(),
     );
@@ -338,6 +354,7 @@ pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
         target.authority,
         encode_key(&args.key)
     );
+    let cpu = CpuProbe::start(args.server_pid);
     // wrk stops by itself after --duration; the timeout only guards a hung wrk.
     let run = tokio::process::Command::new("wrk")
         .args([
@@ -361,6 +378,7 @@ pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
         .context("wrk did not finish")?
         .context("running wrk (is the Debian package `wrk` installed?)")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
+
     if !output.status.success() {
         bail!(
             "wrk failed: {text}{}",
@@ -409,6 +427,7 @@ pub async fn wrk(args: WrkArgs) -> anyhow::Result<()> {
             "p50_ms": percentile("50%"),
             "p99_ms": percentile("99%"),
             "max_ms": max_ms,
+            "cpu": cpu.finish(requests),
         }),
         args.label.as_deref(),
     );

@@ -61,3 +61,70 @@ pub fn machine() -> Value {
         "loadavg": loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     })
 }
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user + system) used so far by `pid`, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; the fields we need follow its ')'.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime and stime are fields 14 and 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// Machine-wide (busy, total) CPU ticks from /proc/stat.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3)? + values.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// CPU used by a server process and by the whole machine over a scenario: on a
+/// shared machine, "requests per server CPU-second" says more than requests/s.
+pub struct CpuProbe {
+    pid: Option<u32>,
+    server: Option<f64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuProbe {
+    pub fn start(pid: Option<u32>) -> CpuProbe {
+        CpuProbe {
+            pid,
+            server: pid.and_then(cpu_seconds),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// `{"server_cpu_s", "server_cpu_us_per_op", "machine_busy_pct"}` since `start`.
+    pub fn finish(&self, ops: u64) -> Value {
+        let server = match (self.pid.and_then(cpu_seconds), self.server) {
+            (Some(now), Some(then)) => Some(now - then),
+            _ => None,
+        };
+        let busy_pct = match (machine_ticks(), self.machine) {
+            (Some((b1, t1)), Some((b0, t0))) if t1 > t0 => {
+                Some(((b1 - b0) as f64 * 1000.0 / (t1 - t0) as f64).round() / 10.0)
+            }
+            _ => None,
+        };
+        json!({
+            "server_pid": self.pid,
+            "server_cpu_s": server.map(|s| (s * 100.0).round() / 100.0),
+            "server_cpu_us_per_op": server.filter(|_| ops > 0).map(|s| (s * 1e6 / ops as f64).round()),
+            "machine_busy_pct": busy_pct,
+        })
+    }
+}
