@@ -446,7 +446,7 @@ check_shell_scripts() {
         esac
     done
     if command -v shellcheck >/dev/null 2>&1; then
-        shellcheck "$ROOT"/scripts/*.sh
+        shellcheck -x "$ROOT"/scripts/*.sh "$ROOT"/scripts/lib/*.sh
         echo "syntax and shellcheck clean"
     else
         echo "syntax clean (shellcheck not installed)"
