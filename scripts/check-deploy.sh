@@ -495,7 +495,7 @@ check_backup_restore() {
     export PGHOST=127.0.0.1 PGPORT=$port PGUSER=postgres PGDATABASE=croupier_check
     "$bindir/createdb" croupier_check
     "$bindir/psql" -qX -v ON_ERROR_STOP=1 -c \
-        "CREATE TABLE rooms (id bigserial PRIMARY KEY, key text UNIQUE NOT NULL, version bigint NOT NULL);
+        "CREATE TABLE rooms (id bigserial PRIMARY KEY, key text UNIQUE NOT NULL, version bigint NOT NULL, epoch text NOT NULL DEFAULT 'e0');
          INSERT INTO rooms (key, version) SELECT 'room-' || g, g FROM generate_series(1, 500) g;"
 
     # Retention: two stale dumps beside the new one, BACKUP_KEEP=2.
