@@ -123,6 +123,7 @@ struct WorkerResult {
     latencies: Latencies,
     ok: u64,
     errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
 }
 
 impl WorkerResult {
@@ -133,6 +134,9 @@ impl WorkerResult {
     fn merge(&mut self, other: WorkerResult) {
         self.latencies.merge(&other.latencies);
         self.ok += other.ok;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -194,9 +198,10 @@ where
                             conn = None;
                             continue;
                         }
-                        Err(_) => {
+                        Err(err) => {
                             // Unknown outcome (timeout, reset): count it, start over on a new connection.
                             result.error("transport");
+                            result.first_error.get_or_insert_with(|| format!("{err:#}"));
                             conn = None;
                         }
                     }
@@ -262,6 +267,7 @@ pub async fn http_get(args: GetArgs) -> anyhow::Result<()> {
             "requests": result.ok,
             "errors": errors,
             "error_kinds": result.errors,
+            "first_error": result.first_error,
             "rps": round3(result.ok as f64 / elapsed.as_secs_f64()),
             "p50_ms": result.latencies.p50_ms(),
             "p99_ms": result.latencies.p99_ms(),
@@ -315,6 +321,7 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
             "acks_per_s": round3(result.ok as f64 / elapsed.as_secs_f64()),
             "errors": errors,
             "error_kinds": result.errors,
+            "first_error": result.first_error,
             "p50_ms": result.latencies.p50_ms(),
             "p99_ms": result.latencies.p99_ms(),
             "max_ms": result.latencies.max_ms(),

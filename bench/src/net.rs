@@ -175,11 +175,15 @@ impl HttpConn {
             let request = builder
                 .body(Full::new(json.unwrap_or_default()))
                 .context("building request")?;
-            let response = self
-                .sender
-                .send_request(request)
-                .await
-                .context("sending request")?;
+            let response = match self.sender.try_send_request(request).await {
+                Ok(response) => response,
+                // The request came back unsent: the connection was closing
+                // (a `Connection: close` reply raced with this request).
+                Err(err) if err.message().is_some() => return Err(ConnectionClosed.into()),
+                Err(err) => {
+                    return Err(anyhow::Error::new(err.into_error()).context("sending request"));
+                }
+            };
             let status = response.status();
             let body = response
                 .into_body()

@@ -1,0 +1,610 @@
+//! The budget table. Reads the JSON lines the scenarios printed (each tagged
+//! with a `label` by scripts/bench.sh), compares them with the budgets of
+//! ARCHITECTURE.md, prints one table and writes the same as JSON.
+//!
+//! Two kinds of rows: *correctness* (nothing lost, no errors, every requested
+//! connection established), which fail the run in every mode; and *budgets*
+//! (throughput, latency, memory), which are only judged in a full run and fail
+//! it only with `--strict` (a busy shared machine depresses them).
+//!
+//! Units are decimal: 1 KB = 1,000 bytes, 1 MB = 1,000,000 bytes (stricter
+//! than KiB/MiB, so a pass holds either way).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::{Value, json};
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// File of JSON lines (scenario results, `machine`, `idle-rss`, `failed`).
+    #[arg(long)]
+    pub results: PathBuf,
+    /// Where to write the JSON version of the table.
+    #[arg(long)]
+    pub json_out: PathBuf,
+    /// Quick mode: budgets are shown but not judged.
+    #[arg(long)]
+    pub quick: bool,
+    /// Fail the run when a budget is missed, not only on lost data or errors.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Correctness,
+    Budget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Fail,
+    /// A budget in quick mode: shown, not judged.
+    NotJudged,
+    /// The scenario did not produce a result.
+    Missing,
+}
+
+impl Status {
+    fn text(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::NotJudged => "n/a (quick)",
+            Status::Missing => "FAIL (no result)",
+        }
+    }
+}
+
+struct Row {
+    figure: String,
+    budget: String,
+    measured: String,
+    kind: Kind,
+    status: Status,
+}
+
+struct Table {
+    rows: Vec<Row>,
+    quick: bool,
+}
+
+impl Table {
+    fn push(
+        &mut self,
+        kind: Kind,
+        figure: impl Into<String>,
+        budget: &str,
+        measured: impl Into<String>,
+        pass: bool,
+    ) {
+        let status = match (kind, self.quick, pass) {
+            (Kind::Budget, true, _) => Status::NotJudged,
+            (_, _, true) => Status::Pass,
+            (_, _, false) => Status::Fail,
+        };
+        self.rows.push(Row {
+            figure: figure.into(),
+            budget: budget.into(),
+            measured: measured.into(),
+            kind,
+            status,
+        });
+    }
+
+    fn missing(&mut self, kind: Kind, figure: impl Into<String>, budget: &str, why: String) {
+        self.rows.push(Row {
+            figure: figure.into(),
+            budget: budget.into(),
+            measured: why,
+            kind,
+            status: Status::Missing,
+        });
+    }
+}
+
+fn f(v: &Value, field: &str) -> f64 {
+    v.get(field).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn u(v: &Value, field: &str) -> u64 {
+    v.get(field).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// 12345.6 → "12,346".
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return "?".into();
+    }
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 { format!("-{out}") } else { out }
+}
+
+fn mb(kib: f64) -> String {
+    format!("{:.1} MB", kib * 1024.0 / 1e6)
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(&args.results)
+        .with_context(|| format!("reading {}", args.results.display()))?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let by_label = |label: &str| {
+        lines
+            .iter()
+            .rev()
+            .find(|v| v["label"] == label && v["scenario"] != "failed")
+    };
+    let failure = |label: &str| {
+        lines
+            .iter()
+            .rev()
+            .find(|v| v["scenario"] == "failed" && v["label"] == label)
+            .map(|v| format!("scenario failed: {}", v["error"].as_str().unwrap_or("?")))
+            .unwrap_or_else(|| "scenario did not run".into())
+    };
+    let machine = lines
+        .iter()
+        .find(|v| v["scenario"] == "machine")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut t = Table {
+        rows: Vec::new(),
+        quick: args.quick,
+    };
+
+    // Idle memory.
+    match lines.iter().find(|v| v["scenario"] == "idle-rss") {
+        Some(v) => {
+            let kib = f(v, "kib");
+            let bytes = kib * 1024.0;
+            t.push(
+                Kind::Budget,
+                format!(
+                    "idle RSS, one instance ({})",
+                    v["instance"].as_str().unwrap_or("cluster mode")
+                ),
+                "≤ 7 MB",
+                mb(kib),
+                bytes <= 7e6,
+            );
+        }
+        None => t.missing(
+            Kind::Budget,
+            "idle RSS, one instance (cluster mode)",
+            "≤ 7 MB",
+            "not measured".into(),
+        ),
+    }
+
+    // Reads.
+    for (label, how) in [
+        ("get-direct-wrk", "direct, wrk -c50"),
+        ("get-direct", "direct, croupier-bench -c50"),
+        ("get-nginx-wrk", "through Nginx, wrk -c50"),
+        ("get-nginx", "through Nginx, croupier-bench -c50"),
+    ] {
+        let figure = format!("GET /api/roulette/{{key}} (100 numbers), {how}");
+        match by_label(label) {
+            Some(v) => {
+                let errors = u(v, "errors");
+                let rps = f(v, "rps");
+                t.push(
+                    Kind::Budget,
+                    format!("{figure}: throughput"),
+                    "≥ 50,000 req/s",
+                    format!("{} req/s{}", thousands(rps), cpu_note(&v["cpu"], "req")),
+                    rps >= 50_000.0,
+                );
+                t.push(
+                    Kind::Budget,
+                    format!("{figure}: p99"),
+                    "≤ 5 ms",
+                    format!("{:.2} ms (p50 {:.2})", f(v, "p99_ms"), f(v, "p50_ms")),
+                    f(v, "p99_ms") <= 5.0,
+                );
+                t.push(
+                    Kind::Correctness,
+                    format!("{figure}: errors"),
+                    "0",
+                    thousands(errors as f64),
+                    errors == 0,
+                );
+            }
+            // wrk is optional in quick mode (it is not installed for it).
+            None if label.ends_with("-wrk") && args.quick => {}
+            None => t.missing(
+                Kind::Budget,
+                format!("{figure}: throughput"),
+                "≥ 50,000 req/s",
+                failure(label),
+            ),
+        }
+    }
+
+    // Durable appends.
+    match by_label("save") {
+        Some(v) => {
+            let (acks, stored) = (u(v, "acks"), u(v, "stored"));
+            t.push(
+                Kind::Budget,
+                format!(
+                    "POST /api/roulette/save, {} writers, one room: acks/s",
+                    u(v, "writers")
+                ),
+                "≥ 3,000 /s",
+                format!(
+                    "{} /s (p99 {:.1} ms){}",
+                    thousands(f(v, "acks_per_s")),
+                    f(v, "p99_ms"),
+                    cpu_note(&v["cpu"], "ack")
+                ),
+                f(v, "acks_per_s") >= 3000.0,
+            );
+            t.push(
+                Kind::Correctness,
+                "POST /api/roulette/save: rows stored == 200 acks",
+                "equal",
+                format!("{stored} stored / {acks} acks ({} errors)", u(v, "errors")),
+                stored == acks && acks > 0,
+            );
+        }
+        None => t.missing(
+            Kind::Correctness,
+            "POST /api/roulette/save: rows stored == 200 acks",
+            "equal",
+            failure("save"),
+        ),
+    }
+
+    // Connections held.
+    match by_label("hold") {
+        Some(v) => {
+            let (requested, established) = (u(v, "requested"), u(v, "established"));
+            let dropped = u(v, "dropped_while_held");
+            let all = established == requested && dropped == 0;
+            if args.quick {
+                t.push(
+                    Kind::Correctness,
+                    "WebSocket connections held by one instance",
+                    "all requested",
+                    format!("{established} of {requested}, {dropped} dropped"),
+                    all,
+                );
+            } else {
+                t.push(
+                    Kind::Budget,
+                    "WebSocket connections held by one instance",
+                    "≥ 15,000",
+                    format!(
+                        "{} of {} ({dropped} dropped)",
+                        thousands(established as f64),
+                        thousands(requested as f64)
+                    ),
+                    all && established >= 15_000,
+                );
+            }
+            let per = f(v, "per_conn_bytes");
+            t.push(
+                Kind::Budget,
+                "RSS per WebSocket connection",
+                "≤ 8 KB",
+                format!("{:.1} KB", per / 1000.0),
+                per <= 8000.0,
+            );
+        }
+        None => t.missing(
+            Kind::Budget,
+            "WebSocket connections held by one instance",
+            "≥ 15,000",
+            failure("hold"),
+        ),
+    }
+
+    // Fan-out.
+    for (label, where_, budget, limit) in [
+        ("fanout-1", "one instance", "≤ 30 ms", 30.0),
+        ("fanout-3", "3 instances", "≤ 50 ms", 50.0),
+    ] {
+        match by_label(label) {
+            Some(v) => {
+                let members = u(v, "members");
+                let figure = format!(
+                    "fan-out: one add → {} members on {where_}",
+                    thousands(members as f64)
+                );
+                t.push(
+                    Kind::Correctness,
+                    format!("{figure}: all delivered"),
+                    "all",
+                    format!(
+                        "{}/{} deliveries, {} adds",
+                        u(v, "delivered"),
+                        u(v, "expected"),
+                        u(v, "adds")
+                    ),
+                    v["all_delivered"] == true,
+                );
+                t.push(
+                    Kind::Budget,
+                    format!("{figure}: p99"),
+                    budget,
+                    format!(
+                        "{:.1} ms (p50 {:.1}, max {:.1}){}",
+                        f(v, "p99_ms"),
+                        f(v, "p50_ms"),
+                        f(v, "max_ms"),
+                        cpu_note(&v["cpu"], "delivery")
+                    ),
+                    f(v, "p99_ms") <= limit,
+                );
+            }
+            None => t.missing(
+                Kind::Correctness,
+                format!("fan-out on {where_}: all delivered"),
+                "all",
+                failure(label),
+            ),
+        }
+    }
+
+    // Cross-instance latency.
+    match by_label("latency") {
+        Some(v) => {
+            t.push(
+                Kind::Budget,
+                format!(
+                    "cross-instance add→deliver, idle cluster, {} adds: p99",
+                    u(v, "count")
+                ),
+                "≤ 5 ms",
+                format!("{:.2} ms (p50 {:.2})", f(v, "p99_ms"), f(v, "p50_ms")),
+                f(v, "p99_ms") <= 5.0,
+            );
+            t.push(
+                Kind::Correctness,
+                "cross-instance add→deliver: all delivered",
+                "all",
+                format!("{}/{}", u(v, "delivered"), u(v, "count")),
+                v["all_delivered"] == true,
+            );
+        }
+        None => t.missing(
+            Kind::Budget,
+            "cross-instance add→deliver, idle cluster: p99",
+            "≤ 5 ms",
+            failure("latency"),
+        ),
+    }
+
+    // Soak.
+    match by_label("mixed") {
+        Some(v) => {
+            let errors = u(v, "errors");
+            t.push(
+                Kind::Correctness,
+                format!(
+                    "mixed load ({} clients, {} rooms, {:.0} s): errors",
+                    u(v, "clients"),
+                    u(v, "rooms"),
+                    f(v, "duration_s")
+                ),
+                "0",
+                format!("{errors} in {} ops", thousands(f(v, "ops"))),
+                errors == 0,
+            );
+            let (flat, text) = memory_flatness(&v["memory"]);
+            t.push(
+                Kind::Budget,
+                "mixed load: server memory (first→mid→last, max)",
+                "flat: 2nd-half growth ≤ 5% or 2 MB",
+                text,
+                flat,
+            );
+        }
+        None => t.missing(
+            Kind::Correctness,
+            "mixed load: errors",
+            "0",
+            failure("mixed"),
+        ),
+    }
+
+    let profile = lines
+        .iter()
+        .find(|v| v["scenario"] == "run")
+        .and_then(|v| v["profile"].as_str())
+        .unwrap_or("?");
+    print_table(&t, &machine, args.quick, profile);
+    let correctness_ok = t
+        .rows
+        .iter()
+        .filter(|r| r.kind == Kind::Correctness)
+        .all(|r| r.status == Status::Pass);
+    let budgets_ok = t
+        .rows
+        .iter()
+        .filter(|r| r.kind == Kind::Budget)
+        .all(|r| matches!(r.status, Status::Pass | Status::NotJudged));
+    let ok = correctness_ok
+        && t.rows.iter().all(|r| r.status != Status::Missing)
+        && (budgets_ok || !args.strict);
+    let rows: Vec<Value> = t
+        .rows
+        .iter()
+        .map(|r| {
+            json!({"figure": r.figure, "budget": r.budget, "measured": r.measured, "status": r.status.text(),
+                   "kind": if r.kind == Kind::Correctness { "correctness" } else { "budget" }})
+        })
+        .collect();
+    let out = json!({
+        "mode": if args.quick { "quick" } else { "full" },
+        "machine": machine,
+        "rows": rows,
+        "correctness_ok": correctness_ok,
+        "budgets_ok": budgets_ok,
+        "ok": ok,
+        "scenarios": lines,
+    });
+    if let Some(dir) = args.json_out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.json_out, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("writing {}", args.json_out.display()))?;
+    Ok(ok)
+}
+
+/// " (server CPU 24 µs/req, machine 97% busy)" when the scenario measured it.
+fn cpu_note(cpu: &Value, unit: &str) -> String {
+    let probes: Vec<&Value> = match cpu {
+        Value::Array(list) => list.iter().collect(),
+        Value::Object(_) => vec![cpu],
+        _ => return String::new(),
+    };
+    let mut parts = Vec::new();
+    let per_op: Vec<f64> = probes
+        .iter()
+        .filter_map(|p| p["server_cpu_us_per_op"].as_f64())
+        .collect();
+    if !per_op.is_empty() {
+        // Over several instances each probe divides by all operations: the sum is the total.
+        parts.push(format!(
+            "server CPU {:.0} µs/{unit}",
+            per_op.iter().sum::<f64>()
+        ));
+    }
+    let busy: Vec<f64> = probes
+        .iter()
+        .filter_map(|p| p["machine_busy_pct"].as_f64())
+        .collect();
+    if let Some(b) = busy.first() {
+        parts.push(format!("machine {b:.0}% busy"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
+}
+
+/// Flat: over the second half of the run no instance grew by more than 5 % of
+/// its mid-run size or 2 MB, whichever is larger.
+fn memory_flatness(memory: &Value) -> (bool, String) {
+    let Some(instances) = memory.as_array().filter(|a| !a.is_empty()) else {
+        return (false, "no samples".into());
+    };
+    let mut flat = true;
+    let mut parts = Vec::new();
+    for m in instances {
+        let (first, mid, last, max) = (
+            f(m, "first_kib"),
+            f(m, "mid_kib"),
+            f(m, "last_kib"),
+            f(m, "max_kib"),
+        );
+        let allowed = (mid * 0.05).max(2e6 / 1024.0);
+        flat &= (last - mid) <= allowed && u(m, "samples") >= 3;
+        parts.push(format!(
+            "{:.1}→{:.1}→{:.1} (max {:.1})",
+            first * 1.024 / 1000.0,
+            mid * 1.024 / 1000.0,
+            last * 1.024 / 1000.0,
+            max * 1.024 / 1000.0
+        ));
+    }
+    (flat, format!("{} MB", parts.join("; ")))
+}
+
+fn print_table(t: &Table, machine: &Value, quick: bool, profile: &str) {
+    let header = ["figure", "budget", "measured", "pass/fail"];
+    let cells: Vec<[String; 4]> = t
+        .rows
+        .iter()
+        .map(|r| {
+            [
+                r.figure.clone(),
+                r.budget.clone(),
+                r.measured.clone(),
+                r.status.text().to_owned(),
+            ]
+        })
+        .collect();
+    let width = |i: usize| {
+        cells
+            .iter()
+            .map(|c| c[i].chars().count())
+            .chain([header[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths = [width(0), width(1), width(2), width(3)];
+    let line = |c: [&str; 4]| {
+        let padded: Vec<String> = c
+            .iter()
+            .zip(widths)
+            .map(|(s, w)| format!("{s}{}", " ".repeat(w - s.chars().count())))
+            .collect();
+        format!("| {} |", padded.join(" | "))
+    };
+    println!();
+    println!(
+        "croupier benchmark ({}, {profile} binaries) on {} CPU(s), {}, {:.1} GB RAM, kernel {}, load average at start {}",
+        if quick {
+            "quick: budgets not judged"
+        } else {
+            "full"
+        },
+        machine["nproc"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        f(machine, "mem_total_kib") * 1024.0 / 1e9,
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["loadavg"].as_str().unwrap_or("?"),
+    );
+    println!();
+    println!("{}", line(header));
+    println!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for c in &cells {
+        println!("{}", line([&c[0], &c[1], &c[2], &c[3]]));
+    }
+    println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(0.0), "0");
+    }
+
+    #[test]
+    fn memory_flatness_allows_small_growth_only() {
+        let flat = json!([{"first_kib": 10000, "mid_kib": 20000, "last_kib": 20500, "max_kib": 21000, "samples": 10}]);
+        assert!(memory_flatness(&flat).0);
+        let growing = json!([{"first_kib": 10000, "mid_kib": 20000, "last_kib": 40000, "max_kib": 40000, "samples": 10}]);
+        assert!(!memory_flatness(&growing).0);
+    }
+}
