@@ -16,179 +16,56 @@
 //! There is no fallback: when the database cannot be reached every operation
 //! fails with [`StoreError::Unavailable`], and the pool reconnects by itself once
 //! the server is back.
+//!
+//! The grouped-append path lives in `append`, connecting (options, start-up
+//! wait, migration connection) in `connect`; this file holds the store itself,
+//! the general transaction path and the rest of the [`Store`] implementation.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+mod append;
+mod connect;
+
+pub use connect::PgOptions;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::Row;
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, PgConnection, Row};
-use tokio::sync::oneshot;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
 
 use super::{
     Applied, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, MUTATION_ID_WINDOW, MigrationInfo,
     Mutation, Page, RoomAuth, RoomSummary, Store, StoreError, StoreStats, decode_change,
     encode_change, next_history, stored_history, stored_key,
 };
-use crate::domain::{
-    Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version, new_epoch,
-};
+use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
 use crate::telemetry::DbTimer;
+use append::AppendQueues;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 const ROOM_COLUMNS: &str =
     "id, key, history::text AS history, version, epoch, created_at, updated_at, password_hash";
 
-/// Longest wait between two connection attempts at start-up.
-const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
-
 /// Most event-log rows one pruning statement deletes.
 const PRUNE_SLICE: i64 = 10_000;
-
-/// Most adds one `croupier_append` call carries.
-const MAX_APPEND_BATCH: usize = 256;
-
-/// Connection settings for [`PostgresStore::connect`].
-#[derive(Debug, Clone)]
-pub struct PgOptions {
-    /// Pool size of this instance.
-    pub max_connections: u32,
-    /// How long an operation waits for a pooled connection (or for a new one to be
-    /// established) before it fails with [`StoreError::Unavailable`].
-    pub acquire_timeout: Duration,
-    /// Server-side limit for one statement, including time spent waiting for a
-    /// room's lock. Also bounds how long a session may sit idle inside a
-    /// transaction, so a stalled instance cannot keep a room locked.
-    pub statement_timeout: Duration,
-    /// How many times start-up tries to reach the server before giving up.
-    pub connect_attempts: u32,
-}
-
-impl Default for PgOptions {
-    fn default() -> Self {
-        PgOptions {
-            max_connections: 20,
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(5),
-            connect_attempts: 30,
-        }
-    }
-}
 
 pub struct PostgresStore {
     pool: PgPool,
     appends: Arc<AppendQueues>,
-    /// Client-side bound for one `croupier_append` call (see [`flush_appends`]).
+    /// Client-side bound for one `croupier_append` call (see `append::flush_appends`).
     append_timeout: Duration,
     /// For migrations: the same server and credentials, without the timeouts.
     admin: PgConnectOptions,
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` (a `postgres://` URL), waiting with
-    /// exponential backoff while the server is unreachable (e.g. still starting
-    /// next to this instance). Errors that waiting cannot fix — bad credentials,
-    /// a missing database — fail at once.
-    pub async fn connect(url: &str, options: PgOptions) -> anyhow::Result<Self> {
-        // The URL may hold a password: it is never logged or put into an error.
-        let admin = PgConnectOptions::from_str(url)
-            .context("invalid PostgreSQL URL")?
-            .application_name("croupier");
-        let timeout_ms = options.statement_timeout.as_millis();
-        let connect = admin.clone().options([
-            ("statement_timeout", format!("{timeout_ms}ms")),
-            (
-                "idle_in_transaction_session_timeout",
-                format!("{timeout_ms}ms"),
-            ),
-        ]);
-        wait_for_server(&connect, &options).await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            // Pings an idle connection before handing it out, so connections that
-            // died with a server restart are replaced instead of failing a request.
-            .test_before_acquire(true)
-            .connect_lazy_with(connect);
-        // Waiting for a connection, then the statement's own limit, then slack.
-        let statement_limit = match options.statement_timeout {
-            Duration::ZERO => Duration::from_secs(60),
-            limit => limit,
-        };
-        let append_timeout = options.acquire_timeout + statement_limit + Duration::from_secs(1);
-        Ok(PostgresStore {
-            pool,
-            appends: Arc::default(),
-            append_timeout,
-            admin,
-        })
-    }
-
     /// The underlying pool, for tests and tools that need raw SQL.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// A connection of its own for migrations, which may take longer than a
-    /// statement is allowed to and may wait for another instance's migration lock.
-    /// (A one-connection pool: the migrator's API is easiest to use with a pool.)
-    async fn admin_pool(&self) -> anyhow::Result<PgPool> {
-        PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(self.admin.clone())
-            .await
-            .context("connecting to PostgreSQL to migrate")
-    }
-
-    /// Queues an add for its room's next `croupier_append` call and waits for the
-    /// outcome; `None` if the room does not exist yet.
-    async fn append(
-        &self,
-        mutation: &Mutation,
-        number: Number,
-    ) -> Result<Option<Applied>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let pending = PendingAppend {
-            number,
-            mutation_id: mutation.mutation_id.clone(),
-            max_history: mutation.max_history,
-            reply,
-        };
-        let start_flusher = {
-            let mut rooms = self.appends.lock();
-            match rooms.entry(mutation.key.clone()) {
-                Entry::Occupied(mut queue) => {
-                    queue.get_mut().push(pending);
-                    false
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(vec![pending]);
-                    true
-                }
-            }
-        };
-        if start_flusher {
-            let task = flush_appends(
-                self.pool.clone(),
-                self.appends.clone(),
-                mutation.key.clone(),
-                self.append_timeout,
-            );
-            tokio::spawn(task);
-        }
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Internal(
-                "the append task stopped before answering".into(),
-            ))
-        })
     }
 
     /// The general path: any change, creating the room when an add or replace
@@ -306,287 +183,6 @@ impl PostgresStore {
             room,
             duplicate: false,
         })
-    }
-}
-
-/// Tries to open one connection until it works, backing off exponentially while
-/// the server is unreachable.
-async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> anyhow::Result<()> {
-    let attempts = options.connect_attempts.max(1);
-    let mut backoff = Duration::from_millis(100);
-    let mut last_error = String::new();
-    for attempt in 1..=attempts {
-        let outcome =
-            tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(connect))
-                .await;
-        match outcome {
-            Ok(Ok(conn)) => {
-                let _ = conn.close().await;
-                return Ok(());
-            }
-            Ok(Err(err)) => match StoreError::from_sqlx(err) {
-                StoreError::Unavailable(msg) => last_error = msg,
-                other => anyhow::bail!("connecting to PostgreSQL: {other}"),
-            },
-            Err(_) => {
-                last_error = format!("no answer within {:?}", options.acquire_timeout);
-            }
-        }
-        if attempt == attempts {
-            tracing::warn!(attempt, attempts, error = %last_error, "PostgreSQL is unreachable; giving up");
-            break;
-        }
-        tracing::warn!(
-            attempt,
-            attempts,
-            error = %last_error,
-            retry_in_ms = backoff.as_millis() as u64,
-            "PostgreSQL is unreachable; retrying"
-        );
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
-    }
-    anyhow::bail!("PostgreSQL still unreachable after {attempts} attempt(s): {last_error}")
-}
-
-// Appends. Concurrent adds to one room are serialised by the room's row lock
-// anyway, and each would pay for its own lock hand-over and commit flush. So an
-// instance sends them one call at a time per room: while a call runs, newly
-// arriving adds wait in the room's queue, and the next call carries all of them
-// (in arrival order). Under load that turns one commit per add into one commit
-// per group, without changing any outcome: the function applies the group item by
-// item exactly as separate calls would, and every caller is answered only after
-// the commit that contains its add.
-
-/// An add waiting for its room's next `croupier_append` call.
-struct PendingAppend {
-    number: Number,
-    mutation_id: Option<MutationId>,
-    max_history: usize,
-    reply: oneshot::Sender<Result<Option<Applied>, StoreError>>,
-}
-
-/// Adds waiting, per room. A room has an entry exactly while a task started by
-/// [`PostgresStore::append`] is sending its calls; the task removes the entry once
-/// it finds it empty.
-#[derive(Default)]
-struct AppendQueues {
-    rooms: Mutex<HashMap<RoomKey, Vec<PendingAppend>>>,
-}
-
-impl AppendQueues {
-    /// A std mutex: it is held only to push or drain a queue, never across `.await`.
-    fn lock(&self) -> MutexGuard<'_, HashMap<RoomKey, Vec<PendingAppend>>> {
-        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Removes a room's entry if its task ends early (a panic, or a runtime shutting
-/// down), so that later adds start a new task instead of waiting forever.
-/// Dropping the queued replies makes their callers fail with an internal error.
-struct FlusherGuard<'a> {
-    queues: &'a AppendQueues,
-    key: &'a RoomKey,
-    finished: bool,
-}
-
-impl Drop for FlusherGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.queues.lock().remove(self.key);
-        }
-    }
-}
-
-/// Sends the room's queued adds, a group per call, until the queue is empty.
-///
-/// Every add of this instance's room waits on this task, so a call gets a
-/// client-side deadline as well: the server's statement timeout cannot help when
-/// its answer never arrives (a network partition leaves the socket open).
-async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey, limit: Duration) {
-    let mut guard = FlusherGuard {
-        queues: &queues,
-        key: &key,
-        finished: false,
-    };
-    loop {
-        let batch: Vec<PendingAppend> = {
-            let mut rooms = queues.lock();
-            match rooms.get_mut(&key) {
-                Some(queue) if !queue.is_empty() => {
-                    let take = queue.len().min(MAX_APPEND_BATCH);
-                    queue.drain(..take).collect()
-                }
-                _ => {
-                    rooms.remove(&key);
-                    guard.finished = true;
-                    return;
-                }
-            }
-        };
-        let outcome = tokio::time::timeout(limit, call_append(&pool, &key, &batch))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from PostgreSQL within {limit:?}"
-                )))
-            });
-        let results = match outcome {
-            Ok(results) => results,
-            Err(err) => batch.iter().map(|_| Err(copy_error(&err))).collect(),
-        };
-        for (pending, result) in batch.into_iter().zip(results) {
-            // The caller may have gone away; the add is committed all the same.
-            let _ = pending.reply.send(result);
-        }
-    }
-}
-
-/// One `croupier_append` call for a group of adds; one outcome per add, in order.
-async fn call_append(
-    pool: &PgPool,
-    key: &RoomKey,
-    batch: &[PendingAppend],
-) -> Result<Vec<Result<Option<Applied>, StoreError>>, StoreError> {
-    let now = now();
-    let numbers: Vec<String> = batch
-        .iter()
-        .map(|p| p.number.to_json().to_string())
-        .collect();
-    let ids: Vec<Option<&str>> = batch
-        .iter()
-        .map(|p| p.mutation_id.as_ref().map(MutationId::as_str))
-        .collect();
-    let limits: Vec<i64> = batch
-        .iter()
-        .map(|p| i64::try_from(p.max_history).unwrap_or(i64::MAX))
-        .collect();
-    let row = sqlx::query("SELECT * FROM croupier_append($1, $2::jsonb, $3, $4, $5, $6)")
-        .bind(key.as_str())
-        .bind(format!("[{}]", numbers.join(",")))
-        .bind(ids)
-        .bind(limits)
-        .bind(now)
-        .bind(now - MUTATION_ID_WINDOW)
-        .fetch_one(pool)
-        .await?;
-    if !row.try_get::<bool, _>("room_found")? {
-        return Ok(batch.iter().map(|_| Ok(None)).collect());
-    }
-
-    let history: String = row.try_get("room_history")?;
-    let history = stored_history(&history)?;
-    let version_before: i64 = row.try_get("version_before")?;
-    let updated_before: DateTime<Utc> = row.try_get("updated_at_before")?;
-    let outcomes: Vec<String> = row.try_get("outcomes")?;
-    let room_versions: Vec<i64> = row.try_get("room_versions")?;
-    let event_versions: Vec<Option<i64>> = row.try_get("event_versions")?;
-    let event_kinds: Vec<Option<String>> = row.try_get("event_kinds")?;
-    let event_payloads: Vec<Option<String>> = row.try_get("event_payloads")?;
-    let event_times: Vec<Option<DateTime<Utc>>> = row.try_get("event_times")?;
-    let corrupt = || StoreError::Internal("croupier_append returned an inconsistent result".into());
-    let lengths = [
-        room_versions.len(),
-        event_versions.len(),
-        event_kinds.len(),
-        event_payloads.len(),
-        event_times.len(),
-    ];
-    if outcomes.len() != batch.len() || lengths.iter().any(|&n| n != batch.len()) {
-        return Err(corrupt());
-    }
-    // Only adds happen inside one call, so the room after item i is the final
-    // history cut to the length it had then.
-    let added = room_versions.last().map_or(0, |v| v - version_before);
-    let length_before = usize::try_from(added)
-        .ok()
-        .and_then(|added| history.len().checked_sub(added))
-        .ok_or_else(corrupt)?;
-    let template = Room {
-        id: row.try_get("room_id")?,
-        key: key.clone(),
-        history: History::default(),
-        version: 0,
-        epoch: row.try_get::<String, _>("room_epoch")?.into(),
-        created_at: row.try_get("room_created_at")?,
-        updated_at: updated_before,
-        protected: row.try_get("room_protected")?,
-    };
-
-    // The room as it was once item i had been handled.
-    let room_after = |i: usize| -> Result<Room, StoreError> {
-        let version = room_versions[i];
-        let grown = usize::try_from(version - version_before).map_err(|_| corrupt())?;
-        let numbers = history
-            .numbers()
-            .get(..length_before + grown)
-            .ok_or_else(corrupt)?;
-        Ok(Room {
-            history: History::from_numbers(numbers.to_vec()),
-            version: version as Version,
-            updated_at: if grown > 0 { now } else { updated_before },
-            ..template.clone()
-        })
-    };
-
-    let mut results = Vec::with_capacity(batch.len());
-    for (i, pending) in batch.iter().enumerate() {
-        let result = match outcomes[i].as_str() {
-            "applied" => room_after(i).map(|room| {
-                Some(Applied {
-                    event: RoomEvent {
-                        key: key.clone(),
-                        epoch: room.epoch.clone(),
-                        version: room.version,
-                        change: Change::Added(pending.number),
-                        mutation_id: pending.mutation_id.clone(),
-                        committed_at: now,
-                    },
-                    room,
-                    duplicate: false,
-                })
-            }),
-            "duplicate" => match (
-                &event_versions[i],
-                &event_kinds[i],
-                &event_payloads[i],
-                event_times[i],
-            ) {
-                (Some(version), Some(kind), Some(payload), Some(committed_at)) => {
-                    let change = decode_change(kind, payload);
-                    change.and_then(|change| {
-                        let room = room_after(i)?;
-                        Ok(Some(Applied {
-                            event: RoomEvent {
-                                key: key.clone(),
-                                epoch: room.epoch.clone(),
-                                version: *version as Version,
-                                change,
-                                mutation_id: pending.mutation_id.clone(),
-                                committed_at,
-                            },
-                            room,
-                            duplicate: true,
-                        }))
-                    })
-                }
-                _ => Err(corrupt()),
-            },
-            "too_long" => Err(StoreError::HistoryTooLong {
-                max: pending.max_history,
-            }),
-            _ => Err(corrupt()),
-        };
-        results.push(result);
-    }
-    Ok(results)
-}
-
-/// The same failure for every add of a group whose call failed.
-fn copy_error(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::Unavailable(msg) => StoreError::Unavailable(msg.clone()),
-        other => StoreError::Internal(other.to_string()),
     }
 }
 

@@ -26,6 +26,16 @@
 //! `kind`/`value` being `add`/number, `remove`/index or `replace`/history, and
 //! `committedAt` RFC 3339 with nanoseconds. `origin` is the publishing instance; an
 //! instance ignores its own events because it already delivered them locally.
+//!
+//! The channel names and the JSON wire format live in `wire`; the background
+//! tasks (dispatching messages, following reconnects, announcing lost publishes)
+//! in `tasks`. This file holds the bus itself, its connections and the [`Bus`]
+//! implementation.
+//!
+//! [`Inbound::Resync`]: crate::bus::Inbound::Resync
+
+mod tasks;
+mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,32 +44,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::Message;
-use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
 use super::{
-    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler, PRESENCE_TTL,
+    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, InboundHandler, PRESENCE_TTL,
 };
-use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey};
+use crate::domain::{RoomEvent, RoomKey};
+use tasks::{Role, dispatch, retry_announcement, watch_connection};
+use wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, encode_event, room_channel};
 
-const ROOM_CHANNEL_PREFIX: &str = "croupier:room:";
-const CONTROL_CHANNEL: &str = "croupier:control";
-/// "I could not publish some events; catch up from the store." Payload: the
-/// announcing instance (which ignores its own announcement).
-const RESYNC_CHANNEL: &str = "croupier:resync";
 const PRESENCE_PREFIX: &str = "croupier:presence:";
 const JOINS_KEY: &str = "croupier:joins";
 /// Keys per `SUBSCRIBE`, `MGET` or `SCAN` page: large enough to be cheap, small
 /// enough not to stall Redis for other clients.
 const BATCH: usize = 500;
-/// How often a pending resync announcement is retried (besides right after a
-/// reconnect), for publishes that failed only after the reconnect was reported.
-const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 
 /// Tuning for [`RedisBus::connect_with`]; [`Default`] is what production uses.
 #[derive(Debug, Clone)]
@@ -78,6 +78,8 @@ pub struct RedisBusOptions {
     pub presence_ttl: Duration,
     /// Pub/sub messages buffered between the socket reader and the dispatcher.
     /// Overflow is not silent: it triggers [`Inbound::Resync`].
+    ///
+    /// [`Inbound::Resync`]: crate::bus::Inbound::Resync
     pub message_buffer: usize,
 }
 
@@ -307,10 +309,6 @@ impl Drop for RedisBus {
     }
 }
 
-fn room_channel(key: &RoomKey) -> String {
-    format!("{ROOM_CHANNEL_PREFIX}{key}")
-}
-
 fn presence_key(connection_id: &str) -> String {
     format!("{PRESENCE_PREFIX}{connection_id}")
 }
@@ -501,358 +499,5 @@ async fn scan_keys<C: KeysInterface>(client: &C, pattern: &str) -> Result<Vec<St
             return Ok(keys);
         }
         cursor = next;
-    }
-}
-
-impl Shared {
-    fn lock_wanted(&self) -> std::sync::MutexGuard<'_, HashSet<RoomKey>> {
-        // Poisoning only means another thread panicked while holding a plain set.
-        self.wanted.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn deliver(&self, message: Message) {
-        let channel: &str = &message.channel;
-        let Some(payload) = message.value.as_bytes() else {
-            return self.malformed(channel, "payload is not a string");
-        };
-        let inbound = if channel == RESYNC_CHANNEL {
-            if payload == self.instance.as_bytes() {
-                return; // its own members had every event delivered locally
-            }
-            Inbound::Resync
-        } else if channel == CONTROL_CHANNEL {
-            match serde_json::from_slice::<ControlMessage>(payload) {
-                Ok(control) => Inbound::Control(control),
-                Err(err) => return self.malformed(channel, &err.to_string()),
-            }
-        } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
-            let (origin, event) = match decode_event(payload) {
-                Ok(decoded) => decoded,
-                Err(reason) => return self.malformed(channel, &reason),
-            };
-            if room_channel(&event.key) != channel {
-                return self.malformed(channel, "room key does not match the channel");
-            }
-            // Our own events were delivered locally before they were published, and
-            // a room unsubscribed a moment ago may still have messages in flight.
-            if origin == self.instance || !self.lock_wanted().contains(&event.key) {
-                return;
-            }
-            Inbound::Event(event)
-        } else {
-            return;
-        };
-        metrics::counter!("croupier_bus_messages_total", "direction" => "in").increment(1);
-        (self.handler)(inbound);
-    }
-
-    /// Tells the other instances to catch up from the store if a publish failed
-    /// since the last announcement; if this fails too, it stays pending.
-    async fn announce_lost_publishes(&self) {
-        if !self.lost_publish.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        let client = self.client.with_options(&self.fast);
-        let sent = client
-            .publish::<i64, _, _>(RESYNC_CHANNEL, self.instance.as_str())
-            .await;
-        match observe("publish", sent) {
-            Ok(_) => tracing::info!(
-                "asked the other instances to catch up on events this one could not publish"
-            ),
-            Err(_) => self.lost_publish.store(true, Ordering::SeqCst),
-        }
-    }
-
-    fn malformed(&self, channel: &str, reason: &str) {
-        count_error("decode");
-        tracing::warn!(channel, reason, "malformed bus message ignored");
-    }
-
-    /// Brings the subscriber connection in line with `wanted` after a reconnect.
-    async fn resubscribe(&self) -> Result<(), BusError> {
-        let rooms: Vec<RoomKey> = self.lock_wanted().iter().cloned().collect();
-        let mut channels: Vec<String> = rooms.iter().map(room_channel).collect();
-        channels.push(CONTROL_CHANNEL.to_owned());
-        channels.push(RESYNC_CHANNEL.to_owned());
-        for chunk in channels.chunks(BATCH) {
-            observe("subscribe", self.subscriber.subscribe(chunk.to_vec()).await)?;
-        }
-        // A room left while the batch was in flight must not stay subscribed.
-        let gone: Vec<String> = {
-            let wanted = self.lock_wanted();
-            rooms
-                .iter()
-                .filter(|k| !wanted.contains(*k))
-                .map(room_channel)
-                .collect()
-        };
-        if !gone.is_empty() {
-            observe("unsubscribe", self.subscriber.unsubscribe(gone).await)?;
-        }
-        self.confirm_subscriptions().await
-    }
-
-    /// Waits until Redis has processed every subscription command sent so far.
-    ///
-    /// fred completes `SUBSCRIBE` once it is written, not when Redis acknowledges
-    /// it, but callers rely on "subscribed" meaning "no later event can pass by":
-    /// the hub subscribes before reading its snapshot. A `PING` on the same
-    /// connection is answered only after everything queued before it.
-    async fn confirm_subscriptions(&self) -> Result<(), BusError> {
-        observe(
-            "subscribe_confirm",
-            self.subscriber.ping::<Value>(None).await,
-        )
-        .map(|_| ())
-    }
-
-    fn mark(&self, role: Role, up: bool) {
-        let flag = match role {
-            Role::Publisher => &self.client_up,
-            Role::Subscriber => &self.subscriber_up,
-        };
-        let was = flag.swap(up, Ordering::SeqCst);
-        if was != up {
-            if up {
-                tracing::info!(connection = role.name(), "Redis connection restored");
-            } else {
-                tracing::warn!(
-                    connection = role.name(),
-                    "Redis connection lost; reconnecting"
-                );
-            }
-        }
-        set_up_gauge(
-            self.client_up.load(Ordering::SeqCst) && self.subscriber_up.load(Ordering::SeqCst),
-        );
-    }
-}
-
-/// Forwards pub/sub messages to the handler.
-async fn dispatch(shared: Arc<Shared>, mut messages: tokio::sync::broadcast::Receiver<Message>) {
-    loop {
-        match messages.recv().await {
-            Ok(message) => shared.deliver(message),
-            Err(RecvError::Lagged(missed)) => {
-                // Dropped messages are events someone's members now lack: catch up.
-                count_error("lagged");
-                tracing::warn!(missed, "bus receiver fell behind; resynchronising");
-                (shared.handler)(Inbound::Resync);
-            }
-            Err(RecvError::Closed) => return,
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Role {
-    Publisher,
-    Subscriber,
-}
-
-impl Role {
-    fn name(self) -> &'static str {
-        match self {
-            Role::Publisher => "publisher",
-            Role::Subscriber => "subscriber",
-        }
-    }
-}
-
-/// Follows one connection's losses and reconnects. After a reconnect the
-/// subscriber re-subscribes, and either connection then asks the hub to resync:
-/// events published or received while it was down were lost.
-async fn watch_connection(shared: Arc<Shared>, role: Role) {
-    let (mut reconnects, mut errors) = match role {
-        Role::Publisher => (shared.client.reconnect_rx(), shared.client.error_rx()),
-        Role::Subscriber => (
-            shared.subscriber.reconnect_rx(),
-            shared.subscriber.error_rx(),
-        ),
-    };
-    loop {
-        tokio::select! {
-            reconnect = reconnects.recv() => match reconnect {
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    metrics::counter!("croupier_redis_reconnects_total", "connection" => role.name()).increment(1);
-                    shared.mark(role, true);
-                    match role {
-                        Role::Subscriber => resubscribe_until_done(&shared).await,
-                        Role::Publisher => shared.announce_lost_publishes().await,
-                    }
-                    if shared.closed.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    (shared.handler)(Inbound::Resync);
-                }
-                Err(RecvError::Closed) => return,
-            },
-            error = errors.recv() => match error {
-                Ok((err, _)) => {
-                    tracing::debug!(connection = role.name(), error = %err, "Redis connection error");
-                    shared.mark(role, false);
-                }
-                Err(RecvError::Lagged(_)) => shared.mark(role, false),
-                Err(RecvError::Closed) => return,
-            },
-        }
-    }
-}
-
-/// Retries a pending resync announcement every [`ANNOUNCE_RETRY`]: a publish can
-/// fail after the reconnect that would have announced it was already reported (a
-/// command issued just before a drop), or time out while the connection stays up.
-async fn retry_announcement(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(ANNOUNCE_RETRY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !shared.closed.load(Ordering::SeqCst) {
-        tick.tick().await;
-        if shared.lost_publish.load(Ordering::SeqCst) && shared.client.is_connected() {
-            shared.announce_lost_publishes().await;
-        }
-    }
-}
-
-async fn resubscribe_until_done(shared: &Shared) {
-    let mut delay = Duration::from_millis(100);
-    while !shared.closed.load(Ordering::SeqCst) {
-        match shared.resubscribe().await {
-            Ok(()) => return,
-            Err(err) => {
-                tracing::warn!(error = %err, "re-subscribing after reconnect failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// A room event on the wire. Private so that domain types stay free of transport concerns.
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireEvent {
-    origin: String,
-    key: String,
-    epoch: String,
-    version: u64,
-    kind: String,
-    value: serde_json::Value,
-    #[serde(default)]
-    mutation_id: Option<String>,
-    committed_at: String,
-}
-
-fn encode_event(origin: &str, event: &RoomEvent) -> String {
-    let value = match &event.change {
-        Change::Added(n) => n.to_json(),
-        Change::Removed(i) => serde_json::Value::from(*i),
-        Change::Replaced(h) => serde_json::to_value(h).unwrap_or_default(),
-    };
-    let wire = WireEvent {
-        origin: origin.to_owned(),
-        key: event.key.to_string(),
-        epoch: event.epoch.to_string(),
-        version: event.version,
-        kind: event.change.kind().to_owned(),
-        value,
-        mutation_id: event.mutation_id.as_ref().map(|m| m.as_str().to_owned()),
-        committed_at: event
-            .committed_at
-            .to_rfc3339_opts(SecondsFormat::Nanos, true),
-    };
-    // Serialising plain strings, integers and JSON values cannot fail.
-    serde_json::to_string(&wire).unwrap_or_default()
-}
-
-/// Parses a payload into (origin instance, event); the error says what was wrong.
-fn decode_event(payload: &[u8]) -> Result<(String, RoomEvent), String> {
-    let wire: WireEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    let change = match wire.kind.as_str() {
-        "add" => Change::Added(Number::from_json(&wire.value).map_err(|e| e.to_string())?),
-        "remove" => Change::Removed(
-            wire.value
-                .as_u64()
-                .and_then(|i| usize::try_from(i).ok())
-                .ok_or("remove index is not an unsigned integer")?,
-        ),
-        "replace" => Change::Replaced(
-            History::from_json(&wire.value, usize::MAX).map_err(|e| e.to_string())?,
-        ),
-        other => return Err(format!("unknown change kind {other:?}")),
-    };
-    let mutation_id = wire
-        .mutation_id
-        .map(|id| MutationId::from_json(&serde_json::Value::String(id)))
-        .transpose()
-        .map_err(str::to_owned)?;
-    let committed_at = DateTime::parse_from_rfc3339(&wire.committed_at)
-        .map_err(|e| format!("committedAt: {e}"))?
-        .with_timezone(&Utc);
-    let event = RoomEvent {
-        key: RoomKey::parse(&wire.key).map_err(|e| e.to_string())?,
-        epoch: wire.epoch.into(),
-        version: wire.version,
-        change,
-        mutation_id,
-        committed_at,
-    };
-    Ok((wire.origin, event))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(change: Change) -> RoomEvent {
-        RoomEvent {
-            key: RoomKey::parse("Рулетка 1").unwrap(),
-            epoch: "e1".into(),
-            version: 7,
-            change,
-            mutation_id: Some(MutationId::new("m-1".into())),
-            committed_at: DateTime::parse_from_rfc3339("2024-05-01T10:00:00.123456789Z")
-                .unwrap()
-                .with_timezone(&Utc),
-        }
-    }
-
-    #[test]
-    fn events_round_trip_through_the_wire_format() {
-        let history = History::from_numbers(vec![Number::Single(3), Number::DoubleZero]);
-        for change in [
-            Change::Added(Number::Single(17)),
-            Change::Added(Number::DoubleZero),
-            Change::Removed(4),
-            Change::Replaced(history),
-            Change::Replaced(History::default()),
-        ] {
-            let sent = event(change);
-            let (origin, received) = decode_event(encode_event("a", &sent).as_bytes()).unwrap();
-            assert_eq!(origin, "a");
-            assert_eq!(received, sent);
-        }
-    }
-
-    #[test]
-    fn malformed_payloads_are_rejected_not_panicked_on() {
-        let good = encode_event("a", &event(Change::Added(Number::Single(1))));
-        let mut bad: Vec<String> = vec!["".into(), "null".into(), "[]".into(), "{".into()];
-        for (from, to) in [
-            ("\"value\":1", "\"value\":37"),
-            ("\"kind\":\"add\"", "\"kind\":\"spin\""),
-            ("\"key\":\"Рулетка 1\"", "\"key\":\"a/b\""),
-            ("2024-05-01T10:00:00.123456789Z", "yesterday"),
-            ("\"version\":7", "\"version\":-1"),
-        ] {
-            assert!(good.contains(from), "{from} not in {good}");
-            bad.push(good.replace(from, to));
-        }
-        for payload in bad {
-            assert!(
-                decode_event(payload.as_bytes()).is_err(),
-                "{payload} was accepted"
-            );
-        }
     }
 }

@@ -1,0 +1,137 @@
+//! Connecting to PostgreSQL: the connection settings ([`PgOptions`]),
+//! [`PostgresStore::connect`] with its start-up wait for the server, and the
+//! separate connection that migrations use.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+
+use super::PostgresStore;
+use crate::store::StoreError;
+
+/// Longest wait between two connection attempts at start-up.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Connection settings for [`PostgresStore::connect`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Pool size of this instance.
+    pub max_connections: u32,
+    /// How long an operation waits for a pooled connection (or for a new one to be
+    /// established) before it fails with [`StoreError::Unavailable`].
+    pub acquire_timeout: Duration,
+    /// Server-side limit for one statement, including time spent waiting for a
+    /// room's lock. Also bounds how long a session may sit idle inside a
+    /// transaction, so a stalled instance cannot keep a room locked.
+    pub statement_timeout: Duration,
+    /// How many times start-up tries to reach the server before giving up.
+    pub connect_attempts: u32,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            max_connections: 20,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            connect_attempts: 30,
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (a `postgres://` URL), waiting with
+    /// exponential backoff while the server is unreachable (e.g. still starting
+    /// next to this instance). Errors that waiting cannot fix — bad credentials,
+    /// a missing database — fail at once.
+    pub async fn connect(url: &str, options: PgOptions) -> anyhow::Result<Self> {
+        // The URL may hold a password: it is never logged or put into an error.
+        let admin = PgConnectOptions::from_str(url)
+            .context("invalid PostgreSQL URL")?
+            .application_name("croupier");
+        let timeout_ms = options.statement_timeout.as_millis();
+        let connect = admin.clone().options([
+            ("statement_timeout", format!("{timeout_ms}ms")),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{timeout_ms}ms"),
+            ),
+        ]);
+        wait_for_server(&connect, &options).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            // Pings an idle connection before handing it out, so connections that
+            // died with a server restart are replaced instead of failing a request.
+            .test_before_acquire(true)
+            .connect_lazy_with(connect);
+        // Waiting for a connection, then the statement's own limit, then slack.
+        let statement_limit = match options.statement_timeout {
+            Duration::ZERO => Duration::from_secs(60),
+            limit => limit,
+        };
+        let append_timeout = options.acquire_timeout + statement_limit + Duration::from_secs(1);
+        Ok(PostgresStore {
+            pool,
+            appends: Arc::default(),
+            append_timeout,
+            admin,
+        })
+    }
+
+    /// A connection of its own for migrations, which may take longer than a
+    /// statement is allowed to and may wait for another instance's migration lock.
+    /// (A one-connection pool: the migrator's API is easiest to use with a pool.)
+    pub(super) async fn admin_pool(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(self.admin.clone())
+            .await
+            .context("connecting to PostgreSQL to migrate")
+    }
+}
+
+/// Tries to open one connection until it works, backing off exponentially while
+/// the server is unreachable.
+async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> anyhow::Result<()> {
+    let attempts = options.connect_attempts.max(1);
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    for attempt in 1..=attempts {
+        let outcome =
+            tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(connect))
+                .await;
+        match outcome {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Ok(Err(err)) => match StoreError::from_sqlx(err) {
+                StoreError::Unavailable(msg) => last_error = msg,
+                other => anyhow::bail!("connecting to PostgreSQL: {other}"),
+            },
+            Err(_) => {
+                last_error = format!("no answer within {:?}", options.acquire_timeout);
+            }
+        }
+        if attempt == attempts {
+            tracing::warn!(attempt, attempts, error = %last_error, "PostgreSQL is unreachable; giving up");
+            break;
+        }
+        tracing::warn!(
+            attempt,
+            attempts,
+            error = %last_error,
+            retry_in_ms = backoff.as_millis() as u64,
+            "PostgreSQL is unreachable; retrying"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
+    }
+    anyhow::bail!("PostgreSQL still unreachable after {attempts} attempt(s): {last_error}")
+}
