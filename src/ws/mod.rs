@@ -67,7 +67,12 @@ pub async fn upgrade(
             .collect(),
     };
     let max = state.config.ws.max_frame_bytes;
+    // Small socket buffers: tungstenite's defaults (128 KiB each way) would
+    // dominate the memory of an idle connection. Frames larger than the buffer
+    // are still read and written whole; the buffer is only the I/O chunk size.
     ws.max_frame_size(max)
         .max_message_size(max)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| session::run(socket, state, peer, permit))
 }
