@@ -63,44 +63,25 @@ die() {
     log "$*"
     exit 1
 }
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
 
 # ---------------------------------------------------------------- packages
 # Debian package → a file that proves it is installed. wrk is only used by the
 # full run (it is the tool the GET budget is stated for).
-declare -A NEEDED=(
-    [postgresql]="/usr/lib/postgresql/*/bin/initdb"
-    [redis-server]="/usr/bin/redis-server"
-    [nginx]="/usr/sbin/nginx"
+# shellcheck source-path=SCRIPTDIR source=lib/packages.sh
+source "$ROOT/scripts/lib/packages.sh"
+packages=(
+    postgresql="/usr/lib/postgresql/*/bin/initdb"
+    redis-server=/usr/bin/redis-server
+    nginx=/usr/sbin/nginx
+    openssl=/usr/bin/openssl
 )
-[ "$QUICK" = 1 ] || NEEDED[wrk]="/usr/bin/wrk"
-missing=()
-for package in "${!NEEDED[@]}"; do
-    # shellcheck disable=SC2086 # the pattern must glob
-    if ! compgen -G ${NEEDED[$package]} >/dev/null; then
-        missing+=("$package")
-    fi
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    # Keep the packages' own daemons from starting: the benchmark runs its own.
-    policy_created=0
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
-        as_root chmod +x /usr/sbin/policy-rc.d
-        policy_created=1
-    fi
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ "$policy_created" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d
-fi
+[ "$QUICK" = 1 ] || packages+=(wrk=/usr/bin/wrk)
+# stdout is for the table.
+ensure_packages bench "${packages[@]}" >&2
 PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
     die "PostgreSQL server binaries not found under /usr/lib/postgresql"
 fi
-command -v openssl >/dev/null || die "openssl is needed for Nginx's test certificate"
 HAVE_WRK=0
 if [ "$QUICK" = 0 ] && command -v wrk >/dev/null; then HAVE_WRK=1; fi
 
@@ -316,8 +297,8 @@ profile_finish() {
     [ -n "$PERF_PID" ] || return 0
     wait "$PERF_PID" 2>/dev/null || true
     PERF_PID=""
-    perf report -i "$WORK/perf-$1.data" --stdio --no-children --percent-limit 0.5 --sort dso,symbol \
-        -g none 2>/dev/null | grep -v '^$' | head -n 80 >"$OUT_DIR/perf-$1.txt" || true
+    perf report -i "$WORK/perf-$1.data" --stdio --no-children --percent-limit 0.5 -F overhead,dso,sym \
+        -g none 2>/dev/null | grep -v '^$' | sed -E 's/ +$//; s/ {3,}/  /g' | head -n 80 >"$OUT_DIR/perf-$1.txt" || true
     log "  profile written to target/bench/perf-$1.txt"
 }
 

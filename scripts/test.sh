@@ -3,7 +3,7 @@
 # Rust toolchain: installs the servers the tests start for themselves
 # (PostgreSQL, Redis, Nginx, Prometheus — each test starts its own on free
 # loopback ports in temporary directories and stops it), validates the
-# deployment files, then runs every Rust test.
+# deployment files, runs the quick benchmark, then runs every Rust test.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +19,10 @@ ensure_packages test \
     openssl=/usr/bin/openssl
 
 bash scripts/check-deploy.sh
+
+# The benchmark in its small configuration: proves it runs and that nothing
+# acknowledged is lost or delivered out of order; it judges no timings.
+bash scripts/bench.sh --quick
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --all-targets --no-fail-fast

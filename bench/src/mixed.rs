@@ -392,6 +392,7 @@ fn memory_summary(pid: u32, samples: &[u64], after_cooldown: Option<u64>) -> Val
     let last = samples.last().copied();
     json!({
         "pid": pid,
+        "samples_kib": samples,
         "samples": samples.len(),
         "first_kib": first,
         "mid_kib": mid,

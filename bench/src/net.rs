@@ -120,6 +120,8 @@ pub async fn connect(target: SocketAddr, source: Option<Ipv4Addr>) -> std::io::R
 pub struct HttpConn {
     sender: SendRequest<Full<Bytes>>,
     authority: String,
+    /// The last reply said `Connection: close`.
+    closing: bool,
 }
 
 /// The server closed this keep-alive connection; nothing was sent.
@@ -153,18 +155,24 @@ impl HttpConn {
         Ok(HttpConn {
             sender,
             authority: target.authority.clone(),
+            closing: false,
         })
     }
 
-    /// Sends one request and reads the whole body.
+    /// Sends one request and reads the whole body. A connection the server has
+    /// closed (after `Connection: close`, e.g. Nginx's `keepalive_requests`)
+    /// fails with [`ConnectionClosed`] before anything is sent, so the request
+    /// is safe to send again on a new connection.
     pub async fn request(
         &mut self,
         method: Method,
         path: &str,
         json: Option<Bytes>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        if self.closing || self.sender.is_closed() || self.sender.ready().await.is_err() {
+            return Err(ConnectionClosed.into());
+        }
         let exchange = async {
-            self.sender.ready().await.context("connection closed")?;
             let mut builder = Request::builder()
                 .method(method)
                 .uri(path)
@@ -185,17 +193,24 @@ impl HttpConn {
                 }
             };
             let status = response.status();
+            let closing = response
+                .headers()
+                .get_all(hyper::header::CONNECTION)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .context("reading body")?
                 .to_bytes();
-            Ok((status, body))
+            Ok((status, body, closing))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        let (status, body, closing) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .context("request timed out")?
+            .context("request timed out")??;
+        self.closing = closing;
+        Ok((status, body))
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
