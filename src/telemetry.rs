@@ -178,31 +178,3 @@ impl Drop for DbTimer {
             .record(self.started.elapsed().as_secs_f64());
     }
 }
-
-/// Bounded label for a WebSocket message type (unknown types fold into "other").
-pub fn message_type_label(raw: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "join",
-        "add",
-        "remove",
-        "update",
-        "getHistory",
-        "saveNumber",
-        "updateHistory",
-        "leave",
-        "ping",
-        "sync",
-        "historyUpdate",
-        "numberSaved",
-        "historyUpdated",
-        "pong",
-        "recovered",
-        "error",
-        "authRequired",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == raw)
-        .copied()
-        .unwrap_or("other")
-}

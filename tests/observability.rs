@@ -26,7 +26,8 @@ fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// Every WebSocket message type the server knows (see `telemetry::message_type_label`).
+/// Every `type` label the server may use for WebSocket messages: the protocol's
+/// message types, and `other` for anything unknown.
 const KNOWN_MESSAGE_TYPES: &[&str] = &[
     "join",
     "add",
