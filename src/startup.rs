@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use governor::{Quota, RateLimiter};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -191,6 +192,13 @@ impl Application {
         tracing::info!(address = %listener.local_addr()?, instance = %state.config.instance_id, store = state.store().backend(), "serving");
 
         let draining = lifecycle.shutdown.clone();
+        // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm
+        // holds a WebSocket event back until the previous one is acknowledged.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
