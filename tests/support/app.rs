@@ -160,41 +160,22 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(self.url(path)).send().await.expect("GET");
-        decode(r).await
+        self.call(reqwest::Method::GET, path, None, None).await
     }
 
     pub async fn get_with_token(&self, path: &str, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(token)
-            .send()
+        self.call(reqwest::Method::GET, path, Some(token), None)
             .await
-            .expect("GET");
-        decode(r).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .json(body)
-            .send()
+        self.call(reqwest::Method::POST, path, None, Some(body))
             .await
-            .expect("POST");
-        decode(r).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .put(self.url(path))
-            .json(body)
-            .send()
+        self.call(reqwest::Method::PUT, path, None, Some(body))
             .await
-            .expect("PUT");
-        decode(r).await
     }
 
     /// The room's history and version as `GET /api/roulette/{key}` reports them.
