@@ -12,6 +12,10 @@
 #                                    add --release to use release binaries
 #   bash scripts/bench.sh --strict   also exit non-zero when a budget is missed
 #   bash scripts/bench.sh --no-build use the binaries already in the target dir
+#   bash scripts/bench.sh --only=get,save
+#                                    only the named scenarios (idle-rss, mixed,
+#                                    hold, get, save, fanout, latency); the table
+#                                    marks the others as not run
 #   bash scripts/bench.sh --perf     also profile instance 1 with `perf record`
 #                                    during the direct GET and one-instance fan-out
 #                                    scenarios (target/bench/perf-*.txt)
@@ -40,6 +44,7 @@ STRICT=0
 PERF=0
 RELEASE=""
 BUILD=1
+ONLY=""
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
@@ -47,6 +52,7 @@ for arg in "$@"; do
         --perf) PERF=1 ;;
         --release) RELEASE=1 ;;
         --no-build) BUILD=0 ;;
+        --only=*) ONLY=",${arg#--only=}," ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -266,11 +272,16 @@ RESULTS="$WORK/results.jsonl"
 "$BENCH" machine >"$RESULTS"
 echo "{\"scenario\":\"run\",\"profile\":\"$PROFILE\",\"instances\":3,\"nofile\":$NOFILE}" >>"$RESULTS"
 
+# wants SCENARIO: whether --only selected it (everything without --only).
+wants() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
+
 # Idle memory of one instance in cluster mode, after start-up and before any load.
-sleep 2
-idle_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${NODE_PIDS[0]}/status")
-echo "{\"scenario\":\"idle-rss\",\"label\":\"idle-rss\",\"instance\":\"bench-1, cluster mode\",\"kib\":$idle_kib}" >>"$RESULTS"
-log "idle RSS of instance 1: $idle_kib KiB"
+if wants idle-rss; then
+    sleep 2
+    idle_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${NODE_PIDS[0]}/status")
+    echo "{\"scenario\":\"idle-rss\",\"label\":\"idle-rss\",\"instance\":\"bench-1, cluster mode\",\"kib\":$idle_kib}" >>"$RESULTS"
+    log "idle RSS of instance 1: $idle_kib KiB"
+fi
 
 # run LABEL SUBCOMMAND ARGS...: one scenario; its JSON line goes to the results.
 run() {
@@ -324,38 +335,50 @@ fi
 # The soak first, while every instance is fresh: glibc keeps the memory of
 # later peaks (15,000 connections, 10,000-member fan-outs) mapped, and a
 # bloated heap would hide any growth.
-run mixed mixed --url "$URL1" --url "$URL2" --url "$URL3" \
-    --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${MIXED[@]}"
-sleep 2
+if wants mixed; then
+    run mixed mixed --url "$URL1" --url "$URL2" --url "$URL3" \
+        --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${MIXED[@]}"
+    sleep 2
+fi
 
 # Connections next, on instance 3 (its heap holds only what the soak left), so
 # that little freed memory can be reused to hide what the connections cost.
-run hold ws-hold --url "$URL3" --server-pid "${NODE_PIDS[2]}" "${HOLD[@]}"
-sleep 2
-
-if [ "$HAVE_WRK" = 1 ]; then
-    run get-direct-wrk wrk --url "$URL1" --server-pid "${NODE_PIDS[0]}" --duration "${GET[1]%.*}" --connections 50
+if wants hold; then
+    run hold ws-hold --url "$URL3" --server-pid "${NODE_PIDS[2]}" "${HOLD[@]}"
+    sleep 2
 fi
-profile_start get-direct "${GET[1]%.*}"
-run get-direct http-get --url "$URL1" --server-pid "${NODE_PIDS[0]}" --connections 50 "${GET[@]}"
-profile_finish get-direct
-if [ "$HAVE_WRK" = 1 ]; then
-    run get-nginx-wrk wrk --url "$NGINX_URL" --duration "${GET[1]%.*}" --connections 50
+
+if wants get; then
+    if [ "$HAVE_WRK" = 1 ]; then
+        run get-direct-wrk wrk --url "$URL1" --server-pid "${NODE_PIDS[0]}" --duration "${GET[1]%.*}" --connections 50
+    fi
+    profile_start get-direct "${GET[1]%.*}"
+    run get-direct http-get --url "$URL1" --server-pid "${NODE_PIDS[0]}" --connections 50 "${GET[@]}"
+    profile_finish get-direct
+    if [ "$HAVE_WRK" = 1 ]; then
+        run get-nginx-wrk wrk --url "$NGINX_URL" --duration "${GET[1]%.*}" --connections 50
+    fi
+    run get-nginx http-get --url "$NGINX_URL" --connections 50 "${GET[@]}"
 fi
-run get-nginx http-get --url "$NGINX_URL" --connections 50 "${GET[@]}"
 
-run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
+if wants save; then
+    run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
+fi
 
-profile_start fanout-1 20
-run fanout-1 fanout --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${FAN1[@]}"
-profile_finish fanout-1
-sleep 2
-run fanout-3 fanout --url "$URL1" --url "$URL2" --url "$URL3" \
-    --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${FAN3[@]}"
+if wants fanout; then
+    profile_start fanout-1 20
+    run fanout-1 fanout --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${FAN1[@]}"
+    profile_finish fanout-1
+    sleep 2
+    run fanout-3 fanout --url "$URL1" --url "$URL2" --url "$URL3" \
+        --server-pid "${NODE_PIDS[0]}" --server-pid "${NODE_PIDS[1]}" --server-pid "${NODE_PIDS[2]}" "${FAN3[@]}"
+    # Idle cluster for the latency run: let the fan-out members' sessions wind down first.
+    sleep 3
+fi
 
-# Idle cluster: let the fan-out members' sessions wind down first.
-sleep 3
-run latency latency --writer-url "$URL1" --reader-url "$URL2" "${LAT[@]}"
+if wants latency; then
+    run latency latency --writer-url "$URL1" --reader-url "$URL2" "${LAT[@]}"
+fi
 
 # ---------------------------------------------------------------- report
 for i in 0 1 2; do
