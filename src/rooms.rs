@@ -2,11 +2,12 @@
 //! access control, and mutations that commit first and fan out second.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::auth::{Auth, TokenError};
 use crate::bus::DynBus;
-use crate::domain::{Change, MutationId, Room, RoomKey};
-use crate::hub::Hub;
+use crate::domain::{Change, MutationId, RoomKey};
+use crate::hub::{Hub, Snapshot};
 use crate::store::{Applied, DynStore, Mutation, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,9 @@ pub enum AccessError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// How long a mutation waits for its event to be published before answering.
+const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Rooms {
@@ -28,18 +32,29 @@ pub struct Rooms {
 
 impl Rooms {
     /// Reads a room, enforcing its token if it is protected. `Ok(None)`: never created.
+    ///
+    /// A room this instance follows is answered from the hub's snapshot; any
+    /// other existing room is read from the store and followed from then on,
+    /// so repeated reads of a hot room cost no round trip.
     pub async fn read(
         &self,
         key: &RoomKey,
         token: Option<&str>,
-    ) -> Result<Option<Room>, AccessError> {
-        let room = self.store.room(key).await?;
-        if let Some(room) = &room
-            && room.protected
-        {
+    ) -> Result<Option<Arc<Snapshot>>, AccessError> {
+        let snapshot = match self.hub.snapshot(key) {
+            Some(snapshot) => snapshot,
+            None => match self.store.room(key).await? {
+                Some(room) => {
+                    self.hub.watch(key);
+                    Arc::new(Snapshot::of_room(&room))
+                }
+                None => return Ok(None),
+            },
+        };
+        if snapshot.protected {
             self.auth.verify(token, key)?;
         }
-        Ok(room)
+        Ok(Some(snapshot))
     }
 
     /// Checks access to a room without needing its contents.
@@ -66,17 +81,22 @@ impl Rooms {
                 max_history: self.max_history,
             })
             .await?;
+        self.hub.offer(&applied.room);
         if !applied.duplicate {
             self.hub.deliver(applied.event.clone());
-            // Publishing is fire-and-forget: the write is already durable, and a lost
-            // publish is repaired by the receivers' gap filling and catch-up.
+            // The write is already durable, and a lost publish is repaired by the
+            // receivers' gap filling and catch-up, so the publish runs on its own.
             let bus = self.bus.clone();
             let event = applied.event.clone();
-            tokio::spawn(async move {
+            let publishing = tokio::spawn(async move {
                 if let Err(err) = bus.publish(&event).await {
                     tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
                 }
             });
+            // Waiting for it (briefly: not through a Redis outage) means the
+            // other instances normally have the event before the writer hears
+            // back, so its next read elsewhere already sees its write.
+            let _ = tokio::time::timeout(PUBLISH_WAIT, publishing).await;
         }
         Ok(applied)
     }

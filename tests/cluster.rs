@@ -1997,3 +1997,80 @@ async fn https_and_wss_through_nginx() {
         "wss with an untrusted certificate was accepted"
     );
 }
+
+/// A room read on one instance is answered from that instance's snapshot once
+/// it follows the room; writes made elsewhere reach the snapshot over Redis, and
+/// while its subscription is down the instance reads PostgreSQL/Redis instead of
+/// serving a snapshot that may have fallen behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_one_instance_follow_writes_on_another() {
+    let cluster = TestCluster::start(2, &[]).await;
+    let [a, b] = [&cluster.instances[0], &cluster.instances[1]];
+    let key = "followed";
+    let (status, body) = b
+        .put("/api/roulette/followed", &json!({"history": [0]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.room(key).await, (json!([0]), 1));
+
+    let mut expected = vec![json!(0)];
+    let mut fresh_at_once = 0;
+    for i in 0..100u64 {
+        let number = json!((i * 11) % 37);
+        let (status, body) = b
+            .post("/api/roulette/save", &json!({"key": key, "number": number}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        expected.push(number);
+        let target = (json!(expected), i + 2);
+        if a.room(key).await == target {
+            fresh_at_once += 1;
+            continue;
+        }
+        eventually(
+            Duration::from_secs(5),
+            "node-1 reads node-2's write",
+            || {
+                let target = target.clone();
+                async move { (a.room(key).await == target).then_some(()) }
+            },
+        )
+        .await;
+    }
+    println!("node-1 read node-2's write at once after {fresh_at_once} of 100 saves");
+
+    // Cut node-1's subscription and keep it from coming back; once node-1 knows,
+    // every read there must show each write made on node-2 at once.
+    let mut redis = cluster.redis_admin().await;
+    let clients = redis.client_count().await;
+    let limit = (clients - 1).to_string();
+    redis
+        .command(&["CONFIG", "SET", "maxclients", &limit])
+        .await;
+    assert_eq!(redis.kill_links(a, "pubsub").await, 1);
+    eventually(
+        Duration::from_secs(10),
+        "node-1 notices the cut",
+        || async {
+            let text = a.send(a.http.get(a.url("/metrics"))).await.text;
+            text.contains("croupier_dependency_up{dependency=\"redis\"} 0")
+                .then_some(())
+        },
+    )
+    .await;
+    for i in 0..20u64 {
+        let (status, body) = b
+            .post("/api/roulette/save", &json!({"key": key, "number": i}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        expected.push(json!(i));
+        assert_eq!(
+            a.room(key).await,
+            (json!(expected), 102 + i),
+            "read on node-1 while its subscription is down, after save {i}"
+        );
+    }
+    redis
+        .command(&["CONFIG", "SET", "maxclients", "10000"])
+        .await;
+}

@@ -104,6 +104,12 @@ pub trait Bus: Send + Sync + 'static {
     async fn join_counts(&self) -> Result<HashMap<String, u64>, BusError>;
 
     async fn health(&self) -> BusHealth;
+
+    /// Whether events from other instances are arriving right now (the
+    /// subscription is connected). Without it, local room state may lag behind.
+    fn delivering(&self) -> bool {
+        true
+    }
 }
 
 pub type DynBus = Arc<dyn Bus>;

@@ -3,6 +3,8 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,15 +45,20 @@ pub async fn get_room(
     State(state): State<AppState>,
     ApiPath(raw_key): ApiPath<String>,
     BearerToken(token): BearerToken,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
-    let reply = match state.rooms.read(&key, token.as_deref()).await? {
-        Some(room) => {
-            json!({"key": room.key, "history": room.history, "version": room.version, "epoch": &*room.epoch})
-        }
-        None => json!({"key": key, "history": [], "version": 0}),
-    };
-    Ok(Json(reply))
+    Ok(match state.rooms.read(&key, token.as_deref()).await? {
+        // Rendered once per version, shared by every reader.
+        Some(snapshot) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            snapshot.body(&key),
+        )
+            .into_response(),
+        None => Json(json!({"key": key, "history": [], "version": 0})).into_response(),
+    })
 }
 
 /// `POST /api/roulette/save` with `{"key", "number"}`

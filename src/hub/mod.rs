@@ -1,5 +1,6 @@
-//! The hub: this instance's rooms that have local members, and the one task per
-//! room that delivers its events to those members in version order.
+//! The hub: this instance's rooms that have local members (or were read
+//! lately), and the one task per room that delivers its events to those members
+//! in version order and keeps a snapshot of the room for reads.
 //!
 //! Every committed event reaches the hub from two directions — directly from a
 //! writer on this instance, and through the bus from writers elsewhere — possibly
@@ -9,6 +10,7 @@
 //! anything later (architecture invariant 3).
 
 mod room;
+mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::DynBus;
+use crate::domain::Room;
 use crate::domain::{RoomEvent, RoomKey, Version};
 use crate::store::{DynStore, StoreError};
 use crate::ws::frames::{Dialect, Frame};
+pub use view::Snapshot;
+use view::View;
 
 /// Tunables for room tasks.
 #[derive(Debug, Clone)]
@@ -33,6 +38,9 @@ pub struct HubConfig {
     /// Per-connection outbound queue capacity; a resume that would not fit is
     /// answered with a full `sync` instead.
     pub queue_capacity: usize,
+    /// How long a room without local members stays followed (subscribed, its
+    /// snapshot current) after its last read.
+    pub read_linger: Duration,
 }
 
 impl Default for HubConfig {
@@ -41,6 +49,7 @@ impl Default for HubConfig {
             linger: Duration::from_secs(5),
             recent_events: 1000,
             queue_capacity: 1024,
+            read_linger: Duration::from_secs(30),
         }
     }
 }
@@ -85,11 +94,14 @@ enum Command {
     },
     Event(RoomEvent),
     CatchUp,
+    /// Someone reads the room: load the mirror so reads can use its snapshot.
+    Watch,
 }
 
 struct RoomEntry {
     tx: mpsc::UnboundedSender<Command>,
     generation: u64,
+    view: Arc<View>,
 }
 
 struct HubInner {
@@ -160,6 +172,34 @@ impl Hub {
         self.send_existing(&key, Command::Event(event));
     }
 
+    /// The current snapshot of a room this instance follows, if it has one and
+    /// the bus is delivering (without the bus the snapshot could fall behind
+    /// writes made elsewhere).
+    pub fn snapshot(&self, key: &RoomKey) -> Option<Arc<Snapshot>> {
+        if !self.inner.bus.delivering() {
+            return None;
+        }
+        let view = self.lock().get(key).map(|entry| entry.view.clone())?;
+        view.read()
+    }
+
+    /// Starts following a room that is being read, so that later reads are
+    /// answered from its snapshot.
+    pub fn watch(&self, key: &RoomKey) {
+        let (tx, _) = self.room_sender(key);
+        let _ = tx.send(Command::Watch);
+    }
+
+    /// Offers the room a writer on this instance just committed, so that a read
+    /// right after the acknowledgement sees it even before the room task has
+    /// handled the event.
+    pub fn offer(&self, room: &Room) {
+        let view = self.lock().get(&room.key).map(|entry| entry.view.clone());
+        if let Some(view) = view {
+            view.offer(Arc::new(Snapshot::of_room(room)));
+        }
+    }
+
     /// Makes every room catch up from the store (after a bus interruption).
     pub fn catch_up_all(&self) {
         for entry in self.lock().values() {
@@ -191,14 +231,16 @@ impl Hub {
         }
         let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
+        let view = Arc::new(View::new());
         rooms.insert(
             key.clone(),
             RoomEntry {
                 tx: tx.clone(),
                 generation,
+                view: view.clone(),
             },
         );
-        room::spawn(self.clone(), key.clone(), generation, rx);
+        room::spawn(self.clone(), key.clone(), generation, view, rx);
         (tx, generation)
     }
 

@@ -10,6 +10,7 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::view::{Snapshot, View};
 use super::{Command, Greeting, Hub, Member};
 use crate::domain::{History, RoomEvent, RoomKey, Version};
 use crate::store::StoreError;
@@ -20,12 +21,16 @@ struct Mirror {
     version: Version,
     /// `None` while the room does not exist in the store yet.
     epoch: Option<Arc<str>>,
+    /// `None` until known: a room created after the mirror was loaded may have
+    /// been created with a password.
+    protected: Option<bool>,
 }
 
 struct RoomTask {
     hub: Hub,
     key: RoomKey,
     generation: u64,
+    view: Arc<View>,
     mirror: Option<Mirror>,
     recent: VecDeque<RoomEvent>,
     /// Events that arrived ahead of a gap, waiting for the gap to be filled.
@@ -33,11 +38,18 @@ struct RoomTask {
     members: Vec<Member>,
 }
 
-pub(super) fn spawn(hub: Hub, key: RoomKey, generation: u64, rx: mpsc::UnboundedReceiver<Command>) {
+pub(super) fn spawn(
+    hub: Hub,
+    key: RoomKey,
+    generation: u64,
+    view: Arc<View>,
+    rx: mpsc::UnboundedReceiver<Command>,
+) {
     let task = RoomTask {
         hub,
         key,
         generation,
+        view,
         mirror: None,
         recent: VecDeque::new(),
         pending: BTreeMap::new(),
@@ -57,11 +69,13 @@ impl RoomTask {
             tracing::warn!(room = %self.key, error = %err, "bus subscribe failed");
         }
         let linger = self.hub.inner.config.linger;
+        let read_linger = self.hub.inner.config.read_linger;
         loop {
             let command = if self.members.is_empty() {
                 match tokio::time::timeout(linger, rx.recv()).await {
                     Ok(Some(command)) => command,
                     Ok(None) => break,
+                    Err(_) if self.view.idle() < read_linger => continue,
                     Err(_) if self.hub.try_retire(&self.key, self.generation, &rx) => break,
                     Err(_) => continue,
                 }
@@ -72,7 +86,11 @@ impl RoomTask {
                 }
             };
             self.handle(command).await;
+            if self.mirror.as_ref().is_some_and(|m| m.protected.is_none()) {
+                self.learn_protection().await;
+            }
         }
+        self.view.clear();
         if let Err(err) = bus.unsubscribe(&self.key).await {
             tracing::debug!(room = %self.key, error = %err, "bus unsubscribe failed");
         }
@@ -96,6 +114,53 @@ impl RoomTask {
                     self.catch_up().await;
                 }
             }
+            Command::Watch => {
+                self.view.touch();
+                if self.mirror.is_none()
+                    && let Err(err) = self.load().await
+                {
+                    tracing::debug!(room = %self.key, error = %err, "cannot load a read room");
+                }
+            }
+        }
+    }
+
+    /// Publishes the mirror as the room's read snapshot, or withdraws the
+    /// snapshot while the mirror cannot answer a read on its own.
+    fn publish_view(&self) {
+        match &self.mirror {
+            Some(Mirror {
+                history,
+                version,
+                epoch: Some(epoch),
+                protected: Some(protected),
+            }) => self.view.publish(Arc::new(Snapshot::new(
+                *version,
+                epoch.clone(),
+                *protected,
+                history.clone(),
+            ))),
+            _ => self.view.clear(),
+        }
+    }
+
+    /// The room came into existence after the mirror was loaded: ask the store
+    /// whether it was created with a password (fixed from then on).
+    async fn learn_protection(&mut self) {
+        let Some(epoch) = self.mirror.as_ref().and_then(|m| m.epoch.clone()) else {
+            return;
+        };
+        match self.hub.inner.store.room(&self.key).await {
+            Ok(Some(room)) if room.epoch == epoch => {
+                if let Some(mirror) = &mut self.mirror {
+                    mirror.protected = Some(room.protected);
+                }
+                self.publish_view();
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(room = %self.key, error = %err, "cannot look up room protection")
+            }
         }
     }
 
@@ -106,15 +171,18 @@ impl RoomTask {
                 history: room.history,
                 version: room.version,
                 epoch: Some(room.epoch),
+                protected: Some(room.protected),
             },
             None => Mirror {
                 history: History::default(),
                 version: 0,
                 epoch: None,
+                protected: None,
             },
         });
         self.recent.clear();
         self.pending.clear();
+        self.publish_view();
         Ok(())
     }
 
@@ -339,6 +407,7 @@ impl RoomTask {
             member.overflow.cancel();
         }
         self.mirror = None;
+        self.view.clear();
     }
 
     fn apply_and_deliver(&mut self, event: RoomEvent) {
@@ -373,6 +442,7 @@ impl RoomTask {
             .to_std()
             .unwrap_or_default();
         metrics::histogram!("croupier_fanout_latency_seconds").record(latency.as_secs_f64());
+        self.publish_view();
 
         self.recent.push_back(event);
         while self.recent.len() > self.hub.inner.config.recent_events {

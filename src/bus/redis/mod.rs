@@ -347,6 +347,10 @@ fn observe<T>(op: &'static str, result: Result<T, Error>) -> Result<T, BusError>
 
 #[async_trait]
 impl Bus for RedisBus {
+    fn delivering(&self) -> bool {
+        self.shared.subscriber_up.load(Ordering::SeqCst)
+    }
+
     async fn publish(&self, event: &RoomEvent) -> Result<(), BusError> {
         let payload = encode_event(&self.shared.instance, event);
         let client = self.shared.client.with_options(&self.shared.fast);
