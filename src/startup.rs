@@ -20,7 +20,7 @@ use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
 use crate::hub::{Hub, HubConfig};
 use crate::rooms::Rooms;
-use crate::state::{AppState, Lifecycle};
+use crate::state::{AppState, Lifecycle, Shared};
 use crate::store::cached::CachedStore;
 use crate::store::postgres::{PgOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
@@ -143,7 +143,7 @@ impl Application {
 
         let per_minute =
             NonZeroU32::new(config.auth_attempts_per_minute).unwrap_or(NonZeroU32::MIN);
-        let state = AppState {
+        let state = AppState::new(Shared {
             rooms: Rooms {
                 store,
                 bus,
@@ -157,7 +157,7 @@ impl Application {
             auth_limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
             ws_slots: Arc::new(Semaphore::new(config.ws.max_connections)),
             config: Arc::new(config),
-        };
+        });
 
         let address = SocketAddr::new(state.config.bind, state.config.port);
         let listener = TcpListener::bind(address)

@@ -33,8 +33,26 @@ impl Lifecycle {
     }
 }
 
+/// Cloned into every request and connection, so one reference count, not one
+/// per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub rooms: Rooms,
     pub connections: Connections,
@@ -46,7 +64,7 @@ pub struct AppState {
     pub ws_slots: Arc<Semaphore>,
 }
 
-impl AppState {
+impl Shared {
     pub fn store(&self) -> &dyn Store {
         self.rooms.store.as_ref()
     }
