@@ -110,11 +110,15 @@ async fn member_loop(
     log: &mut MemberLog,
 ) {
     let mut last = from;
+    // One waiter registration for the whole loop: creating `cancelled()` anew
+    // per frame would lock the token's waiter list twice per delivery.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let frame = tokio::select! {
             biased;
             frame = ws.next() => frame,
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
         };
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,

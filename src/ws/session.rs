@@ -4,6 +4,7 @@
 //! which rooms it joined and in which dialect.
 
 use std::num::NonZeroU32;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -85,15 +86,22 @@ pub(super) async fn run(
     let mut ticker = tokio::time::interval(limits.ping_interval);
     ticker.tick().await;
     let mut last_seen = Instant::now();
+    // Each reason to close is waited on by one future for the whole loop:
+    // `cancelled()` registers a waiter under the token's lock, too much to redo
+    // for every frame a busy room sends.
     let shutdown = state.lifecycle.shutdown.clone();
     let overflow = session.overflow.clone();
+    let shutdown = shutdown.cancelled();
+    let kicked = registration.kicked.cancelled();
+    let overflowed = overflow.cancelled();
+    tokio::pin!(shutdown, kicked, overflowed);
 
     let close: Option<(u16, &str)> = loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
-            _ = registration.kicked.cancelled() => break Some((close::NORMAL, "disconnected by an administrator")),
-            _ = overflow.cancelled() => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
+            _ = &mut shutdown => break Some((close::GOING_AWAY, "server shutting down")),
+            _ = &mut kicked => break Some((close::NORMAL, "disconnected by an administrator")),
+            _ = &mut overflowed => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
             Some(frame) = queue.recv() => {
                 if !send_within(&mut sink, Message::Text(frame), limits.idle_timeout).await {
                     break None;
@@ -163,9 +171,14 @@ async fn send_within(
     message: Message,
     limit: Duration,
 ) -> bool {
-    match tokio::time::timeout(limit, sink.send(message)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => false,
+    let mut send = sink.send(message);
+    // Almost every write completes at once (the socket has room); only one
+    // that has to wait pays for a timer.
+    if let Poll::Ready(result) = futures_util::poll!(&mut send) {
+        return result.is_ok();
+    }
+    match tokio::time::timeout(limit, send).await {
+        Ok(result) => result.is_ok(),
         Err(_) => {
             tracing::debug!(waited = ?limit, "peer stopped reading; dropping the connection");
             false
