@@ -1,6 +1,7 @@
 //! The PostgreSQL store against a real server: migrations, the mutation rules
 //! (checked against the SQLite backend step by step), mutation-id de-duplication,
-//! concurrent writers on several pools, event-log retention, and outages.
+//! concurrent writers on several pools, event-log retention, outages, and a
+//! burst of writes through the Redis room cache.
 
 mod support;
 
@@ -8,11 +9,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use croupier::bus::redis::{RedisBusOptions, connect_client};
 use croupier::domain::{Change, History, MutationId, Number, RoomKey};
+use croupier::store::cached::CachedStore;
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
-use croupier::store::{Applied, Mutation, Page, Store, StoreError};
+use croupier::store::{Applied, DynStore, Mutation, Page, Store, StoreError};
+use fred::prelude::*;
+use sqlx::Row;
 use support::postgres::TestPostgres;
+use support::redis::TestRedis;
 
 const MAX_HISTORY: usize = 10_000;
 
@@ -372,6 +378,267 @@ async fn postgres_accepts_and_rejects_exactly_what_sqlite_does() {
     }
 }
 
+/// Two instances appending to the same rooms, with removals and replacements in
+/// between: each answer must be what SQLite gives applying the same sequence, so
+/// whatever an instance remembered of a room from its own last append (still
+/// current, behind by the other's adds, or outdated by a removal or
+/// replacement), it answers with the right history.
+#[tokio::test]
+async fn two_instances_appending_agree_with_sqlite() {
+    let pg = TestPostgres::start_new().await;
+    let instances = [migrated_store(&pg).await, migrated_store(&pg).await];
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
+        .await
+        .unwrap();
+    sqlite.migrate().await.unwrap();
+
+    let keys = [key("a"), key("b")];
+    let mut rng = XorShift(0x0dd_ba11_5eed);
+    for step in 0..500 {
+        let room = &keys[rng.below(keys.len() as u64) as usize];
+        let change = match rng.below(12) {
+            0..=8 => Change::Added(n(rng.below(37) as u8)),
+            9 => Change::Removed(rng.below(4) as usize),
+            _ => Change::Replaced(history(&[7, 8])),
+        };
+        let mut m = Mutation {
+            max_history: 25,
+            ..mutation(room, change)
+        };
+        if rng.below(4) == 0 {
+            m.mutation_id = Some(MutationId::new(format!("id-{}", rng.below(30))));
+        }
+        let instance = &instances[rng.below(2) as usize];
+        let from_sqlite = outcome(sqlite.apply(m.clone()).await);
+        let from_postgres = outcome(instance.apply(m.clone()).await);
+        assert_eq!(from_postgres, from_sqlite, "step {step}: {m:?}");
+    }
+    for room in &keys {
+        let truth = instances[0].room(room).await.unwrap().expect("room exists");
+        let expected = sqlite.room(room).await.unwrap().expect("room exists");
+        assert_eq!(
+            (truth.history, truth.version),
+            (expected.history, expected.version)
+        );
+    }
+}
+
+/// One row of `croupier_append_known`: what it sent back besides the outcomes.
+#[derive(Debug, PartialEq)]
+struct AppendReply {
+    /// `None` (like `outcomes`) when the room does not exist.
+    version_before: Option<i64>,
+    length_before: Option<i64>,
+    history_before: Option<String>,
+    added_since_known: Option<String>,
+    outcomes: Option<Vec<String>>,
+}
+
+/// Calls the append function directly, inside a transaction that is rolled
+/// back, as an instance remembering `known` = (id, epoch, version) would; it
+/// may create a missing room with `new_epoch` if a limit above 0 allows.
+async fn append_known(
+    store: &PostgresStore,
+    room: &str,
+    known: Option<(i64, &str, i64)>,
+    limit: i64,
+    new_epoch: Option<&str>,
+) -> AppendReply {
+    let mut tx = store.pool().begin().await.unwrap();
+    let row = sqlx::query(
+        "SELECT version_before, length_before, history_before, added_since_known, outcomes
+         FROM croupier_append_known($1, '[5, \"00\"]', '{NULL, NULL}', ARRAY[$2, $2],
+                                    now(), now() - interval '10 minutes', $3, $4, $5, $6)",
+    )
+    .bind(room)
+    .bind(limit)
+    .bind(known.map(|k| k.0))
+    .bind(known.map(|k| k.1))
+    .bind(known.map(|k| k.2))
+    .bind(new_epoch)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    AppendReply {
+        version_before: row.get("version_before"),
+        length_before: row.get("length_before"),
+        history_before: row.get("history_before"),
+        added_since_known: row.get("added_since_known"),
+        outcomes: row.get("outcomes"),
+    }
+}
+
+#[tokio::test]
+async fn the_append_function_sends_only_what_the_caller_lacks() {
+    let pg = TestPostgres::start_new().await;
+    let store = migrated_store(&pg).await;
+    let room = key("known");
+    for value in [1, 2, 3] {
+        store
+            .apply(mutation(&room, Change::Added(n(value))))
+            .await
+            .unwrap();
+    }
+    let at3 = store.room(&room).await.unwrap().unwrap();
+    let (id, epoch) = (at3.id, at3.epoch.to_string());
+    let reply = |history: Option<&str>, added: Option<&str>| AppendReply {
+        version_before: Some(3),
+        length_before: Some(3),
+        history_before: history.map(str::to_owned),
+        added_since_known: added.map(str::to_owned),
+        outcomes: Some(vec!["applied".into(), "applied".into()]),
+    };
+
+    // Knowing the current version: nothing to send.
+    assert_eq!(
+        append_known(&store, "known", Some((id, &epoch, 3)), 100, None).await,
+        reply(None, None)
+    );
+    // Behind by adds only: just those numbers.
+    assert_eq!(
+        append_known(&store, "known", Some((id, &epoch, 1)), 100, None).await,
+        reply(None, Some("[2, 3]"))
+    );
+    // Knowing nothing, another room id, another epoch, or a version the room
+    // never reached: the whole history.
+    for known in [
+        None,
+        Some((id + 1, epoch.as_str(), 3)),
+        Some((id, "another-epoch", 3)),
+        Some((id, epoch.as_str(), 4)),
+    ] {
+        assert_eq!(
+            append_known(&store, "known", known, 100, None).await,
+            reply(Some("[1, 2, 3]"), None),
+            "{known:?}"
+        );
+    }
+    // Behind a removal: the whole history.
+    store
+        .apply(mutation(&room, Change::Removed(0)))
+        .await
+        .unwrap();
+    store
+        .apply(mutation(&room, Change::Added(n(4))))
+        .await
+        .unwrap();
+    let behind_removal = append_known(&store, "known", Some((id, &epoch, 3)), 100, None).await;
+    assert_eq!(
+        (
+            behind_removal.version_before,
+            behind_removal.history_before.as_deref(),
+            behind_removal.added_since_known
+        ),
+        (Some(5), Some("[2, 3, 4]"), None)
+    );
+    // Behind adds whose events were pruned: the whole history.
+    sqlx::query("DELETE FROM room_events WHERE version = 5")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let behind_pruned = append_known(&store, "known", Some((id, &epoch, 4)), 100, None).await;
+    assert_eq!(
+        (
+            behind_pruned.history_before.as_deref(),
+            behind_pruned.added_since_known
+        ),
+        (Some("[2, 3, 4]"), None)
+    );
+    // A missing room is created with the adds, unless nothing could be added to
+    // it or no epoch was given; then the caller's general path decides.
+    assert_eq!(
+        append_known(&store, "nobody", None, 100, Some("fresh")).await,
+        AppendReply {
+            version_before: Some(0),
+            length_before: Some(0),
+            history_before: Some("[]".into()),
+            added_since_known: None,
+            outcomes: Some(vec!["applied".into(), "applied".into()]),
+        }
+    );
+    for (limit, new_epoch) in [(0, Some("fresh")), (100, None)] {
+        let reply = append_known(&store, "nobody", None, limit, new_epoch).await;
+        assert_eq!((reply.version_before, reply.outcomes), (None, None));
+    }
+    assert!(store.room(&key("nobody")).await.unwrap().is_none());
+}
+
+/// The second migration only adds `croupier_append_known`: rolling it back
+/// leaves every room and event in place and the previous release's
+/// `croupier_append` working on them, and migrating forward again continues
+/// the same rooms.
+#[tokio::test]
+async fn the_append_migration_rolls_back_and_forward_over_live_data() {
+    let pg = TestPostgres::start_new().await;
+    let store = migrated_store(&pg).await;
+    let room = key("survivor");
+    for value in [10, 20, 30] {
+        store
+            .apply(mutation(&room, Change::Added(n(value))))
+            .await
+            .unwrap();
+    }
+    store
+        .apply(mutation(&room, Change::Removed(1)))
+        .await
+        .unwrap();
+    let before = store.room(&room).await.unwrap().unwrap();
+    let function_exists = |name: &'static str| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = $1)",
+            )
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(function_exists("croupier_append_known").await);
+
+    store.rollback(1).await.expect("rolling back");
+    let status = store.migration_status().await.unwrap();
+    assert_eq!(
+        status.iter().map(|m| m.applied).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert!(!function_exists("croupier_append_known").await);
+    assert_eq!(store.room(&room).await.unwrap().unwrap(), before);
+    // The previous release's append still works on the same data.
+    let history: String = sqlx::query_scalar(
+        "SELECT room_history FROM croupier_append($1, '[36]', '{NULL}', '{100}',
+                                                 now(), now() - interval '10 minutes')",
+    )
+    .bind(room.as_str())
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(history, "[10, 30, 36]");
+
+    store.migrate().await.expect("migrating forward again");
+    let applied = store
+        .apply(mutation(&room, Change::Added(Number::DoubleZero)))
+        .await
+        .unwrap();
+    assert_eq!(applied.event.version, 6);
+    assert_eq!(
+        applied.room.history.numbers(),
+        &[n(10), n(30), n(36), Number::DoubleZero]
+    );
+    assert_eq!(store.room(&room).await.unwrap().unwrap(), applied.room);
+    assert_eq!(
+        store
+            .events_since(&room, 0)
+            .await
+            .unwrap()
+            .map(|events| events.len()),
+        Some(6)
+    );
+}
+
 /// Adds that arrive while a call for their room is running are sent together in
 /// the next call. Holding the room's lock from the outside makes that grouping
 /// deterministic, so the outcome can be compared with SQLite applying the same
@@ -460,7 +727,7 @@ async fn a_mutation_id_is_applied_once_within_the_window() {
     let store = migrated_store(&pg).await;
     let room = key("retries");
 
-    // First attempt creates the room (generic path); the retry must not apply again.
+    // First attempt creates the room; the retry must not apply again.
     let first = store
         .apply(with_id(mutation(&room, Change::Added(n(4))), "m-1"))
         .await
@@ -605,7 +872,8 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
                     .await
                     .unwrap_or_else(|e| panic!("writer {writer} add {i}: {e}"));
                 assert!(!applied.duplicate);
-                mine.push((applied.event.version, number));
+                assert_eq!(applied.room.version, applied.event.version);
+                mine.push((applied.event.version, number, applied.room.history));
             }
             mine
         }));
@@ -619,6 +887,10 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         );
         acknowledged.extend(mine);
     }
+    let histories: Vec<(u64, History)> = acknowledged
+        .iter_mut()
+        .map(|(version, _, history)| (*version, std::mem::take(history)))
+        .collect();
     let elapsed = started.elapsed();
     let total = WRITERS * ADDS;
     println!(
@@ -626,8 +898,8 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         total as f64 / elapsed.as_secs_f64()
     );
 
-    acknowledged.sort_by_key(|(version, _)| *version);
-    let versions: Vec<u64> = acknowledged.iter().map(|(v, _)| *v).collect();
+    acknowledged.sort_by_key(|(version, _, _)| *version);
+    let versions: Vec<u64> = acknowledged.iter().map(|(v, _, _)| *v).collect();
     assert_eq!(
         versions,
         (1..=total as u64).collect::<Vec<_>>(),
@@ -636,12 +908,21 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
 
     let stored = stores[1].room(&room).await.unwrap().expect("room exists");
     assert_eq!(stored.version, total as u64);
-    let expected: Vec<Number> = acknowledged.iter().map(|(_, number)| *number).collect();
+    let expected: Vec<Number> = acknowledged.iter().map(|(_, number, _)| *number).collect();
     assert_eq!(
         stored.history.numbers(),
         expected.as_slice(),
         "position i holds version i+1's number"
     );
+    // Each writer was answered with the history its own add produced, whichever
+    // pool sent it and whatever that pool had seen before.
+    for (version, history) in &histories {
+        assert_eq!(
+            history.numbers(),
+            &expected[..*version as usize],
+            "the room answered for version {version}"
+        );
+    }
 
     let events = stores[2]
         .events_since(&room, 0)
@@ -649,7 +930,7 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         .unwrap()
         .expect("log is complete");
     assert_eq!(events.len(), total);
-    for (event, (version, number)) in events.iter().zip(&acknowledged) {
+    for (event, (version, number, _)) in events.iter().zip(&acknowledged) {
         assert_eq!(
             (event.version, &event.change),
             (*version, &Change::Added(*number))
@@ -986,4 +1267,76 @@ async fn connect_waits_for_a_starting_server_but_not_for_a_wrong_database() {
     let result = PostgresStore::connect(&pg.url_for("missing"), opts).await;
     assert!(result.is_err());
     assert!(started.elapsed() < Duration::from_secs(3), "failed at once");
+}
+
+/// A burst of adds to one room through the Redis cache, on two instances: each
+/// writer returns only once the cache holds its state or a newer one (so an
+/// acknowledged add is never missing from what other instances read), and the
+/// cache ends at the newest state although most states were never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_the_cache_leaves_every_acknowledged_add_readable() {
+    const WRITERS: usize = 30;
+    const ADDS: usize = 10;
+    let pg = TestPostgres::start_new().await;
+    let redis = TestRedis::start_new().await;
+    let client = || async {
+        connect_client(&redis.url(), &RedisBusOptions::default())
+            .await
+            .expect("connecting to Redis")
+    };
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let inner: DynStore = Arc::new(migrated_store(&pg).await);
+        let cached = CachedStore::new(inner, client().await, Duration::from_secs(60), 10_000);
+        instances.push(Arc::new(cached));
+    }
+    let raw = client().await;
+    let room = key("cached burst");
+    let cache_key = format!("croupier:cache:room:{room}");
+    instances[0]
+        .apply(mutation(&room, Change::Added(n(0))))
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let store = instances[writer % 2].clone();
+        let (raw, room, cache_key) = (raw.clone(), room.clone(), cache_key.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..ADDS {
+                let number = n(((writer + i) % 37) as u8);
+                let applied = store
+                    .apply(mutation(&room, Change::Added(number)))
+                    .await
+                    .unwrap();
+                let cached: Option<String> = raw.hget(&cache_key, "version").await.unwrap();
+                let cached: u64 = cached.expect("cached").parse().unwrap();
+                assert!(
+                    cached >= applied.room.version,
+                    "cache at {cached} after version {} was acknowledged",
+                    applied.room.version
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+
+    let truth = instances[0]
+        .room(&room)
+        .await
+        .unwrap()
+        .expect("room exists");
+    assert_eq!(truth.version, (WRITERS * ADDS + 1) as u64);
+    let cached: Option<String> = raw.hget(&cache_key, "version").await.unwrap();
+    assert_eq!(cached, Some(truth.version.to_string()));
+    let hits = instances[1].cache_stats().hits;
+    assert_eq!(instances[1].room(&room).await.unwrap(), Some(truth));
+    assert_eq!(
+        instances[1].cache_stats().hits,
+        hits + 1,
+        "served from Redis"
+    );
+    assert!(!instances[0].is_stale() && !instances[1].is_stale());
 }

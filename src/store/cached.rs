@@ -19,10 +19,20 @@
 //!    until the entry expires (`CACHE_TTL`, an hour by default) or the room is
 //!    written again — so a background task also deletes that key as soon as Redis
 //!    answers again, whether or not this instance reads anything meanwhile.
+//! 4. **One write per room at a time, newest state first.** A hot room commits
+//!    many states per second, each carrying the whole history, and only the newest
+//!    one matters. So an instance writes a room through one state at a time, from
+//!    a task of its own: states committed while a write is under way wait, and only
+//!    the newest of them is written next. A writer still returns only once the cache
+//!    holds its state or a newer one of the same epoch (or the failure has been
+//!    dealt with as in rule 3), so an acknowledged write is visible in the cache as
+//!    before, but a burst of N appends costs about two writes instead of N. The task
+//!    also finishes a write whose caller went away, which would otherwise leave the
+//!    previous state cached without anyone noticing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -31,6 +41,7 @@ use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use super::{
     Applied, DynStore, MigrationInfo, Mutation, Page, RoomAuth, RoomSummary, Store, StoreError,
@@ -71,6 +82,12 @@ pub struct CacheStats {
 
 pub struct CachedStore {
     inner: DynStore,
+    cache: Arc<Cache>,
+}
+
+/// The Redis side of [`CachedStore`], shared with the tasks that write rooms
+/// through (rule 4).
+struct Cache {
     redis: Client,
     ttl: Duration,
     max_cached_history: usize,
@@ -89,6 +106,45 @@ pub struct CachedStore {
     outdated: Arc<Mutex<HashSet<String>>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Write-throughs per room; a room has an entry exactly while a
+    /// [`write_queued`] task is writing it. Held only to queue or take, never
+    /// across an `.await`.
+    writes: Mutex<HashMap<RoomKey, WriteQueue>>,
+}
+
+/// The committed states of one room waiting to be written through, and the
+/// writers waiting for theirs.
+#[derive(Default)]
+struct WriteQueue {
+    /// The newest state not yet written, per epoch (two epochs only if the room
+    /// was recreated or restored while a write was under way).
+    pending: Vec<Room>,
+    waiters: Vec<Waiter>,
+}
+
+impl WriteQueue {
+    fn offer(&mut self, room: &Room) {
+        match self.pending.iter_mut().find(|p| p.epoch == room.epoch) {
+            Some(queued) if queued.version >= room.version => {}
+            Some(queued) => *queued = room.clone(),
+            None => self.pending.push(room.clone()),
+        }
+    }
+}
+
+/// A writer waiting until a state at least as new as its own has been written.
+struct Waiter {
+    epoch: Arc<str>,
+    version: Version,
+    done: oneshot::Sender<()>,
+}
+
+impl Waiter {
+    fn covered_by(&self, written: &[Room]) -> bool {
+        written
+            .iter()
+            .any(|room| room.epoch == self.epoch && room.version >= self.version)
+    }
 }
 
 /// The cached form of a [`Room`], written from borrowed parts...
@@ -189,8 +245,7 @@ impl CachedStore {
             options.clone(),
             Arc::downgrade(&outdated),
         ));
-        CachedStore {
-            inner,
+        let cache = Cache {
             redis,
             ttl: ttl.max(Duration::from_millis(1)),
             max_cached_history,
@@ -202,27 +257,67 @@ impl CachedStore {
             outdated,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            writes: Mutex::new(HashMap::new()),
+        };
+        CachedStore {
+            inner,
+            cache: Arc::new(cache),
         }
     }
 
     /// Hits and misses counted by this store so far.
     pub fn cache_stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits: self.cache.hits.load(Ordering::Relaxed),
+            misses: self.cache.misses.load(Ordering::Relaxed),
         }
     }
 
     /// Whether this instance currently refuses to read from the cache because a
     /// write-through was lost and the cache has not been flushed since.
     pub fn is_stale(&self) -> bool {
-        self.cleaned.load(Ordering::SeqCst) < self.dirty.load(Ordering::SeqCst)
+        self.cache.is_stale()
     }
 
     /// Stores `room` in the cache unless the cache already holds this version or a
     /// newer one of the same epoch. Called after every committed write; public so
     /// that other components can warm the cache with a state they read.
+    ///
+    /// Returns once the cache holds this state or a newer one, or once a failed
+    /// write has been handled (rules 3 and 4).
     pub async fn write_through(&self, room: &Room) {
+        let (done, start) = {
+            let mut writes = lock(&self.cache.writes);
+            let start = !writes.contains_key(&room.key);
+            let queue = writes.entry(room.key.clone()).or_default();
+            queue.offer(room);
+            let (done, answer) = oneshot::channel();
+            queue.waiters.push(Waiter {
+                epoch: room.epoch.clone(),
+                version: room.version,
+                done,
+            });
+            (answer, start)
+        };
+        if start {
+            tokio::spawn(write_queued(self.cache.clone(), room.key.clone()));
+        }
+        if done.await.is_err() {
+            // The writing task ended without reaching this state (a panic, or the
+            // runtime shutting down): treat it as a lost write.
+            self.cache.remember_outdated(&room.key);
+        }
+    }
+}
+
+impl Cache {
+    fn is_stale(&self) -> bool {
+        self.cleaned.load(Ordering::SeqCst) < self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Writes one state now; on failure deletes the key, and if even that fails,
+    /// marks the cache stale (rule 3).
+    async fn write_or_drop(&self, room: &Room) {
         if self.write(room).await.is_ok() {
             return;
         }
@@ -233,9 +328,13 @@ impl CachedStore {
         }
         // ...and if even that fails, stop trusting the cache until it is flushed,
         // and have the key deleted for the other instances once Redis is back.
-        self.dirty.fetch_add(1, Ordering::SeqCst);
-        lock_set(&self.outdated).insert(cache_key(&room.key));
+        self.remember_outdated(&room.key);
         tracing::warn!(key = %room.key, "room cache write failed; cache marked stale until Redis is back");
+    }
+
+    fn remember_outdated(&self, key: &RoomKey) {
+        self.dirty.fetch_add(1, Ordering::SeqCst);
+        lock(&self.outdated).insert(cache_key(key));
     }
 
     async fn write(&self, room: &Room) -> Result<(), Error> {
@@ -286,7 +385,7 @@ impl CachedStore {
             return true;
         }
         {
-            let mut last = self.last_flush.lock().unwrap_or_else(|e| e.into_inner());
+            let mut last = lock(&self.last_flush);
             if last.is_some_and(|at| at.elapsed() < FLUSH_RETRY) {
                 return false;
             }
@@ -351,6 +450,83 @@ impl CachedStore {
     }
 }
 
+/// Writes a room's queued states through, newest per epoch, one round at a time,
+/// answering each waiter once a round covered its state; ends when a round
+/// leaves nothing queued. Started by the first [`CachedStore::write_through`]
+/// that finds no task writing the room.
+async fn write_queued(cache: Arc<Cache>, key: RoomKey) {
+    let mut guard = WriterGuard {
+        cache: &cache,
+        key: &key,
+        finished: false,
+    };
+    let mut written: Vec<Room> = Vec::new();
+    // Writers usually come in bursts: the store commits a group of adds at once
+    // and answers them together. Yielding first lets the rest of the burst queue
+    // its states, so that the first round already writes the newest one.
+    tokio::task::yield_now().await;
+    loop {
+        let round = {
+            let mut writes = lock(&cache.writes);
+            let Some(queue) = writes.get_mut(&key) else {
+                guard.finished = true;
+                return;
+            };
+            // States that arrived late, after a newer one had been written, need
+            // no write of their own (their waiters were answered already).
+            queue.pending.retain(|room| {
+                !written
+                    .iter()
+                    .any(|w| w.epoch == room.epoch && w.version >= room.version)
+            });
+            if queue.pending.is_empty() {
+                // Every waiter's state was in an earlier round, so none is left.
+                writes.remove(&key);
+                guard.finished = true;
+                return;
+            }
+            std::mem::take(&mut queue.pending)
+        };
+        for room in &round {
+            cache.write_or_drop(room).await;
+        }
+        let answered = {
+            let mut writes = lock(&cache.writes);
+            match writes.get_mut(&key) {
+                Some(queue) => {
+                    let (answered, waiting) = std::mem::take(&mut queue.waiters)
+                        .into_iter()
+                        .partition::<Vec<_>, _>(|w| w.covered_by(&round));
+                    queue.waiters = waiting;
+                    answered
+                }
+                None => Vec::new(),
+            }
+        };
+        for waiter in answered {
+            let _ = waiter.done.send(());
+        }
+        written = round;
+    }
+}
+
+/// Removes a room's write queue if its task ends early (a panic, or the runtime
+/// shutting down), so that later writes start a new task; the dropped waiters
+/// count their states as lost writes.
+struct WriterGuard<'a> {
+    cache: &'a Cache,
+    key: &'a RoomKey,
+    finished: bool,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.cache.writes).remove(self.key);
+        }
+    }
+}
+
 /// Clears a flag when dropped.
 struct Release<'a>(&'a AtomicBool);
 
@@ -360,9 +536,10 @@ impl Drop for Release<'_> {
     }
 }
 
-fn lock_set(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
-    // Poisoning only means a panic during a plain set insert or removal.
-    set.lock().unwrap_or_else(|e| e.into_inner())
+/// Poisoning only means a panic during a plain insert, removal or take, which
+/// leaves every value guarded here usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Deletes the keys in `outdated` once Redis answers, trying every
@@ -377,13 +554,13 @@ async fn delete_outdated(redis: Client, options: Options, outdated: Weak<Mutex<H
         let Some(outdated) = outdated.upgrade() else {
             return;
         };
-        let keys: Vec<String> = lock_set(&outdated).iter().cloned().collect();
+        let keys: Vec<String> = lock(&outdated).iter().cloned().collect();
         for chunk in keys.chunks(SCAN_COUNT as usize) {
             let redis = redis.with_options(&options);
             if observe("cache_del", redis.del::<i64, _>(chunk.to_vec()).await).is_err() {
                 break; // still unreachable; the next tick tries again
             }
-            let mut set = lock_set(&outdated);
+            let mut set = lock(&outdated);
             for key in chunk {
                 set.remove(key);
             }
@@ -402,11 +579,12 @@ impl Store for CachedStore {
     }
 
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let cache = &self.cache;
         let mut fill = false;
-        if self.usable().await {
-            match self.read(key).await {
+        if cache.usable().await {
+            match cache.read(key).await {
                 Ok(Some(room)) => {
-                    self.hit();
+                    cache.hit();
                     return Ok(Some(room));
                 }
                 Ok(None) => fill = true,
@@ -414,15 +592,15 @@ impl Store for CachedStore {
                 Err(()) => {}
             }
         }
-        self.miss();
+        cache.miss();
         let room = self.inner.room(key).await?;
         if let Some(room) = room
             .as_ref()
-            .filter(|r| fill && r.history.len() <= self.max_cached_history)
+            .filter(|r| fill && r.history.len() <= cache.max_cached_history)
         {
             // Filling goes through the same versioned write, so a fill racing with a
             // newer write-through cannot win; a failed fill changes nothing.
-            let _ = self.write(room).await;
+            let _ = cache.write(room).await;
         }
         Ok(room)
     }

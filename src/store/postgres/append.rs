@@ -1,5 +1,5 @@
-//! The grouped-append path: adds to an existing room are queued per room and
-//! sent together in `croupier_append` calls, one call at a time per room.
+//! The grouped-append path: adds are queued per room and sent together in
+//! `croupier_append_known` calls, one call at a time per room.
 //!
 //! Concurrent adds to one room are serialised by the room's row lock
 //! anyway, and each would pay for its own lock hand-over and commit flush. So an
@@ -9,29 +9,46 @@
 //! per group, without changing any outcome: the function applies the group item by
 //! item exactly as separate calls would, and every caller is answered only after
 //! the commit that contains its add.
+//!
+//! Every caller is answered with the room as its add left it, history included,
+//! but the history does not travel with every call: the instance remembers the
+//! room as its last call left it, tells the function which (id, epoch, version)
+//! that was, and gets back only what it lacks (see the migration). Each caller's
+//! history is then the remembered one, plus anything added meanwhile, plus the
+//! group's applied adds up to its own. The task sending a room's calls also keeps
+//! one pooled connection while the room has adds waiting, which spares the pool's
+//! liveness check on every hand-out and return.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Postgres, Row};
 use tokio::sync::oneshot;
 
 use super::{PostgresStore, now};
-use crate::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version};
+use crate::domain::{
+    Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version, new_epoch,
+};
 use crate::store::{
     Applied, MUTATION_ID_WINDOW, Mutation, StoreError, decode_change, stored_history,
 };
 
-/// Most adds one `croupier_append` call carries.
+/// Most adds one `croupier_append_known` call carries.
 const MAX_APPEND_BATCH: usize = 256;
 
+/// How many rooms without waiting adds keep their last known state. Each costs
+/// its history (two bytes a number); rooms beyond this are forgotten least
+/// recently used first, and their next call simply brings the history back.
+const KNOWN_IDLE_ROOMS: usize = 32;
+
 impl PostgresStore {
-    /// Queues an add for its room's next `croupier_append` call and waits for the
-    /// outcome; `None` if the room does not exist yet.
+    /// Queues an add for its room's next `croupier_append_known` call and waits
+    /// for the outcome; `None` if the room does not exist and the call did not
+    /// create it (no add of the group fits an empty room).
     pub(super) async fn append(
         &self,
         mutation: &Mutation,
@@ -45,17 +62,13 @@ impl PostgresStore {
             reply,
         };
         let start_flusher = {
-            let mut rooms = self.appends.lock();
-            match rooms.entry(mutation.key.clone()) {
-                Entry::Occupied(mut queue) => {
-                    queue.get_mut().push(pending);
-                    false
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(vec![pending]);
-                    true
-                }
-            }
+            let mut queues = self.appends.lock();
+            queues.tick += 1;
+            let tick = queues.tick;
+            let room = queues.rooms.entry(mutation.key.clone()).or_default();
+            room.queue.push(pending);
+            room.used = tick;
+            !std::mem::replace(&mut room.flushing, true)
         };
         if start_flusher {
             let task = flush_appends(
@@ -74,7 +87,7 @@ impl PostgresStore {
     }
 }
 
-/// An add waiting for its room's next `croupier_append` call.
+/// An add waiting for its room's next `croupier_append_known` call.
 struct PendingAppend {
     number: Number,
     mutation_id: Option<MutationId>,
@@ -82,18 +95,57 @@ struct PendingAppend {
     reply: oneshot::Sender<Result<Option<Applied>, StoreError>>,
 }
 
-/// Adds waiting, per room. A room has an entry exactly while a task started by
-/// [`PostgresStore::append`] is sending its calls; the task removes the entry once
-/// it finds it empty.
+/// Per room: adds waiting, whether a task started by [`PostgresStore::append`]
+/// is sending them, and the room as this instance's last call left it.
 #[derive(Default)]
 pub(super) struct AppendQueues {
-    rooms: Mutex<HashMap<RoomKey, Vec<PendingAppend>>>,
+    inner: Mutex<Queues>,
+}
+
+#[derive(Default)]
+struct Queues {
+    rooms: HashMap<RoomKey, RoomAppends>,
+    /// Counts queued adds; orders rooms by last use for forgetting.
+    tick: u64,
+}
+
+#[derive(Default)]
+struct RoomAppends {
+    queue: Vec<PendingAppend>,
+    /// A task is sending this room's calls.
+    flushing: bool,
+    /// The room after this instance's last call, if it is remembered. Always a
+    /// true past state of the room, so it stays usable when calls fail.
+    known: Option<Room>,
+    used: u64,
 }
 
 impl AppendQueues {
-    /// A std mutex: it is held only to push or drain a queue, never across `.await`.
-    fn lock(&self) -> MutexGuard<'_, HashMap<RoomKey, Vec<PendingAppend>>> {
-        self.rooms.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A std mutex: it is held only to push, take or put back, never across `.await`.
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Queues {
+    /// Called when a room's task ends: the room stays only to remember its state,
+    /// and only the most recently used idle rooms do.
+    fn retire(&mut self, key: &RoomKey) {
+        if self.rooms.get(key).is_some_and(|room| room.known.is_none()) {
+            self.rooms.remove(key);
+        }
+        let idle = self.rooms.values().filter(|room| !room.flushing).count();
+        if idle > KNOWN_IDLE_ROOMS {
+            let oldest = self
+                .rooms
+                .iter()
+                .filter(|(_, room)| !room.flushing)
+                .min_by_key(|(_, room)| room.used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                self.rooms.remove(&oldest);
+            }
+        }
     }
 }
 
@@ -109,7 +161,7 @@ struct FlusherGuard<'a> {
 impl Drop for FlusherGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.queues.lock().remove(self.key);
+            self.queues.lock().rooms.remove(self.key);
         }
     }
 }
@@ -125,32 +177,54 @@ async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey, li
         key: &key,
         finished: false,
     };
+    let mut conn: Option<PoolConnection<Postgres>> = None;
     loop {
-        let batch: Vec<PendingAppend> = {
+        let (batch, known) = {
             let mut rooms = queues.lock();
-            match rooms.get_mut(&key) {
-                Some(queue) if !queue.is_empty() => {
-                    let take = queue.len().min(MAX_APPEND_BATCH);
-                    queue.drain(..take).collect()
+            let Some(room) = rooms.rooms.get_mut(&key) else {
+                guard.finished = true;
+                return;
+            };
+            if room.queue.is_empty() {
+                room.flushing = false;
+                rooms.retire(&key);
+                guard.finished = true;
+                return;
+            }
+            let take = room.queue.len().min(MAX_APPEND_BATCH);
+            let batch: Vec<PendingAppend> = room.queue.drain(..take).collect();
+            (batch, room.known.take())
+        };
+        let call = async {
+            let conn = match &mut conn {
+                Some(conn) => conn,
+                slot => slot.insert(pool.acquire().await?),
+            };
+            call_append(conn, &key, &batch, known.as_ref()).await
+        };
+        let outcome = tokio::time::timeout(limit, call).await;
+        let (results, known) = match outcome {
+            Ok(Ok((results, after))) => (results, after.or(known)),
+            Ok(Err(err)) => {
+                // Hand the connection back; the pool checks it before reuse. The
+                // remembered room goes too: if the failure was an answer that did
+                // not add up, the next call then starts from the whole history.
+                conn = None;
+                (batch.iter().map(|_| Err(copy_error(&err))).collect(), None)
+            }
+            Err(_) => {
+                // Its state is unknown after an abandoned call: never reuse it.
+                if let Some(mut stuck) = conn.take() {
+                    stuck.close_on_drop();
                 }
-                _ => {
-                    rooms.remove(&key);
-                    guard.finished = true;
-                    return;
-                }
+                let err =
+                    StoreError::Unavailable(format!("no answer from PostgreSQL within {limit:?}"));
+                (batch.iter().map(|_| Err(copy_error(&err))).collect(), known)
             }
         };
-        let outcome = tokio::time::timeout(limit, call_append(&pool, &key, &batch))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer from PostgreSQL within {limit:?}"
-                )))
-            });
-        let results = match outcome {
-            Ok(results) => results,
-            Err(err) => batch.iter().map(|_| Err(copy_error(&err))).collect(),
-        };
+        if let Some(room) = queues.lock().rooms.get_mut(&key) {
+            room.known = known;
+        }
         for (pending, result) in batch.into_iter().zip(results) {
             // The caller may have gone away; the add is committed all the same.
             let _ = pending.reply.send(result);
@@ -158,12 +232,17 @@ async fn flush_appends(pool: PgPool, queues: Arc<AppendQueues>, key: RoomKey, li
     }
 }
 
-/// One `croupier_append` call for a group of adds; one outcome per add, in order.
+/// What one call returns: an outcome per add, in order, and the room after the
+/// call (`None` when the room does not exist and was not created).
+type CallOutcome = (Vec<Result<Option<Applied>, StoreError>>, Option<Room>);
+
+/// One `croupier_append_known` call for a group of adds.
 async fn call_append(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     key: &RoomKey,
     batch: &[PendingAppend],
-) -> Result<Vec<Result<Option<Applied>, StoreError>>, StoreError> {
+    known: Option<&Room>,
+) -> Result<CallOutcome, StoreError> {
     let now = now();
     let numbers: Vec<String> = batch
         .iter()
@@ -177,22 +256,29 @@ async fn call_append(
         .iter()
         .map(|p| i64::try_from(p.max_history).unwrap_or(i64::MAX))
         .collect();
-    let row = sqlx::query("SELECT * FROM croupier_append($1, $2::jsonb, $3, $4, $5, $6)")
-        .bind(key.as_str())
-        .bind(format!("[{}]", numbers.join(",")))
-        .bind(ids)
-        .bind(limits)
-        .bind(now)
-        .bind(now - MUTATION_ID_WINDOW)
-        .fetch_one(pool)
-        .await?;
+    let row = sqlx::query(
+        "SELECT * FROM croupier_append_known($1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(key.as_str())
+    .bind(format!("[{}]", numbers.join(",")))
+    .bind(ids)
+    .bind(limits)
+    .bind(now)
+    .bind(now - MUTATION_ID_WINDOW)
+    .bind(known.map(|room| room.id))
+    .bind(known.map(|room| &*room.epoch))
+    .bind(known.and_then(|room| i64::try_from(room.version).ok()))
+    .bind(new_epoch())
+    .fetch_one(conn)
+    .await?;
     if !row.try_get::<bool, _>("room_found")? {
-        return Ok(batch.iter().map(|_| Ok(None)).collect());
+        return Ok((batch.iter().map(|_| Ok(None)).collect(), None));
     }
 
-    let history: String = row.try_get("room_history")?;
-    let history = stored_history(&history)?;
+    let corrupt =
+        || StoreError::Internal("croupier_append_known returned an inconsistent result".into());
     let version_before: i64 = row.try_get("version_before")?;
+    let length_before: i64 = row.try_get("length_before")?;
     let updated_before: DateTime<Utc> = row.try_get("updated_at_before")?;
     let outcomes: Vec<String> = row.try_get("outcomes")?;
     let room_versions: Vec<i64> = row.try_get("room_versions")?;
@@ -200,7 +286,6 @@ async fn call_append(
     let event_kinds: Vec<Option<String>> = row.try_get("event_kinds")?;
     let event_payloads: Vec<Option<String>> = row.try_get("event_payloads")?;
     let event_times: Vec<Option<DateTime<Utc>>> = row.try_get("event_times")?;
-    let corrupt = || StoreError::Internal("croupier_append returned an inconsistent result".into());
     let lengths = [
         room_versions.len(),
         event_versions.len(),
@@ -211,13 +296,38 @@ async fn call_append(
     if outcomes.len() != batch.len() || lengths.iter().any(|&n| n != batch.len()) {
         return Err(corrupt());
     }
-    // Only adds happen inside one call, so the room after item i is the final
-    // history cut to the length it had then.
-    let added = room_versions.last().map_or(0, |v| v - version_before);
-    let length_before = usize::try_from(added)
-        .ok()
-        .and_then(|added| history.len().checked_sub(added))
-        .ok_or_else(corrupt)?;
+
+    // The history before the call: sent whole, or what this instance knew plus
+    // the adds made since by others, or exactly what it knew.
+    let mut numbers: Vec<Number> = match row.try_get::<Option<String>, _>("history_before")? {
+        Some(history) => stored_history(&history)?.numbers().to_vec(),
+        None => {
+            let known = known.ok_or_else(corrupt)?;
+            let mut numbers = Vec::with_capacity(known.history.len() + batch.len());
+            numbers.extend_from_slice(known.history.numbers());
+            if let Some(added) = row.try_get::<Option<String>, _>("added_since_known")? {
+                numbers.extend_from_slice(stored_history(&added)?.numbers());
+            }
+            numbers
+        }
+    };
+    if i64::try_from(numbers.len()).ok() != Some(length_before) {
+        return Err(corrupt());
+    }
+    // Then the group's own adds; `ends[i]` is the history's length once item i
+    // had been handled.
+    let mut ends = Vec::with_capacity(batch.len());
+    for (i, pending) in batch.iter().enumerate() {
+        if outcomes[i] == "applied" {
+            numbers.push(pending.number);
+        }
+        let grown = numbers.len() - usize::try_from(length_before).map_err(|_| corrupt())?;
+        if room_versions[i] != version_before + grown as i64 {
+            return Err(corrupt());
+        }
+        ends.push(numbers.len());
+    }
+
     let template = Room {
         id: row.try_get("room_id")?,
         key: key.clone(),
@@ -228,28 +338,24 @@ async fn call_append(
         updated_at: updated_before,
         protected: row.try_get("room_protected")?,
     };
-
     // The room as it was once item i had been handled.
-    let room_after = |i: usize| -> Result<Room, StoreError> {
-        let version = room_versions[i];
-        let grown = usize::try_from(version - version_before).map_err(|_| corrupt())?;
-        let numbers = history
-            .numbers()
-            .get(..length_before + grown)
-            .ok_or_else(corrupt)?;
-        Ok(Room {
-            history: History::from_numbers(numbers.to_vec()),
-            version: version as Version,
-            updated_at: if grown > 0 { now } else { updated_before },
-            ..template.clone()
-        })
+    let room_after = |i: usize| Room {
+        history: History::from_numbers(numbers[..ends[i]].to_vec()),
+        version: room_versions[i] as Version,
+        updated_at: if room_versions[i] > version_before {
+            now
+        } else {
+            updated_before
+        },
+        ..template.clone()
     };
 
     let mut results = Vec::with_capacity(batch.len());
     for (i, pending) in batch.iter().enumerate() {
         let result = match outcomes[i].as_str() {
-            "applied" => room_after(i).map(|room| {
-                Some(Applied {
+            "applied" => {
+                let room = room_after(i);
+                Ok(Some(Applied {
                     event: RoomEvent {
                         key: key.clone(),
                         epoch: room.epoch.clone(),
@@ -260,8 +366,8 @@ async fn call_append(
                     },
                     room,
                     duplicate: false,
-                })
-            }),
+                }))
+            }
             "duplicate" => match (
                 &event_versions[i],
                 &event_kinds[i],
@@ -269,10 +375,9 @@ async fn call_append(
                 event_times[i],
             ) {
                 (Some(version), Some(kind), Some(payload), Some(committed_at)) => {
-                    let change = decode_change(kind, payload);
-                    change.and_then(|change| {
-                        let room = room_after(i)?;
-                        Ok(Some(Applied {
+                    decode_change(kind, payload).map(|change| {
+                        let room = room_after(i);
+                        Some(Applied {
                             event: RoomEvent {
                                 key: key.clone(),
                                 epoch: room.epoch.clone(),
@@ -283,7 +388,7 @@ async fn call_append(
                             },
                             room,
                             duplicate: true,
-                        }))
+                        })
                     })
                 }
                 _ => Err(corrupt()),
@@ -295,7 +400,8 @@ async fn call_append(
         };
         results.push(result);
     }
-    Ok(results)
+    let after = batch.len().checked_sub(1).map(room_after);
+    Ok((results, after))
 }
 
 /// The same failure for every add of a group whose call failed.

@@ -3,15 +3,18 @@
 //!
 //! A room's next version is assigned under the room's row lock, in the same
 //! transaction that applies the mutation and logs the event (invariant 2). The
-//! common case — appending a number to an existing room — is a single round trip
-//! to the `croupier_append` function (see the migration), so the lock is held only
-//! for the function body and the commit flush. Adds to one room that arrive while
-//! such a call is running are sent together in the next call, which applies them
-//! one after another: a hot room pays one lock hand-over and one flush per group
-//! instead of per add. Everything else (room creation, removals, replacements)
-//! goes through an explicit transaction that applies the shared [`next_history`]
-//! rules in Rust. Both paths make the same decisions as the SQLite backend, in the
-//! same order: lock, de-duplicate, validate, write.
+//! common case — appending a number — is a single round trip to the
+//! `croupier_append_known` function (see the migrations), so the lock is
+//! held only for the function body and the commit flush. Adds to one room that
+//! arrive while such a call is running are sent together in the next call, which
+//! applies them one after another: a hot room pays one lock hand-over and one
+//! flush per group instead of per add, and its history crosses the wire only when
+//! the instance does not know it yet; the first group of a new room creates it in
+//! the same transaction. Everything else (removals, replacements, an add that
+//! could not even fit an empty room) goes through an explicit transaction that
+//! applies the shared [`next_history`] rules in Rust. Both paths make the same
+//! decisions as the SQLite backend, in the same order: lock, de-duplicate,
+//! validate, write.
 //!
 //! There is no fallback: when the database cannot be reached every operation
 //! fails with [`StoreError::Unavailable`], and the pool reconnects by itself once
@@ -56,7 +59,8 @@ const PRUNE_SLICE: i64 = 10_000;
 pub struct PostgresStore {
     pool: PgPool,
     appends: Arc<AppendQueues>,
-    /// Client-side bound for one `croupier_append` call (see `append::flush_appends`).
+    /// Client-side bound for one `croupier_append_known` call (see
+    /// `append::flush_appends`).
     append_timeout: Duration,
     /// For migrations: the same server and credentials, without the timeouts.
     admin: PgConnectOptions,
@@ -245,8 +249,9 @@ impl Store for PostgresStore {
 
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
         let _t = DbTimer::new("apply");
-        // Adds to an existing room take the grouped single-call path; everything
-        // else, and the add that creates a room, the general transaction.
+        // Adds take the grouped single-call path, which also creates a missing
+        // room; everything else, and an add that path turned away, the general
+        // transaction.
         if let Change::Added(number) = mutation.change
             && let Some(applied) = self.append(&mutation, number).await?
         {
