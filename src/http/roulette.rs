@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
@@ -19,18 +19,49 @@ fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// The Session object of the wire contract (never with a password or hash).
-pub fn session_json(room: &Room) -> Value {
-    json!({
-        "id": room.id,
-        "key": room.key,
-        "history": room.history,
-        "created_at": rfc3339(&room.created_at),
-        "updated_at": rfc3339(&room.updated_at),
-        "version": room.version,
-        "epoch": &*room.epoch,
-        "protected": room.protected,
+/// The Session object of the wire contract (never with a password or hash),
+/// serialized straight from the room: a save answers with the whole history,
+/// and building a `Value` tree of it first costs an allocation per number.
+#[derive(Serialize)]
+struct Session<'a> {
+    id: i64,
+    key: &'a RoomKey,
+    history: &'a History,
+    created_at: String,
+    updated_at: String,
+    version: u64,
+    epoch: &'a str,
+    protected: bool,
+}
+
+impl<'a> Session<'a> {
+    fn of(room: &'a Room) -> Self {
+        Session {
+            id: room.id,
+            key: &room.key,
+            history: &room.history,
+            created_at: rfc3339(&room.created_at),
+            updated_at: rfc3339(&room.updated_at),
+            version: room.version,
+            epoch: &room.epoch,
+            protected: room.protected,
+        }
+    }
+}
+
+/// `{"success": true, "data": Session}`
+#[derive(Serialize)]
+struct Saved<'a> {
+    success: bool,
+    data: Session<'a>,
+}
+
+fn saved(room: &Room) -> Response {
+    Json(Saved {
+        success: true,
+        data: Session::of(room),
     })
+    .into_response()
 }
 
 fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
@@ -66,15 +97,13 @@ pub async fn save(
     State(state): State<AppState>,
     BearerToken(token): BearerToken,
     body: JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = RoomKey::from_json(body.field("key")?)?;
     let number = Number::from_json(body.field("number")?)?;
     let id = mutation_id(&body)?;
     state.rooms.authorize(&key, token.as_deref()).await?;
     let applied = state.rooms.mutate(key, Change::Added(number), id).await?;
-    Ok(Json(
-        json!({"success": true, "data": session_json(&applied.room)}),
-    ))
+    Ok(saved(&applied.room))
 }
 
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
@@ -83,7 +112,7 @@ pub async fn replace(
     ApiPath(raw_key): ApiPath<String>,
     BearerToken(token): BearerToken,
     body: JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
     let history = History::from_json(body.field("history")?, state.config.max_history)?;
     let id = mutation_id(&body)?;
@@ -92,9 +121,7 @@ pub async fn replace(
         .rooms
         .mutate(key, Change::Replaced(history), id)
         .await?;
-    Ok(Json(
-        json!({"success": true, "data": session_json(&applied.room)}),
-    ))
+    Ok(saved(&applied.room))
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,12 +9,17 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::{Duration, Instant};
 
 use super::view::{Snapshot, View};
 use super::{Command, Greeting, Hub, Member};
 use crate::domain::{History, RoomEvent, RoomKey, Version};
 use crate::store::StoreError;
 use crate::ws::frames::{self, Dialect, Frame};
+
+/// How long events that arrived ahead of a gap wait for the missing ones
+/// before the room task reads them from the store's event log.
+const GAP_WAIT: Duration = Duration::from_millis(5);
 
 struct Mirror {
     history: History,
@@ -70,22 +75,34 @@ impl RoomTask {
         }
         let linger = self.hub.inner.config.linger;
         let read_linger = self.hub.inner.config.read_linger;
+        // When an event arrived ahead of a gap: the moment to stop waiting for the
+        // missing ones and read them from the store.
+        let mut gap_deadline: Option<Instant> = None;
         loop {
-            let command = if self.members.is_empty() {
-                match tokio::time::timeout(linger, rx.recv()).await {
-                    Ok(Some(command)) => command,
-                    Ok(None) => break,
-                    Err(_) if self.view.idle() < read_linger => continue,
-                    Err(_) if self.hub.try_retire(&self.key, self.generation, &rx) => break,
-                    Err(_) => continue,
-                }
-            } else {
-                match rx.recv().await {
-                    Some(command) => command,
-                    None => break,
-                }
+            let deadline = match gap_deadline {
+                Some(deadline) => Some(deadline),
+                None if self.members.is_empty() => Some(Instant::now() + linger),
+                None => None,
             };
-            self.handle(command).await;
+            let received = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, rx.recv()).await.ok(),
+                None => Some(rx.recv().await),
+            };
+            match received {
+                Some(Some(command)) => self.handle(command).await,
+                Some(None) => break,
+                None if gap_deadline.is_some() => self.catch_up().await,
+                None if self.view.idle() < read_linger => continue,
+                None if self.hub.try_retire(&self.key, self.generation, &rx) => break,
+                None => continue,
+            }
+            gap_deadline = match gap_deadline {
+                _ if self.pending.is_empty() => None,
+                None => Some(Instant::now() + GAP_WAIT),
+                // Still missing after a catch-up: try again later.
+                Some(deadline) if deadline <= Instant::now() => Some(Instant::now() + GAP_WAIT),
+                waiting => waiting,
+            };
             if self.mirror.as_ref().is_some_and(|m| m.protected.is_none()) {
                 self.learn_protection().await;
             }
@@ -324,8 +341,11 @@ impl RoomTask {
             return; // already delivered (the same event came by two paths)
         }
         if event.version > mirror.version + 1 {
+            // Usually the missing events are already on their way: writers of
+            // one committed group are answered in any order, and publishes may
+            // overtake each other. The run loop reads the store only if they do
+            // not arrive within `GAP_WAIT`.
             self.pending.insert(event.version, event);
-            self.catch_up().await;
             return;
         }
         self.apply_and_deliver(event);
@@ -407,6 +427,8 @@ impl RoomTask {
             member.overflow.cancel();
         }
         self.mirror = None;
+        self.pending.clear();
+        self.recent.clear();
         self.view.clear();
     }
 
