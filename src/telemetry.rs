@@ -5,7 +5,7 @@
 //! types from a fixed list, operation names chosen in code. Room keys and
 //! connection ids never become label values.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -47,9 +47,36 @@ pub fn prometheus_handle() -> PrometheusHandle {
             // the handle still renders this recorder's view.
             let _ = metrics::set_global_recorder(recorder);
             register_families();
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last pass into their buckets,
+/// every [`UPKEEP_INTERVAL`], for the life of the process.
+///
+/// The recorder keeps every raw sample until something drains it. A scrape of
+/// `/metrics` does, but without one (no Prometheus, a long scrape interval) the
+/// samples pile up, one per fan-out delivery, query and request, and memory grows
+/// with traffic. `build_recorder` leaves this upkeep to its caller. The recorder
+/// is process-wide, so this is a thread of its own rather than a task that would
+/// end with whichever runtime happened to create it.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start metrics upkeep; histograms drain only when scraped");
+    }
 }
 
 /// Creates the unlabelled series at zero, so dashboards and alerts see 0 rather
