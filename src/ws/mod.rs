@@ -67,12 +67,14 @@ pub async fn upgrade(
             .collect(),
     };
     let max = state.config.ws.max_frame_bytes;
-    // Small socket buffers: tungstenite's defaults (128 KiB each way) would
-    // dominate the memory of an idle connection. Frames larger than the buffer
-    // are still read and written whole; the buffer is only the I/O chunk size.
+    // Small socket buffers: tungstenite allocates the read buffer up front and
+    // keeps it for the connection's life, so its size is most of what an idle
+    // connection costs (its default is 128 KiB each way). 1 KiB still takes any
+    // client message of this protocol (a join with its token is a few hundred
+    // bytes) in one read; a larger frame is read whole, in 1 KiB reads.
     ws.max_frame_size(max)
         .max_message_size(max)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .on_upgrade(move |socket| session::run(socket, state, peer, permit))
 }

@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Peer;
 use super::frames::{self, Dialect, Frame};
@@ -45,21 +46,35 @@ struct Session {
     info: ConnectionInfo,
 }
 
-pub(super) async fn run(
+/// The task of one connection, from registration to clean-up.
+///
+/// Its future lives as long as the connection, so its size is what every idle
+/// connection costs besides its buffers, and it is kept small on purpose:
+/// - everything is set up before the future exists and moved into it once (an
+///   `async fn` would keep its arguments and the locals they move into side by
+///   side for its whole life);
+/// - the socket is split here, so the future holds two pointers to it rather
+///   than the socket itself;
+/// - the awaits that run only now and then (handling a client message, presence
+///   updates, the close) are boxed: they nest store, hub and bus futures larger
+///   than all the rest, and a boxed future takes memory only while it runs.
+pub(super) fn run(
     socket: WebSocket,
     state: AppState,
     peer: Peer,
     permit: OwnedSemaphorePermit,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let registration = state.connections.register(&state.config.instance_id);
-    let limits = state.config.ws.clone();
+    let span =
+        tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
+    let limits = &state.config.ws;
+    let (idle_timeout, ping_interval) = (limits.idle_timeout, limits.ping_interval);
     let (out, mut queue) = mpsc::channel::<Frame>(limits.queue_capacity);
     let quota =
         Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
     let now = Utc::now();
     let mut session = Session {
-        state: state.clone(),
         number: registration.number,
         out,
         overflow: CancellationToken::new(),
@@ -74,88 +89,95 @@ pub(super) async fn run(
             ip_address: peer.ip,
             user_agent: peer.user_agent,
         },
+        state,
     };
-    metrics::gauge!("croupier_ws_connections").increment(1.0);
-    session.publish_presence().await;
-    let span =
-        tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
-    let _entered = span.enter();
-    tracing::debug!("connected");
-
     let (mut sink, mut stream) = socket.split();
-    let mut ticker = tokio::time::interval(limits.ping_interval);
-    ticker.tick().await;
-    let mut last_seen = Instant::now();
-    // Each reason to close is waited on by one future for the whole loop:
-    // `cancelled()` registers a waiter under the token's lock, too much to redo
-    // for every frame a busy room sends.
-    let shutdown = state.lifecycle.shutdown.clone();
-    let overflow = session.overflow.clone();
-    let shutdown = shutdown.cancelled();
-    let kicked = registration.kicked.cancelled();
-    let overflowed = overflow.cancelled();
-    tokio::pin!(shutdown, kicked, overflowed);
 
-    let close: Option<(u16, &str)> = loop {
-        tokio::select! {
-            biased;
-            _ = &mut shutdown => break Some((close::GOING_AWAY, "server shutting down")),
-            _ = &mut kicked => break Some((close::NORMAL, "disconnected by an administrator")),
-            _ = &mut overflowed => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
-            Some(frame) = queue.recv() => {
-                if !send_within(&mut sink, Message::Text(frame), limits.idle_timeout).await {
-                    break None;
-                }
-            }
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    last_seen = Instant::now();
-                    session.on_text(&text).await;
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    last_seen = Instant::now();
-                    if session.admit() {
-                        session.reply_error(&WsError::new("invalid_json", "binary frames are not supported; send JSON text"));
+    async move {
+        metrics::gauge!("croupier_ws_connections").increment(1.0);
+        Box::pin(session.publish_presence()).await;
+        tracing::debug!("connected");
+
+        let mut ticker = tokio::time::interval(ping_interval);
+        ticker.tick().await;
+        let mut last_seen = Instant::now();
+        // Each reason to close is waited on by one future for the whole loop:
+        // `cancelled()` registers a waiter under the token's lock, too much to redo
+        // for every frame a busy room sends.
+        let shutdown = session.state.lifecycle.shutdown.clone();
+        let overflow = session.overflow.clone();
+        let shutdown = shutdown.cancelled();
+        let kicked = registration.kicked.cancelled();
+        let overflowed = overflow.cancelled();
+        tokio::pin!(shutdown, kicked, overflowed);
+
+        let close: Option<(u16, &'static str)> = loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break Some((close::GOING_AWAY, "server shutting down")),
+                _ = &mut kicked => break Some((close::NORMAL, "disconnected by an administrator")),
+                _ = &mut overflowed => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
+                Some(frame) = queue.recv() => {
+                    if !send_within(&mut sink, Message::Text(frame), idle_timeout).await {
+                        break None;
                     }
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
-                Some(Ok(Message::Close(_))) | None => break None,
-                Some(Err(err)) => break too_big(&err).then_some((close::TOO_BIG, "frame too large")),
-            },
-            _ = ticker.tick() => {
-                if last_seen.elapsed() > limits.idle_timeout {
-                    break Some((close::GOING_AWAY, "idle timeout"));
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        last_seen = Instant::now();
+                        Box::pin(session.on_text(&text)).await;
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        last_seen = Instant::now();
+                        if session.admit() {
+                            session.reply_error(&WsError::new("invalid_json", "binary frames are not supported; send JSON text"));
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Err(err)) => break too_big(&err).then_some((close::TOO_BIG, "frame too large")),
+                },
+                _ = ticker.tick() => {
+                    if last_seen.elapsed() > idle_timeout {
+                        break Some((close::GOING_AWAY, "idle timeout"));
+                    }
+                    if !send_within(&mut sink, Message::Ping(Default::default()), idle_timeout).await {
+                        break None;
+                    }
+                    session.info.last_activity = Utc::now();
+                    Box::pin(session.publish_presence()).await;
                 }
-                if !send_within(&mut sink, Message::Ping(Default::default()), limits.idle_timeout).await {
-                    break None;
-                }
-                session.info.last_activity = Utc::now();
-                session.publish_presence().await;
             }
-        }
-    };
-
-    if let Some((code, reason)) = close {
-        tracing::debug!(code, reason, "closing");
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
         };
-        // Bounded like every write: a peer that is not reading must not keep this
-        // task (and its membership clean-up below) waiting forever.
-        if send_within(&mut sink, Message::Close(Some(frame)), limits.idle_timeout).await {
-            let _ = tokio::time::timeout(limits.idle_timeout, sink.close()).await;
+
+        if let Some((code, reason)) = close {
+            Box::pin(close_socket(sink, code, reason, idle_timeout)).await;
         }
+        Box::pin(session.end(&registration.id)).await;
+        drop(permit);
     }
-    for (key, _) in &session.rooms {
-        state.rooms.hub.leave(key, session.number);
+    // Entered only while the task is polled, so its events carry the connection
+    // and nothing else on the same thread does.
+    .instrument(span)
+}
+
+/// Sends a close frame and waits for the peer's, bounded like every write: a
+/// peer that is not reading must not keep this task (and its membership
+/// clean-up) waiting forever.
+async fn close_socket(
+    mut sink: SplitSink<WebSocket, Message>,
+    code: u16,
+    reason: &'static str,
+    limit: Duration,
+) {
+    tracing::debug!(code, reason, "closing");
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    if send_within(&mut sink, Message::Close(Some(frame)), limit).await {
+        let _ = tokio::time::timeout(limit, sink.close()).await;
     }
-    state.connections.unregister(&registration.id);
-    if let Err(err) = state.rooms.bus.remove_presence(&registration.id).await {
-        tracing::debug!(error = %err, "presence removal failed");
-    }
-    metrics::gauge!("croupier_ws_connections").decrement(1.0);
-    drop(permit);
 }
 
 /// Writes one message; false when the connection is unusable: the write failed,
@@ -424,6 +446,18 @@ impl Session {
             .await
             .map(|_| ())
             .map_err(store_error)
+    }
+
+    /// Leaves every room and forgets the connection here and in the bus.
+    async fn end(&self, id: &str) {
+        for (key, _) in &self.rooms {
+            self.state.rooms.hub.leave(key, self.number);
+        }
+        self.state.connections.unregister(id);
+        if let Err(err) = self.state.rooms.bus.remove_presence(id).await {
+            tracing::debug!(error = %err, "presence removal failed");
+        }
+        metrics::gauge!("croupier_ws_connections").decrement(1.0);
     }
 
     async fn publish_presence(&mut self) {
