@@ -409,8 +409,10 @@ fn substitute_grafana_variables(expr: &str) -> String {
 
 /// Light steady traffic through Nginx while Prometheus is queried, so that
 /// every rate has something to measure: a save into the room the WebSocket
-/// members watch (fan-out on every instance) and a read, every 100 ms, for at
-/// most 40 s.
+/// members watch (fan-out on every instance) and two reads, every 100 ms, for
+/// at most 40 s. Reads of an existing room are soon answered from the
+/// instance's snapshot; reads of a room nobody created always go to the store
+/// (and its Redis cache).
 fn spawn_trickle(http: reqwest::Client, base: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for i in 0..400u32 {
@@ -420,10 +422,12 @@ fn spawn_trickle(http: reqwest::Client, base: String) -> tokio::task::JoinHandle
                 .json(&save)
                 .send()
                 .await;
-            let _ = http
-                .get(format!("{base}/api/roulette/obs-room-0"))
-                .send()
-                .await;
+            for room in ["obs-room-0", "obs-nobody"] {
+                let _ = http
+                    .get(format!("{base}/api/roulette/{room}"))
+                    .send()
+                    .await;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
