@@ -278,8 +278,13 @@ wants() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
 # Idle memory of one instance in cluster mode, after start-up and before any load.
 if wants idle-rss; then
     sleep 2
-    idle_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${NODE_PIDS[0]}/status")
-    echo "{\"scenario\":\"idle-rss\",\"label\":\"idle-rss\",\"instance\":\"bench-1, cluster mode\",\"kib\":$idle_kib}" >>"$RESULTS"
+    status_file="/proc/${NODE_PIDS[0]}/status"
+    idle_kib=$(awk '/^VmRSS:/ {print $2}' "$status_file")
+    # The split into what the process allocated and what is program code
+    # mapped from the page cache (RssShmem is part of neither and is 0 here).
+    anon_kib=$(awk '/^RssAnon:/ {print $2}' "$status_file")
+    file_kib=$(awk '/^RssFile:/ {print $2}' "$status_file")
+    echo "{\"scenario\":\"idle-rss\",\"label\":\"idle-rss\",\"instance\":\"bench-1, cluster mode\",\"kib\":$idle_kib,\"anon_kib\":${anon_kib:-null},\"file_kib\":${file_kib:-null}}" >>"$RESULTS"
     log "idle RSS of instance 1: $idle_kib KiB"
 fi
 
