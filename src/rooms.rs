@@ -46,7 +46,7 @@ impl Rooms {
             None => match self.store.room(key).await? {
                 Some(room) => {
                     self.hub.watch(key);
-                    Arc::new(Snapshot::of_room(&room))
+                    Arc::new(Snapshot::from(room))
                 }
                 None => return Ok(None),
             },

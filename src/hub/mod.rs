@@ -196,7 +196,7 @@ impl Hub {
     pub fn offer(&self, room: &Room) {
         let view = self.lock().get(&room.key).map(|entry| entry.view.clone());
         if let Some(view) = view {
-            view.offer(Arc::new(Snapshot::of_room(room)));
+            view.offer(Arc::new(Snapshot::from(room.clone())));
         }
     }
 

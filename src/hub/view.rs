@@ -39,15 +39,6 @@ impl Snapshot {
         }
     }
 
-    pub fn of_room(room: &Room) -> Self {
-        Snapshot::new(
-            room.version,
-            room.epoch.clone(),
-            room.protected,
-            room.history.clone(),
-        )
-    }
-
     /// The JSON reply of a room read, serialized once per version.
     pub fn body(&self, key: &RoomKey) -> Bytes {
         self.body
@@ -61,6 +52,12 @@ impl Snapshot {
                 Bytes::from(reply.to_string())
             })
             .clone()
+    }
+}
+
+impl From<Room> for Snapshot {
+    fn from(room: Room) -> Self {
+        Snapshot::new(room.version, room.epoch, room.protected, room.history)
     }
 }
 
