@@ -423,10 +423,7 @@ fn spawn_trickle(http: reqwest::Client, base: String) -> tokio::task::JoinHandle
                 .send()
                 .await;
             for room in ["obs-room-0", "obs-nobody"] {
-                let _ = http
-                    .get(format!("{base}/api/roulette/{room}"))
-                    .send()
-                    .await;
+                let _ = http.get(format!("{base}/api/roulette/{room}")).send().await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
