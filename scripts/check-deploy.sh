@@ -50,6 +50,7 @@ KNOWN_METRICS=(
     croupier_bus_messages_total
     croupier_cache_hits_total
     croupier_cache_misses_total
+    croupier_room_reads_total
     croupier_rooms_active
     croupier_dependency_up
     croupier_ws_connections_max

@@ -42,14 +42,20 @@ impl Rooms {
         token: Option<&str>,
     ) -> Result<Option<Arc<Snapshot>>, AccessError> {
         let snapshot = match self.hub.snapshot(key) {
-            Some(snapshot) => snapshot,
-            None => match self.store.room(key).await? {
-                Some(room) => {
-                    self.hub.watch(key);
-                    Arc::new(Snapshot::from(room))
+            Some(snapshot) => {
+                metrics::counter!("croupier_room_reads_total", "source" => "snapshot").increment(1);
+                snapshot
+            }
+            None => {
+                metrics::counter!("croupier_room_reads_total", "source" => "store").increment(1);
+                match self.store.room(key).await? {
+                    Some(room) => {
+                        self.hub.watch(key);
+                        Arc::new(Snapshot::from(room))
+                    }
+                    None => return Ok(None),
                 }
-                None => return Ok(None),
-            },
+            }
         };
         if snapshot.protected {
             self.auth.verify(token, key)?;

@@ -99,6 +99,9 @@ fn register_families() {
     for direction in ["in", "out"] {
         metrics::counter!("croupier_bus_messages_total", "direction" => direction).absolute(0);
     }
+    for source in ["snapshot", "store"] {
+        metrics::counter!("croupier_room_reads_total", "source" => source).absolute(0);
+    }
     metrics::describe_histogram!(
         "croupier_fanout_latency_seconds",
         metrics::Unit::Seconds,
