@@ -151,12 +151,19 @@ impl RoomTask {
                 version,
                 epoch: Some(epoch),
                 protected: Some(protected),
-            }) => self.view.publish(Arc::new(Snapshot::new(
+            }) if !self.view.shows(epoch, *version) => self.view.publish(Arc::new(Snapshot::new(
                 *version,
                 epoch.clone(),
                 *protected,
                 history.clone(),
             ))),
+            // Already shown: a writer here offered this version before the
+            // event reached the task; no need to copy the history again.
+            Some(Mirror {
+                epoch: Some(_),
+                protected: Some(_),
+                ..
+            }) => {}
             _ => self.view.clear(),
         }
     }

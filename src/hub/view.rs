@@ -116,6 +116,16 @@ impl View {
         Duration::from_millis(now.saturating_sub(last))
     }
 
+    /// Whether reads already see `version` (or later) of `epoch`.
+    pub(super) fn shows(&self, epoch: &str, version: Version) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .as_ref()
+            .is_some_and(|s| &*s.epoch == epoch && s.version >= version)
+    }
+
     /// The room task's update. The task is the authority on the room, except
     /// that a writer's offer of a later version of the same epoch is newer.
     pub(super) fn publish(&self, snapshot: Arc<Snapshot>) {
