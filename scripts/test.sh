@@ -6,6 +6,9 @@
 # deployment files, runs the quick benchmark, then runs every Rust test.
 set -euo pipefail
 
+# One build, never rebuilt: incremental state would only double the disk use.
+export CARGO_INCREMENTAL=0
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
