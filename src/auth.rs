@@ -4,6 +4,10 @@
 //! pool and at most a few hashes run at once, because argon2 is deliberately slow
 //! and must not become a way to starve the server. Room tokens are HS256 JWTs with
 //! claims `key` and `exp` (24 h), signed with the secret every instance shares.
+//!
+//! `jsonwebtoken` gets an HMAC-only crypto provider: its bundled RustCrypto one
+//! links RSA, ECDSA and EdDSA as well, several hundred kilobytes of code the
+//! server can never reach but that still counts in every instance's memory.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -50,6 +54,7 @@ pub struct Auth {
 
 impl Auth {
     pub fn new(secret: &[u8]) -> Arc<Self> {
+        hs256::install();
         Arc::new(Auth {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
@@ -151,6 +156,78 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// The HS256 signer and verifier `jsonwebtoken` uses, on RustCrypto's `hmac`.
+mod hs256 {
+    use hmac::{Hmac, Mac};
+    use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtSigner, JwtVerifier};
+    use jsonwebtoken::errors::{Error, ErrorKind};
+    use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+    use sha2::Sha256;
+
+    type HmacSha256 = Hmac<Sha256>;
+
+    static PROVIDER: CryptoProvider = CryptoProvider {
+        signer_factory: signer,
+        verifier_factory: verifier,
+        jwk_utils: JwkUtils::new_unimplemented(),
+    };
+
+    /// Makes this the process's provider; later calls (more instances in one
+    /// process) find it installed already.
+    pub fn install() {
+        let _ = PROVIDER.install_default();
+    }
+
+    fn keyed(secret: &[u8]) -> Result<HmacSha256, Error> {
+        HmacSha256::new_from_slice(secret).map_err(|_| ErrorKind::InvalidKeyFormat.into())
+    }
+
+    fn signer(algorithm: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Error> {
+        match algorithm {
+            Algorithm::HS256 => Ok(Box::new(Hs256(keyed(key.try_get_hmac_secret()?)?))),
+            _ => Err(ErrorKind::InvalidAlgorithm.into()),
+        }
+    }
+
+    fn verifier(algorithm: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
+        match algorithm {
+            Algorithm::HS256 => Ok(Box::new(Hs256(keyed(key.try_get_hmac_secret()?)?))),
+            _ => Err(ErrorKind::InvalidAlgorithm.into()),
+        }
+    }
+
+    struct Hs256(HmacSha256);
+
+    impl signature::Signer<Vec<u8>> for Hs256 {
+        fn try_sign(&self, message: &[u8]) -> Result<Vec<u8>, signature::Error> {
+            let mut mac = self.0.clone();
+            mac.update(message);
+            Ok(mac.finalize().into_bytes().to_vec())
+        }
+    }
+
+    impl signature::Verifier<Vec<u8>> for Hs256 {
+        fn verify(&self, message: &[u8], tag: &Vec<u8>) -> Result<(), signature::Error> {
+            let mut mac = self.0.clone();
+            mac.update(message);
+            // Constant-time comparison.
+            mac.verify_slice(tag).map_err(signature::Error::from_source)
+        }
+    }
+
+    impl JwtSigner for Hs256 {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::HS256
+        }
+    }
+
+    impl JwtVerifier for Hs256 {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::HS256
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +244,27 @@ mod tests {
         assert_eq!(auth.verify(Some("garbage"), &a), Err(TokenError::Invalid));
         let other = Auth::new(b"another-secret-another-secret!!!");
         assert_eq!(other.verify(Some(&token), &a), Err(TokenError::Invalid));
+    }
+
+    /// Tokens signed elsewhere (here: Python's `hmac`, key "a", expiring in
+    /// 2100 or in 2000) check out exactly as RFC 7519 says.
+    #[test]
+    fn tokens_from_other_implementations() {
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let a = RoomKey::parse("a").unwrap();
+        let header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
+        let claims = "eyJrZXkiOiJhIiwiZXhwIjo0MTAyNDQ0ODAwfQ";
+        let valid = format!("{header}.{claims}.H2y_vQek8KWU9W5XsJyulVp2i3COP2I-bOwgQ_q0Yyk");
+        assert_eq!(auth.verify(Some(&valid), &a), Ok(()));
+        let tampered = format!("{header}.{claims}.H2y_vQek8KWU9W5XsJyulVp2i3COP2I-bOwgQ_q0Yyl");
+        assert_eq!(auth.verify(Some(&tampered), &a), Err(TokenError::Invalid));
+        let expired = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJrZXkiOiJhIiwiZXhwIjo5NDY2ODQ4MDB9.\
+                       _npA2Z6GuS8TY7Le_3VDdOySwqAG6q6wicFZOTyctEQ";
+        assert_eq!(auth.verify(Some(expired), &a), Err(TokenError::Invalid));
+        // Same secret, another algorithm: refused, not verified with HS512.
+        let hs512 = "eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCJ9.eyJrZXkiOiJhIiwiZXhwIjo0MTAyNDQ0ODAwfQ.\
+                     -eh5HxR6tGscNdGYKrb2Psg0_eyHZ-ewUvmBzYnwLtOYKvi4vbPKYhvzuFMnH0aNlTYfiM82GwoEInkn20FdQw";
+        assert_eq!(auth.verify(Some(hs512), &a), Err(TokenError::Invalid));
     }
 
     #[tokio::test]

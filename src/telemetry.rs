@@ -8,24 +8,45 @@
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,fred=warn";
 
 /// Installs the global `tracing` subscriber (honours `RUST_LOG`; JSON lines when
 /// `LOG_FORMAT=json`). Safe to call more than once.
+///
+/// `RUST_LOG` takes a default level and `target=level` pairs, e.g.
+/// `warn,croupier=debug`. (This is `Targets`, not `EnvFilter`: span and field
+/// directives are not supported, and the server does without the regex engine
+/// they need.) A value that does not parse is reported and the default is used.
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,fred=warn"));
+    let configured = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let (filter, rejected) = match configured.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (default_filter(), Some(e)),
+        None => (default_filter(), None),
+    };
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi);
-    let _ = if json {
-        builder.json().try_init()
+    let builder = tracing_subscriber::fmt().with_target(false).with_ansi(ansi);
+    let installed = if json {
+        builder.json().finish().with(filter).try_init()
     } else {
-        builder.try_init()
+        builder.finish().with(filter).try_init()
     };
+    if let (Ok(()), Some(e)) = (installed, rejected) {
+        tracing::warn!("RUST_LOG is not a valid filter ({e}); using {DEFAULT_LOG_FILTER}");
+    }
+}
+
+fn default_filter() -> Targets {
+    DEFAULT_LOG_FILTER
+        .parse()
+        .expect("the default log filter parses")
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
