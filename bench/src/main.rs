@@ -6,6 +6,7 @@
 //! budget table of ARCHITECTURE.md ("Performance budgets").
 
 mod fanout;
+mod floor;
 mod hold;
 mod http;
 mod mixed;
@@ -42,6 +43,11 @@ enum Command {
     WsHold(hold::HoldArgs),
     /// One writer, many members of one room over instances: per-event delivery time.
     Fanout(fanout::FanoutArgs),
+    /// One frame to many loopback sockets with no server logic: this machine's floor.
+    FanoutFloor(floor::FloorArgs),
+    /// The sending side of `fanout-floor` (started by it).
+    #[command(hide = true)]
+    FloorSender(floor::SenderArgs),
     /// Cross-instance add→deliver latency on an idle cluster.
     Latency(fanout::LatencyArgs),
     /// Joins, leaves, adds and reads over many rooms; errors and memory over time.
@@ -120,6 +126,8 @@ async fn main() -> ExitCode {
         Command::HttpSave(args) => http::http_save(args).await,
         Command::WsHold(args) => hold::ws_hold(args).await,
         Command::Fanout(args) => fanout::fanout(args).await,
+        Command::FanoutFloor(args) => floor::floor(args).await,
+        Command::FloorSender(args) => floor::sender(args),
         Command::Latency(args) => fanout::latency(args).await,
         Command::Mixed(args) => mixed::mixed(args).await,
         Command::Machine => {
