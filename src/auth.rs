@@ -178,22 +178,22 @@ mod hs256 {
         let _ = PROVIDER.install_default();
     }
 
-    fn keyed(secret: &[u8]) -> Result<HmacSha256, Error> {
-        HmacSha256::new_from_slice(secret).map_err(|_| ErrorKind::InvalidKeyFormat.into())
+    /// The MAC for `secret`, if `algorithm` is the one room tokens use.
+    fn hs256(algorithm: &Algorithm, secret: &[u8]) -> Result<Hs256, Error> {
+        if *algorithm != Algorithm::HS256 {
+            return Err(ErrorKind::InvalidAlgorithm.into());
+        }
+        HmacSha256::new_from_slice(secret)
+            .map(Hs256)
+            .map_err(|_| ErrorKind::InvalidKeyFormat.into())
     }
 
     fn signer(algorithm: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>, Error> {
-        match algorithm {
-            Algorithm::HS256 => Ok(Box::new(Hs256(keyed(key.try_get_hmac_secret()?)?))),
-            _ => Err(ErrorKind::InvalidAlgorithm.into()),
-        }
+        Ok(Box::new(hs256(algorithm, key.try_get_hmac_secret()?)?))
     }
 
     fn verifier(algorithm: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>, Error> {
-        match algorithm {
-            Algorithm::HS256 => Ok(Box::new(Hs256(keyed(key.try_get_hmac_secret()?)?))),
-            _ => Err(ErrorKind::InvalidAlgorithm.into()),
-        }
+        Ok(Box::new(hs256(algorithm, key.try_get_hmac_secret()?)?))
     }
 
     struct Hs256(HmacSha256);
