@@ -173,7 +173,9 @@ mod hs256 {
     };
 
     /// Makes this the process's provider; later calls (more instances in one
-    /// process) find it installed already.
+    /// process) find it installed already. Every use of `jsonwebtoken` goes
+    /// through an `Auth`, whose constructor calls this first: a call before it
+    /// would find no provider and panic.
     pub fn install() {
         let _ = PROVIDER.install_default();
     }
