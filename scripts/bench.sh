@@ -15,7 +15,8 @@
 #   bash scripts/bench.sh --only=get,save
 #                                    only the named scenarios (idle-rss, mixed,
 #                                    hold, get, save, fanout, latency); the table
-#                                    marks the others as not run
+#                                    marks the others as not run, and they do
+#                                    not fail the run
 #   bash scripts/bench.sh --perf     also profile instance 1 with `perf record`
 #                                    during the direct GET and one-instance fan-out
 #                                    scenarios (target/bench/perf-*.txt)
@@ -270,7 +271,7 @@ NGINX_URL="http://127.0.0.1:$NGINX_PORT"
 # ---------------------------------------------------------------- scenarios
 RESULTS="$WORK/results.jsonl"
 "$BENCH" machine >"$RESULTS"
-echo "{\"scenario\":\"run\",\"profile\":\"$PROFILE\",\"instances\":3,\"nofile\":$NOFILE}" >>"$RESULTS"
+echo "{\"scenario\":\"run\",\"profile\":\"$PROFILE\",\"instances\":3,\"nofile\":$NOFILE,\"only\":\"$ONLY\"}" >>"$RESULTS"
 
 # wants SCENARIO: whether --only selected it (everything without --only).
 wants() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }

@@ -51,6 +51,8 @@ enum Status {
     Missing,
     /// A reference figure that ran cleanly.
     Reference,
+    /// Left out by `bench.sh --only`.
+    NotRun,
 }
 
 impl Status {
@@ -61,6 +63,7 @@ impl Status {
             Status::NotJudged => "n/a (quick)",
             Status::Missing => "FAIL (no result)",
             Status::Reference => "reference",
+            Status::NotRun => "not run (--only)",
         }
     }
 }
@@ -76,6 +79,8 @@ struct Row {
 struct Table {
     rows: Vec<Row>,
     quick: bool,
+    /// The scenarios `bench.sh --only` selected; `None` when it ran them all.
+    only: Option<Vec<String>>,
 }
 
 impl Table {
@@ -102,15 +107,39 @@ impl Table {
         });
     }
 
-    fn missing(&mut self, kind: Kind, figure: impl Into<String>, budget: &str, why: String) {
+    /// A row whose scenario (named by its result `label`) left no result.
+    fn missing(
+        &mut self,
+        kind: Kind,
+        label: &str,
+        figure: impl Into<String>,
+        budget: &str,
+        why: String,
+    ) {
+        let selected = self
+            .only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == scenario_of(label)));
         self.rows.push(Row {
             figure: figure.into(),
             budget: budget.into(),
-            measured: why,
+            measured: if selected { why } else { "—".into() },
             kind,
-            status: Status::Missing,
+            status: if selected {
+                Status::Missing
+            } else {
+                Status::NotRun
+            },
         });
     }
+}
+
+/// The `bench.sh` scenario (as `--only` names it) a result label belongs to.
+fn scenario_of(label: &str) -> &str {
+    ["get", "fanout"]
+        .into_iter()
+        .find(|prefix| label.starts_with(prefix))
+        .unwrap_or(label)
 }
 
 fn f(v: &Value, field: &str) -> f64 {
@@ -168,9 +197,21 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         .find(|v| v["scenario"] == "machine")
         .cloned()
         .unwrap_or(Value::Null);
+    let only = lines
+        .iter()
+        .find(|v| v["scenario"] == "run")
+        .and_then(|v| v["only"].as_str())
+        .map(|list| {
+            list.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter(|list| !list.is_empty());
     let mut t = Table {
         rows: Vec::new(),
         quick: args.quick,
+        only,
     };
 
     // Idle memory.
@@ -204,6 +245,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         }
         None => t.missing(
             Kind::Budget,
+            "idle-rss",
             "idle RSS, one instance (cluster mode)",
             "≤ 7 MB",
             "not measured".into(),
@@ -248,6 +290,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
             None if label.ends_with("-wrk") && args.quick => {}
             None => t.missing(
                 Kind::Budget,
+                label,
                 format!("{figure}: throughput"),
                 "≥ 50,000 req/s",
                 failure(label),
@@ -284,6 +327,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         }
         None => t.missing(
             Kind::Correctness,
+            "save",
             "POST /api/roulette/save: rows stored == 200 acks",
             "equal",
             failure("save"),
@@ -328,6 +372,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         }
         None => t.missing(
             Kind::Budget,
+            "hold",
             "WebSocket connections held by one instance",
             "≥ 15,000",
             failure("hold"),
@@ -396,6 +441,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
             }
             None => t.missing(
                 Kind::Correctness,
+                label,
                 format!("fan-out on {where_}: all delivered"),
                 "all",
                 failure(label),
@@ -426,6 +472,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         }
         None => t.missing(
             Kind::Budget,
+            "latency",
             "cross-instance add→deliver, idle cluster: p99",
             "≤ 5 ms",
             failure("latency"),
@@ -459,6 +506,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         }
         None => t.missing(
             Kind::Correctness,
+            "mixed",
             "mixed load: errors",
             "0",
             failure("mixed"),
@@ -475,12 +523,12 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         .rows
         .iter()
         .filter(|r| r.kind != Kind::Budget)
-        .all(|r| matches!(r.status, Status::Pass | Status::Reference));
+        .all(|r| matches!(r.status, Status::Pass | Status::Reference | Status::NotRun));
     let budgets_ok = t
         .rows
         .iter()
         .filter(|r| r.kind == Kind::Budget)
-        .all(|r| matches!(r.status, Status::Pass | Status::NotJudged));
+        .all(|r| matches!(r.status, Status::Pass | Status::NotJudged | Status::NotRun));
     let ok = correctness_ok
         && t.rows.iter().all(|r| r.status != Status::Missing)
         && (budgets_ok || !args.strict);
@@ -644,6 +692,41 @@ mod tests {
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(0.0), "0");
+    }
+
+    #[test]
+    fn a_partial_run_fails_only_for_the_scenarios_it_ran() {
+        let mut t = Table {
+            rows: Vec::new(),
+            quick: false,
+            only: Some(vec!["get".into(), "fanout".into()]),
+        };
+        t.missing(Kind::Budget, "get-nginx", "GET", "b", "failed".into());
+        t.missing(
+            Kind::Correctness,
+            "fanout-3",
+            "fan-out",
+            "all",
+            "failed".into(),
+        );
+        t.missing(
+            Kind::Correctness,
+            "save",
+            "save",
+            "equal",
+            "did not run".into(),
+        );
+        t.missing(Kind::Budget, "idle-rss", "idle", "b", "not measured".into());
+        let statuses: Vec<Status> = t.rows.iter().map(|r| r.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                Status::Missing,
+                Status::Missing,
+                Status::NotRun,
+                Status::NotRun
+            ]
+        );
     }
 
     #[test]
