@@ -156,6 +156,7 @@ impl Application {
             lifecycle: Arc::new(Lifecycle::default()),
             auth_limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
             ws_slots: Arc::new(Semaphore::new(config.ws.max_connections)),
+            rate_clock: Default::default(),
             config: Arc::new(config),
         });
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use governor::DefaultKeyedRateLimiter;
+use governor::clock::DefaultClock;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,10 @@ pub struct Shared {
     pub auth_limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     /// One permit per open WebSocket, up to `WS_MAX_CONNECTIONS`.
     pub ws_slots: Arc<Semaphore>,
+    /// The clock every connection's message-rate limiter reads. Made once:
+    /// creating one runs CPUID, which in a virtual machine traps to the
+    /// hypervisor, and reconnect storms create thousands of limiters.
+    pub rate_clock: DefaultClock,
 }
 
 impl Shared {

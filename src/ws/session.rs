@@ -79,7 +79,7 @@ pub(super) fn run(
         out,
         overflow: CancellationToken::new(),
         rooms: Vec::new(),
-        limiter: RateLimiter::direct(quota),
+        limiter: RateLimiter::direct_with_clock(quota, state.rate_clock.clone()),
         info: ConnectionInfo {
             id: registration.id.clone(),
             instance: state.config.instance_id.clone(),
