@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::quota::QuotaConfig;
+
 /// Where rooms are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Database {
@@ -54,12 +56,22 @@ pub struct Config {
     pub db: DbOptions,
     pub cache_ttl: Duration,
     pub cache_max_history: usize,
+    /// Per-client write and room-creation quotas.
+    pub quotas: QuotaConfig,
+    /// Most rooms a listing page with `include=history` may hold.
+    pub list_history_max_rooms: u32,
+    /// Most rooms an instance follows because they are read (see `HubConfig`).
+    pub max_read_rooms: usize,
 }
 
 /// Per-connection WebSocket limits.
 #[derive(Debug, Clone)]
 pub struct WsLimits {
     pub max_connections: usize,
+    /// Open WebSockets per client address.
+    pub max_per_client: usize,
+    /// Bytes of frames queued per connection before it is closed with 1013.
+    pub queue_bytes: usize,
     pub messages_per_second: u32,
     pub burst: u32,
     pub queue_capacity: usize,
@@ -211,6 +223,8 @@ impl Config {
             shutdown_grace: vars.seconds("SHUTDOWN_GRACE", 10)?,
             ws: WsLimits {
                 max_connections: vars.positive("WS_MAX_CONNECTIONS", 15_000)?,
+                max_per_client: vars.positive("WS_MAX_PER_CLIENT", 50)?,
+                queue_bytes: vars.positive("WS_QUEUE_BYTES", 1024 * 1024)?,
                 messages_per_second: vars.positive("WS_RATE_LIMIT", 50)?,
                 burst: vars.positive("WS_RATE_BURST", 100)?,
                 queue_capacity: vars.positive("WS_QUEUE_CAPACITY", 1024)?,
@@ -228,6 +242,13 @@ impl Config {
             },
             cache_ttl: vars.seconds("CACHE_TTL", 3600)?,
             cache_max_history: vars.positive("CACHE_MAX_HISTORY", 10_000)?,
+            quotas: QuotaConfig {
+                writes_per_second: vars.positive("WRITE_RATE_LIMIT", 10)?,
+                write_burst: vars.positive("WRITE_RATE_BURST", 30)?,
+                rooms_per_minute: vars.positive("ROOM_CREATE_LIMIT", 30)?,
+            },
+            list_history_max_rooms: vars.positive("LIST_HISTORY_MAX_ROOMS", 20)?,
+            max_read_rooms: vars.positive("MAX_READ_ROOMS", 1000)?,
         };
         Ok(config)
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod hub;
+pub mod quota;
 pub mod rooms;
 pub mod startup;
 pub mod state;

@@ -1,14 +1,17 @@
 //! Room operations shared by the HTTP API and the WebSocket protocol: reads with
-//! access control, and mutations that commit first and fan out second.
+//! access control, and mutations that are checked against the client's quotas
+//! and the room's protection, commit first and fan out second.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Auth, TokenError};
-use crate::bus::DynBus;
+use crate::bus::{ControlMessage, DynBus};
 use crate::domain::{Change, MutationId, RoomKey};
 use crate::hub::{Hub, Snapshot};
-use crate::store::{Applied, DynStore, Mutation, StoreError};
+use crate::quota::{Quotas, RateLimited};
+use crate::store::{Applied, DynStore, Mutation, RoomAuth, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -16,6 +19,24 @@ pub enum AccessError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("too many requests; try again later")]
+    RateLimited(RateLimited),
+}
+
+impl From<RateLimited> for AccessError {
+    fn from(refused: RateLimited) -> Self {
+        AccessError::RateLimited(refused)
+    }
+}
+
+/// Who asks for a change: the client's address (its quotas) and its claim to
+/// the room (a token, or a membership that was admitted with one).
+#[derive(Debug, Clone, Copy)]
+pub struct Writer<'a> {
+    pub client: IpAddr,
+    pub token: Option<&'a str>,
+    /// A WebSocket membership whose token was checked when it joined.
+    pub joined_with_token: bool,
 }
 
 /// How long a mutation waits for its event to be published before answering.
@@ -27,6 +48,7 @@ pub struct Rooms {
     pub bus: DynBus,
     pub hub: Hub,
     pub auth: Arc<Auth>,
+    pub quotas: Arc<Quotas>,
     pub max_history: usize,
 }
 
@@ -41,7 +63,18 @@ impl Rooms {
         key: &RoomKey,
         token: Option<&str>,
     ) -> Result<Option<Arc<Snapshot>>, AccessError> {
-        let snapshot = match self.hub.snapshot(key) {
+        let snapshot = self.current(key).await?;
+        if let Some(snapshot) = &snapshot
+            && snapshot.protected
+        {
+            self.auth.verify(token, key)?;
+        }
+        Ok(snapshot)
+    }
+
+    /// The room as this instance knows it, without access control.
+    async fn current(&self, key: &RoomKey) -> Result<Option<Arc<Snapshot>>, StoreError> {
+        Ok(Some(match self.hub.snapshot(key) {
             Some(snapshot) => {
                 metrics::counter!("croupier_room_reads_total", "source" => "snapshot").increment(1);
                 snapshot
@@ -56,11 +89,7 @@ impl Rooms {
                     None => return Ok(None),
                 }
             }
-        };
-        if snapshot.protected {
-            self.auth.verify(token, key)?;
-        }
-        Ok(Some(snapshot))
+        }))
     }
 
     /// Checks access to a room without needing its contents.
@@ -72,12 +101,34 @@ impl Rooms {
     /// The caller may acknowledge only after this returns `Ok`: the store has
     /// committed by then (invariant 1). A repeated mutation id changes nothing and
     /// publishes nothing.
+    ///
+    /// Before that, the writer's quotas are taken (one write; one new room if
+    /// the room does not exist yet) and its token checked against the room as
+    /// this instance knows it. The store checks protection once more where it
+    /// applies the change, so a room protected meanwhile is still refused.
     pub async fn mutate(
         &self,
+        writer: Writer<'_>,
         key: RoomKey,
         change: Change,
         mutation_id: Option<MutationId>,
-    ) -> Result<Applied, StoreError> {
+    ) -> Result<Applied, AccessError> {
+        self.quotas.write(writer.client)?;
+        let token = writer
+            .token
+            .map(|token| self.auth.verify(Some(token), &key));
+        let authorized = writer.joined_with_token || matches!(token, Some(Ok(())));
+        match self.current(&key).await? {
+            None => self.quotas.create_room(writer.client)?,
+            Some(room) if room.protected && !authorized => {
+                let refused = match token {
+                    Some(Err(err)) => err,
+                    _ => TokenError::Missing,
+                };
+                return Err(refused.into());
+            }
+            Some(_) => {}
+        }
         let applied = self
             .store
             .apply(Mutation {
@@ -85,6 +136,7 @@ impl Rooms {
                 change,
                 mutation_id,
                 max_history: self.max_history,
+                authorized,
             })
             .await?;
         self.hub.offer(&applied.room);
@@ -105,5 +157,31 @@ impl Rooms {
             let _ = tokio::time::timeout(PUBLISH_WAIT, publishing).await;
         }
         Ok(applied)
+    }
+
+    /// Creates a room (protected iff `password_hash` is given) unless it exists,
+    /// and answers with the room as it is. When this call created it with a
+    /// password, every instance is told, so that members who joined the key
+    /// while nothing protected it are removed.
+    pub async fn create(
+        &self,
+        key: &RoomKey,
+        password_hash: Option<String>,
+    ) -> Result<RoomAuth, StoreError> {
+        let protecting = password_hash.is_some();
+        let created = self.store.create_room(key, password_hash.clone()).await?;
+        if protecting && created.password_hash == password_hash {
+            // Local members first: this instance must not wait on the bus.
+            self.hub.protected(key);
+            let message = ControlMessage::Protected {
+                key: key.to_string(),
+            };
+            if let Err(err) = self.bus.control(message).await {
+                // Members elsewhere stay joined until they write (the store
+                // refuses them) or reconnect.
+                tracing::warn!(room = %key, error = %err, "cannot announce a protected room");
+            }
+        }
+        Ok(created)
     }
 }

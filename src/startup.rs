@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
+use governor::clock::DefaultClock;
 use governor::{Quota, RateLimiter};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -18,7 +19,9 @@ use crate::bus::memory::MemoryBroker;
 use crate::bus::redis::RedisBus;
 use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
+use crate::domain::RoomKey;
 use crate::hub::{Hub, HubConfig};
+use crate::quota::Quotas;
 use crate::rooms::Rooms;
 use crate::state::{AppState, Lifecycle, Shared};
 use crate::store::cached::CachedStore;
@@ -108,6 +111,14 @@ impl Application {
                     Inbound::Control(ControlMessage::Disconnect { connection_id }) => {
                         connections.kick(&connection_id);
                     }
+                    Inbound::Control(ControlMessage::Protected { key }) => {
+                        match RoomKey::parse(&key) {
+                            Ok(key) => hub.protected(&key),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "ignoring a protected-room message with an invalid key")
+                            }
+                        }
+                    }
                     Inbound::Resync => hub.catch_up_all(),
                 }
             })
@@ -135,6 +146,7 @@ impl Application {
             bus.clone(),
             HubConfig {
                 queue_capacity: config.ws.queue_capacity,
+                max_read_rooms: config.max_read_rooms,
                 ..HubConfig::default()
             },
         );
@@ -143,12 +155,14 @@ impl Application {
 
         let per_minute =
             NonZeroU32::new(config.auth_attempts_per_minute).unwrap_or(NonZeroU32::MIN);
+        let rate_clock = DefaultClock::default();
         let state = AppState::new(Shared {
             rooms: Rooms {
                 store,
                 bus,
                 hub,
                 auth: Auth::new(secret.as_bytes()),
+                quotas: Arc::new(Quotas::new(config.quotas, rate_clock.clone())),
                 max_history: config.max_history,
             },
             connections,
@@ -156,7 +170,8 @@ impl Application {
             lifecycle: Arc::new(Lifecycle::default()),
             auth_limiter: Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))),
             ws_slots: Arc::new(Semaphore::new(config.ws.max_connections)),
-            rate_clock: Default::default(),
+            ws_clients: Default::default(),
+            rate_clock,
             config: Arc::new(config),
         });
 
@@ -234,9 +249,11 @@ impl Application {
     }
 }
 
-/// Background upkeep: the database health gauge and event-log pruning.
+/// Background upkeep: the database health gauge, event-log pruning and
+/// forgetting idle clients' quota buckets.
 fn spawn_maintenance(state: &AppState) {
     let store = state.rooms.store.clone();
+    let quotas = state.rooms.quotas.clone();
     let stop = state.lifecycle.shutdown.clone();
     tokio::spawn(async move {
         let mut check = tokio::time::interval(Duration::from_secs(5));
@@ -248,11 +265,14 @@ fn spawn_maintenance(state: &AppState) {
                     let up = if store.ping().await.is_ok() { 1.0 } else { 0.0 };
                     metrics::gauge!("croupier_dependency_up", "dependency" => "database").set(up);
                 }
-                _ = prune.tick() => match store.prune_events().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(removed = n, "pruned event log"),
-                    Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
-                },
+                _ = prune.tick() => {
+                    quotas.prune();
+                    match store.prune_events().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(removed = n, "pruned event log"),
+                        Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
+                    }
+                }
             }
         }
     });

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::rooms::Rooms;
 use crate::store::Store;
-use crate::ws::registry::Connections;
+use crate::ws::registry::{ClientSlots, Connections};
 
 /// Readiness and shutdown, shared by the server, its probes and every socket.
 #[derive(Default)]
@@ -63,6 +63,8 @@ pub struct Shared {
     pub auth_limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     /// One permit per open WebSocket, up to `WS_MAX_CONNECTIONS`.
     pub ws_slots: Arc<Semaphore>,
+    /// Open WebSockets per client address, up to `WS_MAX_PER_CLIENT`.
+    pub ws_clients: ClientSlots,
     /// The clock every connection's message-rate limiter reads. Made once:
     /// creating one runs CPUID, which in a virtual machine traps to the
     /// hypervisor, and reconnect storms create thousands of limiters.

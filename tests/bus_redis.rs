@@ -458,6 +458,7 @@ fn mutation(room: &str, change: Change) -> Mutation {
         change,
         mutation_id: None,
         max_history: 10_000,
+        authorized: true,
     }
 }
 

@@ -40,6 +40,7 @@ fn mutation(room: &RoomKey, change: Change) -> Mutation {
         change,
         mutation_id: None,
         max_history: MAX_HISTORY,
+        authorized: true,
     }
 }
 
@@ -184,6 +185,7 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
     // An add that cannot fit does not create the room either.
     let too_small = Mutation {
         max_history: 0,
+        authorized: true,
         ..mutation(&room, Change::Added(n(1)))
     };
     let err = store.apply(too_small).await.unwrap_err();
@@ -214,6 +216,7 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
     }
     let full = Mutation {
         max_history: 4,
+        authorized: true,
         ..mutation(&room, Change::Added(n(5)))
     };
     let err = store.apply(full).await.unwrap_err();
@@ -233,6 +236,7 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
 
     let too_long = Mutation {
         max_history: 3,
+        authorized: true,
         ..mutation(&room, Change::Replaced(history(&[1, 2, 3, 4])))
     };
     let err = store.apply(too_long).await.unwrap_err();
@@ -343,6 +347,7 @@ async fn postgres_accepts_and_rejects_exactly_what_sqlite_does() {
         };
         let mut m = Mutation {
             max_history: 6,
+            authorized: true,
             ..mutation(room, change)
         };
         if rng.below(3) == 0 {
@@ -404,6 +409,7 @@ async fn two_instances_appending_agree_with_sqlite() {
         };
         let mut m = Mutation {
             max_history: 25,
+            authorized: true,
             ..mutation(room, change)
         };
         if rng.below(4) == 0 {
@@ -657,6 +663,7 @@ async fn grouped_adds_match_one_by_one_application() {
     let add = |value: u8, id: Option<&str>, max: usize| {
         let m = Mutation {
             max_history: max,
+            authorized: true,
             ..mutation(&room, Change::Added(n(value)))
         };
         match id {
@@ -775,6 +782,7 @@ async fn a_mutation_id_is_applied_once_within_the_window() {
     // A duplicate is recognised before the length rule, like SQLite does.
     let tight = Mutation {
         max_history: 2,
+        authorized: true,
         ..with_id(mutation(&room, Change::Added(n(9))), "m-1")
     };
     assert!(store.apply(tight).await.unwrap().duplicate);

@@ -28,11 +28,19 @@ pub enum BusError {
     Protocol(String),
 }
 
-/// An admin instruction addressed to whichever instance holds the connection.
+/// An instruction for every instance: an admin's, addressed to whichever
+/// instance holds the connection, or a room's change of access.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum ControlMessage {
-    Disconnect { connection_id: String },
+    Disconnect {
+        connection_id: String,
+    },
+    /// A room that members could join openly was just created with a password:
+    /// every instance removes the members that joined it without a valid token.
+    Protected {
+        key: String,
+    },
 }
 
 /// What arrives from the bus for this instance to act on.

@@ -3,7 +3,7 @@
 //! once, and answered with a generic sentence.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -28,6 +28,9 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("too many requests; try again later")]
     TooManyRequests,
+    /// A client's quota is used up; it may retry after this many seconds.
+    #[error("too many requests from this address; try again in {0} s")]
+    RateLimited(u64),
     #[error("service temporarily unavailable; try again later")]
     Unavailable,
     #[error("internal error")]
@@ -43,7 +46,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -63,11 +66,17 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (
+        let mut response = (
             self.status_code(),
             Json(json!({"success": false, "error": message})),
         )
-            .into_response()
+            .into_response();
+        if let ApiError::RateLimited(seconds) = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -87,6 +96,7 @@ impl From<StoreError> for ApiError {
             StoreError::IndexOutOfRange { .. } | StoreError::HistoryTooLong { .. } => {
                 ApiError::BadRequest(err.to_string())
             }
+            StoreError::AuthRequired => ApiError::Unauthorized(err.to_string()),
             StoreError::Internal(detail) => ApiError::Internal(detail),
         }
     }
@@ -103,6 +113,7 @@ impl From<AccessError> for ApiError {
         match err {
             AccessError::Token(e) => e.into(),
             AccessError::Store(e) => e.into(),
+            AccessError::RateLimited(refused) => ApiError::RateLimited(refused.retry_after_secs()),
         }
     }
 }

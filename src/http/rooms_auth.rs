@@ -41,7 +41,7 @@ pub async fn authenticate(
             } else {
                 Some(auth.hash_password(password.clone()).await?)
             };
-            let created = state.store().create_room(&key, hash.clone()).await?;
+            let created = state.rooms.create(&key, hash.clone()).await?;
             // If another request created the room first, its password state wins.
             if created.password_hash == hash {
                 None

@@ -7,13 +7,14 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::error::ApiError;
-use super::extract::{ApiPath, ApiQuery, BearerToken, JsonObject};
+use super::extract::{ApiPath, ApiQuery, BearerToken, ClientIp, JsonObject};
 use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
+use crate::rooms::Writer;
 use crate::state::AppState;
-use crate::store::Page;
+use crate::store::{Page, RoomSummary};
 
 fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -95,20 +96,29 @@ pub async fn get_room(
 /// `POST /api/roulette/save` with `{"key", "number"}`
 pub async fn save(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     BearerToken(token): BearerToken,
     body: JsonObject,
 ) -> Result<Response, ApiError> {
     let key = RoomKey::from_json(body.field("key")?)?;
     let number = Number::from_json(body.field("number")?)?;
     let id = mutation_id(&body)?;
-    state.rooms.authorize(&key, token.as_deref()).await?;
-    let applied = state.rooms.mutate(key, Change::Added(number), id).await?;
+    let writer = Writer {
+        client,
+        token: token.as_deref(),
+        joined_with_token: false,
+    };
+    let applied = state
+        .rooms
+        .mutate(writer, key, Change::Added(number), id)
+        .await?;
     Ok(saved(&applied.room))
 }
 
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
 pub async fn replace(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     ApiPath(raw_key): ApiPath<String>,
     BearerToken(token): BearerToken,
     body: JsonObject,
@@ -116,10 +126,14 @@ pub async fn replace(
     let key = RoomKey::parse(&raw_key)?;
     let history = History::from_json(body.field("history")?, state.config.max_history)?;
     let id = mutation_id(&body)?;
-    state.rooms.authorize(&key, token.as_deref()).await?;
+    let writer = Writer {
+        client,
+        token: token.as_deref(),
+        joined_with_token: false,
+    };
     let applied = state
         .rooms
-        .mutate(key, Change::Replaced(history), id)
+        .mutate(writer, key, Change::Replaced(history), id)
         .await?;
     Ok(saved(&applied.room))
 }
@@ -131,30 +145,94 @@ pub struct ListQuery {
     include: Option<String>,
 }
 
+/// One room of the listing; both spellings of the times are read by clients.
+#[derive(Serialize)]
+struct Summary<'a> {
+    id: i64,
+    key: &'a RoomKey,
+    #[serde(rename = "historyLength")]
+    history_length: usize,
+    created_at: String,
+    updated_at: String,
+    #[serde(rename = "createdAt")]
+    created_at_alias: String,
+    #[serde(rename = "lastActivity")]
+    last_activity: String,
+    protected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<&'a History>,
+}
+
+impl<'a> Summary<'a> {
+    fn of(room: &'a RoomSummary) -> Self {
+        let created = rfc3339(&room.created_at);
+        let updated = rfc3339(&room.updated_at);
+        Summary {
+            id: room.id,
+            key: &room.key,
+            history_length: room.history_length,
+            created_at_alias: created.clone(),
+            last_activity: updated.clone(),
+            created_at: created,
+            updated_at: updated,
+            protected: room.protected,
+            // A protected room's numbers are not readable without its token.
+            history: room.history.as_ref().filter(|_| !room.protected),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Listing<'a> {
+    sessions: Vec<Summary<'a>>,
+    total: u64,
+}
+
 /// `GET /api/roulette/sessions?limit=&offset=&include=history`
+///
+/// With `include=history` a page holds at most `LIST_HISTORY_MAX_ROOMS` rooms,
+/// so that one request cannot make the instance build a reply of tens of
+/// megabytes; the reply is rendered on the blocking pool, off the workers
+/// that serve every other request.
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    let include_history = match query.include.as_deref() {
+        None | Some("") => false,
+        Some("history") => true,
+        Some(_) => return Err(ApiError::bad_request("include may only be \"history\"")),
+    };
+    let max_limit = if include_history {
+        state.config.list_history_max_rooms
+    } else {
+        MAX_PAGE
+    };
     let limit = match query.limit.as_deref() {
-        None | Some("") => 100,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
-            .filter(|l| *l > 0)
-            .ok_or_else(|| ApiError::bad_request("limit must be a positive integer"))?
-            .min(1000),
+        None | Some("") => DEFAULT_PAGE.min(max_limit),
+        Some(raw) => {
+            let limit = raw
+                .parse::<u32>()
+                .ok()
+                .filter(|l| *l > 0)
+                .ok_or_else(|| ApiError::bad_request("limit must be a positive integer"))?;
+            if include_history && limit > max_limit {
+                return Err(ApiError::bad_request(format!(
+                    "with include=history, limit may be at most {max_limit}"
+                )));
+            }
+            limit.min(max_limit)
+        }
     };
     let offset = match query.offset.as_deref() {
         None | Some("") => 0,
         Some(raw) => raw
             .parse::<u64>()
-            .map_err(|_| ApiError::bad_request("offset must be a non-negative integer"))?,
-    };
-    let include_history = match query.include.as_deref() {
-        None | Some("") => false,
-        Some("history") => true,
-        Some(_) => return Err(ApiError::bad_request("include may only be \"history\"")),
+            .ok()
+            .filter(|o| i64::try_from(*o).is_ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("offset must be an integer from 0 to {}", i64::MAX))
+            })?,
     };
     let (rooms, total) = state
         .store()
@@ -164,22 +242,31 @@ pub async fn list(
             include_history,
         })
         .await?;
-    let sessions: Vec<Value> = rooms
-        .iter()
-        .map(|r| {
-            let created = rfc3339(&r.created_at);
-            let updated = rfc3339(&r.updated_at);
-            let mut summary = json!({
-                "id": r.id, "key": r.key, "historyLength": r.history_length,
-                "created_at": created, "updated_at": updated,
-                "createdAt": created, "lastActivity": updated, "protected": r.protected,
-            });
-            // A protected room's numbers are not readable without its token.
-            if let (Some(history), false) = (&r.history, r.protected) {
-                summary["history"] = json!(history);
-            }
-            summary
-        })
-        .collect();
-    Ok(Json(json!({"sessions": sessions, "total": total})))
+    let render = move || {
+        let listing = Listing {
+            sessions: rooms.iter().map(Summary::of).collect(),
+            total,
+        };
+        serde_json::to_vec(&listing)
+    };
+    let body = if include_history {
+        tokio::task::spawn_blocking(render)
+            .await
+            .map_err(|err| ApiError::Internal(format!("rendering a listing: {err}")))?
+    } else {
+        render()
+    }
+    .map_err(|err| ApiError::Internal(format!("rendering a listing: {err}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
+
+/// Rooms per listing page by default, and at most.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;

@@ -9,6 +9,7 @@
 //! delivered, and fills any gap from the store's event log before delivering
 //! anything later (architecture invariant 3).
 
+mod outbox;
 mod room;
 mod view;
 
@@ -18,13 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::bus::DynBus;
 use crate::domain::Room;
 use crate::domain::{RoomEvent, RoomKey, Version};
 use crate::store::{DynStore, StoreError};
-use crate::ws::frames::{Dialect, Frame};
+use crate::ws::frames::Dialect;
+pub use outbox::{Inbox, Outbound, Outbox, channel as outbox};
 pub use view::Snapshot;
 use view::View;
 
@@ -41,6 +42,10 @@ pub struct HubConfig {
     /// How long a room without local members stays followed (subscribed, its
     /// snapshot current) after its last read.
     pub read_linger: Duration,
+    /// Reads start following a room only while the hub runs fewer room tasks
+    /// than this: reads of ever more rooms must not grow the instance without
+    /// bound (beyond it, they are answered from the store and its cache).
+    pub max_read_rooms: usize,
 }
 
 impl Default for HubConfig {
@@ -50,6 +55,7 @@ impl Default for HubConfig {
             recent_events: 1000,
             queue_capacity: 1024,
             read_linger: Duration::from_secs(30),
+            max_read_rooms: 1000,
         }
     }
 }
@@ -59,11 +65,13 @@ impl Default for HubConfig {
 pub struct Member {
     pub conn_id: u64,
     pub dialect: Dialect,
-    /// The connection's bounded outbound queue.
-    pub out: mpsc::Sender<Frame>,
-    /// Cancelled when the queue overflowed: the connection closes with 1013 so the
-    /// client reconnects and resumes, instead of silently missing events.
-    pub overflow: CancellationToken,
+    /// Whether the member joined with a valid token for the room. A member
+    /// without one is removed if the room becomes protected.
+    pub authorized: bool,
+    /// The connection's bounded outbound queue. When it overflows the
+    /// connection closes with 1013 so the client reconnects and resumes,
+    /// instead of silently missing events.
+    pub outbox: Outbox,
 }
 
 /// What a new member is sent first.
@@ -96,6 +104,8 @@ enum Command {
     CatchUp,
     /// Someone reads the room: load the mirror so reads can use its snapshot.
     Watch,
+    /// The room was created with a password: remove members without a token.
+    Protected,
 }
 
 struct RoomEntry {
@@ -186,8 +196,17 @@ impl Hub {
     /// Starts following a room that is being read, so that later reads are
     /// answered from its snapshot.
     pub fn watch(&self, key: &RoomKey) {
+        if self.active_rooms() >= self.inner.config.max_read_rooms {
+            return;
+        }
         let (tx, _) = self.room_sender(key);
         let _ = tx.send(Command::Watch);
+    }
+
+    /// A room became protected (on any instance): its members that joined
+    /// without a valid token are removed and told so.
+    pub fn protected(&self, key: &RoomKey) {
+        self.send_existing(key, Command::Protected);
     }
 
     /// Offers the room a writer on this instance just committed, so that a read

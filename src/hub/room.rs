@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Duration, Instant};
 
 use super::view::{Snapshot, View};
@@ -131,6 +130,7 @@ impl RoomTask {
                     self.catch_up().await;
                 }
             }
+            Command::Protected => self.on_protected().await,
             Command::Watch => {
                 self.view.touch();
                 if self.mirror.is_none()
@@ -220,6 +220,10 @@ impl RoomTask {
                 "room mirror missing after load".into(),
             ));
         };
+        // The room may have become protected after the connection checked it.
+        if mirror.protected == Some(true) && !member.authorized {
+            return Err(StoreError::AuthRequired);
+        }
         let epoch = mirror.epoch.as_deref();
         let mut greeting_frames: Vec<(Frame, &'static str)> = Vec::new();
         match greeting {
@@ -285,7 +289,7 @@ impl RoomTask {
         }
         if greeting_frames
             .into_iter()
-            .all(|(frame, _)| push(&member, frame))
+            .all(|(frame, _)| member.outbox.push(frame))
         {
             self.members.push(member);
         }
@@ -425,13 +429,42 @@ impl RoomTask {
                     )
                 })
                 .clone();
-            push(member, frame)
+            member.outbox.push(frame)
         });
+    }
+
+    /// The room was created with a password while members could join it
+    /// openly: every member without a valid token is removed, told so in its
+    /// dialect, and gets nothing further from the room. Protection never goes
+    /// away again, so the message needs no check; the mirror is reloaded to
+    /// learn the new room's epoch and protection.
+    async fn on_protected(&mut self) {
+        let key = &self.key;
+        self.members.retain(|member| {
+            if member.authorized {
+                return true;
+            }
+            let message = "this room is now protected; a token is required";
+            let (frame, kind) = match member.dialect {
+                Dialect::V2 => (frames::auth_required(key, message), "authRequired"),
+                Dialect::V1 | Dialect::Seed => (frames::error("auth_required", message), "error"),
+            };
+            metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
+            member.outbox.push(frame);
+            member.outbox.removed(key.clone());
+            false
+        });
+        if self.mirror.is_some()
+            && let Err(err) = self.load().await
+        {
+            tracing::warn!(room = %self.key, error = %err, "cannot reload a protected room; closing members so they rejoin");
+            self.drop_all_members();
+        }
     }
 
     fn drop_all_members(&mut self) {
         for member in self.members.drain(..) {
-            member.overflow.cancel();
+            member.outbox.overflow();
         }
         self.mirror = None;
         self.pending.clear();
@@ -457,7 +490,7 @@ impl RoomTask {
                 .get_or_insert_with(|| frames::event(member.dialect, &event, history))
                 .clone();
             sent[slot] += 1;
-            push(member, frame)
+            member.outbox.push(frame)
         });
         for dialect in [Dialect::V2, Dialect::V1, Dialect::Seed] {
             let count = sent[dialect_slot(dialect)];
@@ -485,19 +518,5 @@ fn dialect_slot(dialect: Dialect) -> usize {
         Dialect::V2 => 0,
         Dialect::V1 => 1,
         Dialect::Seed => 2,
-    }
-}
-
-/// Queues a frame for a member; false when the member must be dropped (its queue
-/// overflowed — the connection is told to close with 1013 — or it is gone).
-fn push(member: &Member, frame: Frame) -> bool {
-    match member.out.try_send(frame) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            metrics::counter!("croupier_ws_slow_consumer_closes_total").increment(1);
-            member.overflow.cancel();
-            false
-        }
-        Err(TrySendError::Closed(_)) => false,
     }
 }

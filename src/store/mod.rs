@@ -36,6 +36,11 @@ pub enum StoreError {
     IndexOutOfRange { index: usize, len: usize },
     #[error("history may hold at most {max} numbers")]
     HistoryTooLong { max: usize },
+    /// The room is protected and the mutation carries no valid token for it.
+    /// Checked where the change is applied (under the room's lock), so a room
+    /// protected a moment earlier can never take an unauthorized write.
+    #[error("this room is protected; a token is required")]
+    AuthRequired,
     /// Anything else: a bug or corrupted data. Logged, never shown to clients.
     #[error("store error: {0}")]
     Internal(String),
@@ -100,6 +105,9 @@ pub struct Mutation {
     pub mutation_id: Option<MutationId>,
     /// Configured `MAX_HISTORY`; the store refuses to grow a history past it.
     pub max_history: usize,
+    /// The writer holds a valid token for this room. Without one, the store
+    /// applies the change only if the room is not protected.
+    pub authorized: bool,
 }
 
 /// What the store did with a mutation.

@@ -161,6 +161,12 @@ impl Store for SqliteStore {
                 }
             }
         };
+        // Checked in the write transaction, so a room protected a moment ago
+        // can never take a write without its token.
+        if room.protected && !mutation.authorized {
+            tx.rollback().await?;
+            return Err(StoreError::AuthRequired);
+        }
 
         if let Some(mid) = &mutation.mutation_id {
             let since = now - MUTATION_ID_WINDOW;

@@ -11,17 +11,21 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::http::header::{ORIGIN, USER_AGENT};
 use axum::response::{IntoResponse, Response};
+use std::net::IpAddr;
 
 use crate::http::error::ApiError;
 use crate::http::extract::client_ip;
 use crate::state::AppState;
 
-/// Who is on the other end, for the admin API.
+/// Who is on the other end: its address (quotas, the admin API) and user agent.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub ip: String,
+    pub ip: IpAddr,
     pub user_agent: String,
 }
+
+/// How long a client refused for holding too many sockets should wait.
+const CLIENT_CAP_RETRY_SECS: u64 = 5;
 
 /// `GET /ws`
 pub async fn upgrade(
@@ -51,13 +55,23 @@ pub async fn upgrade(
     {
         return ApiError::Unauthorized(format!("origin {origin} is not allowed")).into_response();
     }
-    // Refuse cleanly at the cap instead of running out of file descriptors.
+    let ip = client_ip(&headers, Some(peer_addr), state.config.trust_proxy);
+    // One address may not take every slot of the instance...
+    let Some(client_slot) = state
+        .ws_clients
+        .try_take(ip, state.config.ws.max_per_client)
+    else {
+        tracing::debug!(client = %ip, "per-client WebSocket cap reached; refusing");
+        return ApiError::RateLimited(CLIENT_CAP_RETRY_SECS).into_response();
+    };
+    // ...and the instance refuses cleanly at its cap instead of running out of
+    // file descriptors.
     let Ok(permit) = state.ws_slots.clone().try_acquire_owned() else {
         tracing::warn!("connection cap reached; refusing a WebSocket");
         return ApiError::Unavailable.into_response();
     };
     let peer = Peer {
-        ip: client_ip(&headers, Some(peer_addr), state.config.trust_proxy).to_string(),
+        ip,
         user_agent: headers
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
@@ -76,5 +90,5 @@ pub async fn upgrade(
         .max_message_size(max)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| session::run(socket, state, peer, permit))
+        .on_upgrade(move |socket| session::run(socket, state, peer, (permit, client_slot)))
 }

@@ -2,6 +2,7 @@
 //! arriving over the bus can reach the one it names.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -56,5 +57,56 @@ impl Connections {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
         // Never held across an await; the map stays consistent even after a panic.
         self.kicks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Open WebSockets per client address, so that one address cannot take every
+/// slot of the instance.
+#[derive(Clone, Default)]
+pub struct ClientSlots {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One client's slot; given back when dropped (the connection ended).
+pub struct ClientSlot {
+    slots: ClientSlots,
+    client: IpAddr,
+}
+
+impl ClientSlots {
+    /// Takes a slot for `client` unless it already holds `max`.
+    pub fn try_take(&self, client: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut open = self.lock();
+        let held = open.entry(client).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+
+    /// Connections held by `client`.
+    pub fn held(&self, client: IpAddr) -> usize {
+        self.lock().get(&client).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Never held across an await; a count map stays consistent after a panic.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.lock();
+        if let Some(held) = open.get_mut(&self.client) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.client);
+            }
+        }
     }
 }

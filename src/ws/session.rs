@@ -12,18 +12,18 @@ use chrono::Utc;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::Peer;
 use super::frames::{self, Dialect, Frame};
 use super::messages::{self, ClientMessage, WsError};
+use super::registry::ClientSlot;
 use crate::auth::TokenError;
 use crate::bus::ConnectionInfo;
 use crate::domain::{Change, MutationId, RoomKey};
-use crate::hub::{Greeting, Member};
-use crate::rooms::AccessError;
+use crate::hub::{self, Greeting, Member, Outbound, Outbox};
+use crate::rooms::{AccessError, Writer};
 use crate::state::AppState;
 use crate::store::StoreError;
 
@@ -31,17 +31,27 @@ use crate::store::StoreError;
 mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// A room this connection is a member of.
+struct Joined {
+    key: RoomKey,
+    dialect: Dialect,
+    /// Admitted with a valid token (a protected room keeps it as a member).
+    with_token: bool,
 }
 
 struct Session {
     state: AppState,
     number: u64,
-    out: mpsc::Sender<Frame>,
-    overflow: CancellationToken,
+    client: std::net::IpAddr,
+    out: Outbox,
     /// Joined rooms in join order; the last one is the default for `add` & co.
-    rooms: Vec<(RoomKey, Dialect)>,
+    rooms: Vec<Joined>,
     limiter: DefaultDirectRateLimiter,
     info: ConnectionInfo,
 }
@@ -62,22 +72,22 @@ pub(super) fn run(
     socket: WebSocket,
     state: AppState,
     peer: Peer,
-    permit: OwnedSemaphorePermit,
+    slots: (OwnedSemaphorePermit, ClientSlot),
 ) -> impl Future<Output = ()> + Send + 'static {
     let registration = state.connections.register(&state.config.instance_id);
     let span =
         tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
     let limits = &state.config.ws;
     let (idle_timeout, ping_interval) = (limits.idle_timeout, limits.ping_interval);
-    let (out, mut queue) = mpsc::channel::<Frame>(limits.queue_capacity);
+    let (out, mut queue) = hub::outbox(limits.queue_capacity, limits.queue_bytes);
     let quota =
         Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
     let now = Utc::now();
     let mut session = Session {
         number: registration.number,
+        client: peer.ip,
         out,
-        overflow: CancellationToken::new(),
         rooms: Vec::new(),
         limiter: RateLimiter::direct_with_clock(quota, state.rate_clock.clone()),
         info: ConnectionInfo {
@@ -86,7 +96,7 @@ pub(super) fn run(
             rooms: Vec::new(),
             connected_at: now,
             last_activity: now,
-            ip_address: peer.ip,
+            ip_address: peer.ip.to_string(),
             user_agent: peer.user_agent,
         },
         state,
@@ -105,7 +115,7 @@ pub(super) fn run(
         // `cancelled()` registers a waiter under the token's lock, too much to redo
         // for every frame a busy room sends.
         let shutdown = session.state.lifecycle.shutdown.clone();
-        let overflow = session.overflow.clone();
+        let overflow = session.out.overflow_token().clone();
         let shutdown = shutdown.cancelled();
         let kicked = registration.kicked.cancelled();
         let overflowed = overflow.cancelled();
@@ -117,11 +127,14 @@ pub(super) fn run(
                 _ = &mut shutdown => break Some((close::GOING_AWAY, "server shutting down")),
                 _ = &mut kicked => break Some((close::NORMAL, "disconnected by an administrator")),
                 _ = &mut overflowed => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
-                Some(frame) = queue.recv() => {
-                    if !send_within(&mut sink, Message::Text(frame), idle_timeout).await {
-                        break None;
+                Some(outbound) = queue.recv() => match outbound {
+                    Outbound::Frame(frame) => {
+                        if !send_within(&mut sink, Message::Text(frame), idle_timeout).await {
+                            break None;
+                        }
                     }
-                }
+                    Outbound::Removed(key) => Box::pin(session.forget(&key)).await,
+                },
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_seen = Instant::now();
@@ -135,7 +148,7 @@ pub(super) fn run(
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
                     Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Err(err)) => break too_big(&err).then_some((close::TOO_BIG, "frame too large")),
+                    Some(Err(err)) => break violation(&err),
                 },
                 _ = ticker.tick() => {
                     if last_seen.elapsed() > idle_timeout {
@@ -154,7 +167,7 @@ pub(super) fn run(
             Box::pin(close_socket(sink, code, reason, idle_timeout)).await;
         }
         Box::pin(session.end(&registration.id)).await;
-        drop(permit);
+        drop(slots);
     }
     // Entered only while the task is polled, so its events carry the connection
     // and nothing else on the same thread does.
@@ -208,16 +221,28 @@ async fn send_within(
     }
 }
 
-/// Whether a read error was a frame or message over the size limit.
-fn too_big(err: &axum::Error) -> bool {
+/// The close a read error calls for: 1009 for a frame or message over the
+/// size limit, 1007 for text that is not UTF-8, 1002 for any other breach of
+/// the WebSocket protocol (unmasked frames, unknown opcodes, bad control
+/// frames); none when the connection itself failed.
+fn violation(err: &axum::Error) -> Option<(u16, &'static str)> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
-            return true;
+        match e.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => {
+                return Some((close::TOO_BIG, "frame too large"));
+            }
+            Some(tungstenite::Error::Utf8(_)) => {
+                return Some((close::INVALID_DATA, "text frame is not valid UTF-8"));
+            }
+            Some(tungstenite::Error::Protocol(_)) => {
+                return Some((close::PROTOCOL_ERROR, "WebSocket protocol violation"));
+            }
+            Some(_) => return None,
+            None => source = e.source(),
         }
-        source = e.source();
     }
-    false
+    None
 }
 
 impl Session {
@@ -235,10 +260,7 @@ impl Session {
 
     fn reply(&self, frame: Frame, kind: &'static str) {
         metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(frame) {
-            metrics::counter!("croupier_ws_slow_consumer_closes_total").increment(1);
-            self.overflow.cancel();
-        }
+        self.out.push(frame);
     }
 
     fn reply_error(&self, err: &WsError) {
@@ -288,11 +310,7 @@ impl Session {
                     .map(|_| ())
             }
             ClientMessage::Leave { key } => {
-                if let Some(pos) = self.rooms.iter().position(|(k, _)| *k == key) {
-                    self.rooms.remove(pos);
-                    self.state.rooms.hub.leave(&key, self.number);
-                    self.publish_presence().await;
-                }
+                self.leave(&key).await;
                 Ok(())
             }
             ClientMessage::GetHistory { key, token } => {
@@ -302,20 +320,34 @@ impl Session {
                     .map(|_| ())
             }
             ClientMessage::Add {
-                key, number, id, ..
+                key,
+                number,
+                token,
+                id,
             } => {
                 let key = self.member_room(key)?;
-                self.mutate(key, Change::Added(number), id).await
+                self.mutate(key, token.as_deref(), Change::Added(number), id)
+                    .await
             }
-            ClientMessage::Remove { key, index, id, .. } => {
+            ClientMessage::Remove {
+                key,
+                index,
+                token,
+                id,
+            } => {
                 let key = self.member_room(key)?;
-                self.mutate(key, Change::Removed(index), id).await
+                self.mutate(key, token.as_deref(), Change::Removed(index), id)
+                    .await
             }
             ClientMessage::Update {
-                key, history, id, ..
+                key,
+                history,
+                token,
+                id,
             } => {
                 let key = self.member_room(key)?;
-                self.mutate(key, Change::Replaced(history), id).await
+                self.mutate(key, token.as_deref(), Change::Replaced(history), id)
+                    .await
             }
             ClientMessage::SaveNumber {
                 key,
@@ -324,7 +356,8 @@ impl Session {
                 id,
             } => {
                 if self.ensure_seed_member(&key, token.as_deref()).await? {
-                    self.mutate(key, Change::Added(number), id).await?;
+                    self.mutate(key, token.as_deref(), Change::Added(number), id)
+                        .await?;
                 }
                 Ok(())
             }
@@ -335,15 +368,20 @@ impl Session {
                 id,
             } => {
                 if self.ensure_seed_member(&key, token.as_deref()).await? {
-                    self.mutate(key, Change::Replaced(history), id).await?;
+                    self.mutate(key, token.as_deref(), Change::Replaced(history), id)
+                        .await?;
                 }
                 Ok(())
             }
         }
     }
 
+    fn joined(&self, key: &RoomKey) -> Option<&Joined> {
+        self.rooms.iter().find(|room| room.key == *key)
+    }
+
     fn dialect_in(&self, key: &RoomKey) -> Option<Dialect> {
-        self.rooms.iter().find(|(k, _)| k == key).map(|(_, d)| *d)
+        self.joined(key).map(|room| room.dialect)
     }
 
     /// The room a mutation targets: its `key`, else the most recently joined room.
@@ -356,7 +394,7 @@ impl Session {
             None => self
                 .rooms
                 .last()
-                .map(|(k, _)| k.clone())
+                .map(|room| room.key.clone())
                 .ok_or_else(not_joined),
         }
     }
@@ -377,7 +415,8 @@ impl Session {
     }
 
     /// Joins a room after checking its token. `Ok(false)`: the room is protected
-    /// and the token did not fit; `authRequired` was sent and nothing changed.
+    /// and the token did not fit; `authRequired` was sent, and a membership the
+    /// connection already had in the room is gone.
     async fn join(
         &mut self,
         key: RoomKey,
@@ -385,7 +424,7 @@ impl Session {
         dialect: Dialect,
         greeting: Greeting,
     ) -> Result<bool, WsError> {
-        let already = self.dialect_in(&key).is_some();
+        let already = self.joined(&key).is_some();
         if !already && self.rooms.len() >= self.state.config.ws.max_rooms {
             return Err(WsError::new(
                 "too_many_rooms",
@@ -405,24 +444,35 @@ impl Session {
                     }
                 };
                 self.reply(frames::auth_required(&key, message), "authRequired");
+                self.leave(&key).await;
                 return Ok(false);
             }
-            Err(AccessError::Store(err)) => return Err(store_error(err)),
+            Err(err) => return Err(access_error(err)),
         }
+        let with_token = token.is_some() && self.state.rooms.auth.verify(token, &key).is_ok();
         let member = Member {
             conn_id: self.number,
             dialect,
-            out: self.out.clone(),
-            overflow: self.overflow.clone(),
+            authorized: with_token,
+            outbox: self.out.clone(),
         };
-        self.state
-            .rooms
-            .hub
-            .join(&key, member, greeting)
-            .await
-            .map_err(store_error)?;
-        self.rooms.retain(|(k, _)| *k != key);
-        self.rooms.push((key.clone(), dialect));
+        match self.state.rooms.hub.join(&key, member, greeting).await {
+            Ok(()) => {}
+            // Protected between the check above and the room task's turn.
+            Err(StoreError::AuthRequired) => {
+                let message = "this room is protected; a token is required";
+                self.reply(frames::auth_required(&key, message), "authRequired");
+                self.leave(&key).await;
+                return Ok(false);
+            }
+            Err(err) => return Err(store_error(err)),
+        }
+        self.rooms.retain(|room| room.key != key);
+        self.rooms.push(Joined {
+            key: key.clone(),
+            dialect,
+            with_token,
+        });
         if !already {
             if let Err(err) = self.state.rooms.bus.count_join(&key).await {
                 tracing::debug!(error = %err, "join count failed");
@@ -432,26 +482,64 @@ impl Session {
         Ok(true)
     }
 
+    /// Applies a change as this connection; the event reaches it through its
+    /// membership, in order, like every other member (there is no separate
+    /// acknowledgement). A room that turned out protected removes the
+    /// connection, which is told so in its dialect.
     async fn mutate(
         &mut self,
         key: RoomKey,
+        token: Option<&str>,
         change: Change,
         id: Option<MutationId>,
     ) -> Result<(), WsError> {
-        // The event reaches this connection through its membership, in order, like
-        // every other member; there is no separate acknowledgement.
-        self.state
+        let writer = Writer {
+            client: self.client,
+            token,
+            joined_with_token: self.joined(&key).is_some_and(|room| room.with_token),
+        };
+        match self
+            .state
             .rooms
-            .mutate(key, change, id)
+            .mutate(writer, key.clone(), change, id)
             .await
-            .map(|_| ())
-            .map_err(store_error)
+        {
+            Ok(_) => Ok(()),
+            Err(AccessError::Token(_) | AccessError::Store(StoreError::AuthRequired)) => {
+                let message = "this room is protected; a token is required";
+                let frame = match self.dialect_in(&key) {
+                    Some(Dialect::V1 | Dialect::Seed) => frames::error("auth_required", message),
+                    _ => frames::auth_required(&key, message),
+                };
+                self.reply(frame, "authRequired");
+                self.leave(&key).await;
+                Ok(())
+            }
+            Err(err) => Err(access_error(err)),
+        }
+    }
+
+    /// Leaves a room if this connection is a member.
+    async fn leave(&mut self, key: &RoomKey) {
+        if self.joined(key).is_some() {
+            self.state.rooms.hub.leave(key, self.number);
+            self.forget(key).await;
+        }
+    }
+
+    /// Forgets a room the hub no longer counts this connection in.
+    async fn forget(&mut self, key: &RoomKey) {
+        let before = self.rooms.len();
+        self.rooms.retain(|room| room.key != *key);
+        if self.rooms.len() != before {
+            self.publish_presence().await;
+        }
     }
 
     /// Leaves every room and forgets the connection here and in the bus.
     async fn end(&self, id: &str) {
-        for (key, _) in &self.rooms {
-            self.state.rooms.hub.leave(key, self.number);
+        for room in &self.rooms {
+            self.state.rooms.hub.leave(&room.key, self.number);
         }
         self.state.connections.unregister(id);
         if let Err(err) = self.state.rooms.bus.remove_presence(id).await {
@@ -461,15 +549,30 @@ impl Session {
     }
 
     async fn publish_presence(&mut self) {
-        self.info.rooms = self.rooms.iter().map(|(k, _)| k.to_string()).collect();
+        self.info.rooms = self.rooms.iter().map(|room| room.key.to_string()).collect();
         if let Err(err) = self.state.rooms.bus.put_presence(&self.info).await {
             tracing::debug!(error = %err, "presence update failed");
         }
     }
 }
 
+fn access_error(err: AccessError) -> WsError {
+    match err {
+        AccessError::Token(err) => WsError::new("auth_required", err.to_string()),
+        AccessError::Store(err) => store_error(err),
+        AccessError::RateLimited(refused) => WsError::new(
+            "rate_limited",
+            format!(
+                "too many changes from this address; try again in {} s",
+                refused.retry_after_secs()
+            ),
+        ),
+    }
+}
+
 fn store_error(err: StoreError) -> WsError {
     match err {
+        StoreError::AuthRequired => WsError::new("auth_required", err.to_string()),
         StoreError::IndexOutOfRange { .. } => WsError::new("index_out_of_range", err.to_string()),
         StoreError::HistoryTooLong { .. } => WsError::new("history_too_long", err.to_string()),
         StoreError::Unavailable(detail) => {

@@ -19,7 +19,7 @@
 //! one pooled connection while the room has adds waiting, which spares the pool's
 //! liveness check on every hand-out and return.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -107,7 +107,16 @@ struct Queues {
     rooms: HashMap<RoomKey, RoomAppends>,
     /// Counts queued adds; orders rooms by last use for forgetting.
     tick: u64,
+    /// Rooms seen to exist without a password. A room's protection is fixed
+    /// when it is created, so an add without a token may take the grouped path
+    /// (which does not check protection) only for these; any other goes
+    /// through the general transaction, which checks it under the row lock.
+    open: HashSet<RoomKey>,
 }
+
+/// Most rooms remembered as open; the set starts over beyond it (forgetting
+/// only costs a general transaction for the next add without a token).
+const KNOWN_OPEN_ROOMS: usize = 4096;
 
 #[derive(Default)]
 struct RoomAppends {
@@ -121,6 +130,23 @@ struct RoomAppends {
 }
 
 impl AppendQueues {
+    /// Whether `key` is known to exist unprotected.
+    pub(super) fn is_open(&self, key: &RoomKey) -> bool {
+        self.lock().open.contains(key)
+    }
+
+    /// Remembers that `room` exists unprotected (or, if it is protected, nothing).
+    pub(super) fn learn(&self, room: &Room) {
+        if room.protected {
+            return;
+        }
+        let mut queues = self.lock();
+        if queues.open.len() >= KNOWN_OPEN_ROOMS && !queues.open.contains(&room.key) {
+            queues.open.clear();
+        }
+        queues.open.insert(room.key.clone());
+    }
+
     /// A std mutex: it is held only to push, take or put back, never across `.await`.
     fn lock(&self) -> MutexGuard<'_, Queues> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)

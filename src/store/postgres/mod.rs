@@ -115,6 +115,10 @@ impl PostgresStore {
             ));
         };
         let (room, _) = room_from_row(&row)?;
+        if room.protected && !mutation.authorized {
+            tx.rollback().await?;
+            return Err(StoreError::AuthRequired);
+        }
 
         if let Some(mid) = &mutation.mutation_id {
             let row = sqlx::query(
@@ -252,12 +256,18 @@ impl Store for PostgresStore {
         // Adds take the grouped single-call path, which also creates a missing
         // room; everything else, and an add that path turned away, the general
         // transaction.
+        // Adds without a token take that path only for rooms known to be open:
+        // it does not check protection, and a missing room may be created with
+        // a password at any moment.
         if let Change::Added(number) = mutation.change
+            && (mutation.authorized || self.appends.is_open(&mutation.key))
             && let Some(applied) = self.append(&mutation, number).await?
         {
             return Ok(applied);
         }
-        self.apply_in_transaction(mutation, now()).await
+        let applied = self.apply_in_transaction(mutation, now()).await?;
+        self.appends.learn(&applied.room);
+        Ok(applied)
     }
 
     async fn events_since(
