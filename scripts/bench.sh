@@ -232,6 +232,7 @@ for i in 1 2 3; do
     (cd "$WORK/node-$i" && exec env -i PATH="$PATH" BIND=127.0.0.1 PORT="$port" DATA_DIR="$WORK/node-$i" \
         DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
         TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
+        WS_MAX_PER_CLIENT="$WS_MAX" WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
         RUST_LOG=warn "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
     NODE_PIDS+=($!)
 done

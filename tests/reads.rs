@@ -85,6 +85,12 @@ async fn a_room_given_a_password_while_followed_needs_its_token() {
     let token = s.token(key, "secret").await;
     let (status, body) = s.get("/api/roulette/vault").await;
     assert_eq!(status, 401, "{body}");
+    // The member joined without a token: it is removed, and comes back with one.
+    assert_eq!(member.recv().await["type"], "authRequired");
+    member
+        .send(json!({"type": "join", "key": key, "version": 0, "token": token}))
+        .await;
+    assert_eq!(member.recv().await["type"], "sync");
 
     // After the first event the followed room has a snapshot; reads still need
     // the token.

@@ -1348,3 +1348,74 @@ async fn a_burst_through_the_cache_leaves_every_acknowledged_add_readable() {
     );
     assert!(!instances[0].is_stale() && !instances[1].is_stale());
 }
+
+/// Protection is checked where the change is applied, in both backends and
+/// for every kind of change: a room created with a password between a
+/// writer's check and its write still refuses a writer without a token.
+#[tokio::test]
+async fn a_protected_room_refuses_writers_without_a_token_in_both_backends() {
+    let pg = TestPostgres::start_new().await;
+    let postgres = migrated_store(&pg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
+        .await
+        .unwrap();
+    sqlite.migrate().await.unwrap();
+    let stores: [(&str, &dyn Store); 2] = [("postgres", &postgres), ("sqlite", &sqlite)];
+    for (name, store) in stores {
+        let open = key("open-table");
+        let locked = key("locked-table");
+        // The open room is written to first without a token, so the
+        // PostgreSQL store learns it is open and may group its adds.
+        let first = Mutation {
+            authorized: false,
+            ..mutation(&open, Change::Added(n(1)))
+        };
+        store.apply(first).await.unwrap();
+        store
+            .create_room(
+                &locked,
+                Some("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+            )
+            .await
+            .unwrap();
+        for change in [
+            Change::Added(n(5)),
+            Change::Removed(0),
+            Change::Replaced(history(&[1, 2])),
+        ] {
+            let without = Mutation {
+                authorized: false,
+                ..mutation(&locked, change.clone())
+            };
+            assert!(
+                matches!(store.apply(without).await, Err(StoreError::AuthRequired)),
+                "{name}: {change:?} without a token"
+            );
+        }
+        let room = store.room(&locked).await.unwrap().expect("room");
+        assert_eq!(
+            (room.version, room.history.len()),
+            (0, 0),
+            "{name}: unchanged"
+        );
+        let with = mutation(&locked, Change::Added(n(7)));
+        assert_eq!(
+            store.apply(with).await.unwrap().room.history.len(),
+            1,
+            "{name}"
+        );
+        for _ in 0..3 {
+            let add = Mutation {
+                authorized: false,
+                ..mutation(&open, Change::Added(n(2)))
+            };
+            store.apply(add).await.unwrap();
+        }
+        assert_eq!(
+            store.room(&open).await.unwrap().expect("open").version,
+            4,
+            "{name}"
+        );
+    }
+}

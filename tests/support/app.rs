@@ -15,6 +15,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
+/// Per-client quotas high enough for functional and load tests, which all
+/// come from one address (see the README's configuration table).
+pub const LOAD_TEST_QUOTAS: &[(&str, &str)] = &[
+    ("WRITE_RATE_LIMIT", "1000000"),
+    ("WRITE_RATE_BURST", "1000000"),
+    ("ROOM_CREATE_LIMIT", "1000000"),
+    ("WS_MAX_PER_CLIENT", "20000"),
+];
+
 /// Picks a port the OS considers free right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -77,6 +86,10 @@ impl TestServer {
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // Every test client shares the loopback address, and most tests
+            // write far faster than a person at a table: they run with load-test
+            // quotas. The tests of the quotas themselves set their own.
+            .envs(LOAD_TEST_QUOTAS.iter().copied())
             .current_dir(&self.data_dir)
             .stdin(Stdio::null());
         for (k, v) in &self.env {
@@ -188,6 +201,25 @@ impl TestServer {
         )
     }
 
+    /// Asserts the instance still serves: `/health` answers 200 and a room
+    /// read answers, each within a few seconds.
+    pub async fn assert_healthy(&self) {
+        let limit = Duration::from_secs(5);
+        let health = tokio::time::timeout(limit, self.get("/health"))
+            .await
+            .expect("/health did not answer within 5 s");
+        assert_eq!(health.0, 200, "/health: {}", health.1);
+        let read = tokio::time::timeout(limit, self.get("/api/roulette/health-probe"))
+            .await
+            .expect("a room read did not answer within 5 s");
+        assert_eq!(read.0, 200, "room read: {}", read.1);
+    }
+
+    /// The server's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
     pub async fn token(&self, key: &str, password: &str) -> String {
         let (status, body) = self
             .post(
@@ -235,6 +267,23 @@ pub async fn decode(r: reqwest::Response) -> (u16, Value) {
     (status, value)
 }
 
+/// A process's resident memory (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
+    status
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("VmRSS in /proc status")
+}
+
 /// A WebSocket client speaking JSON text frames.
 pub struct WsClient {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -248,6 +297,26 @@ pub enum WsEvent {
 }
 
 impl WsClient {
+    /// Connects from a chosen loopback source address (per-address limits).
+    pub async fn connect_from(
+        url: &str,
+        source: std::net::IpAddr,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let target: SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("a ws://ip:port/ URL");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let tcp = socket.connect(target).await.expect("TCP connect");
+        let (stream, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)).await?;
+        Ok(WsClient { stream })
+    }
+
     pub async fn connect(url: &str) -> WsClient {
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await
