@@ -134,8 +134,9 @@ fn broken(rng: &mut StdRng) -> Message {
     let text = message.to_string();
     match rng.random_range(0..6) {
         // Truncated, so it is not JSON at all.
-        0 if text.len() > 2 => {
-            Message::text(text[..rng.random_range(1..text.len() - 1)].to_owned())
+        0 if text.chars().count() > 2 => {
+            let keep = rng.random_range(1..text.chars().count() - 1);
+            Message::text(text.chars().take(keep).collect::<String>())
         }
         1 => Message::binary(text.into_bytes()),
         2 => Message::text(junk(rng, 3).to_string()),
