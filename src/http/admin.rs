@@ -7,15 +7,19 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use serde_json::{Value, json};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use subtle::ConstantTimeEq;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{ApiPath, bearer};
+use super::openapi::ErrorBody;
 use crate::bus::{ConnectionInfo, ControlMessage};
-use crate::domain::RoomKey;
+use crate::domain::{History, RoomKey};
 use crate::state::AppState;
-use crate::store::Page;
+use crate::store::{MigrationInfo, Page};
 
 /// Proof that the request carried the admin token.
 pub struct Admin;
@@ -46,11 +50,74 @@ fn bus_unavailable(err: crate::bus::BusError) -> ApiError {
     ApiError::Unavailable
 }
 
-fn connection_json(c: &ConnectionInfo, key: &str) -> Value {
-    json!({
-        "id": c.id, "key": key, "connectedAt": c.connected_at, "lastActivity": c.last_activity,
-        "status": "connected", "ipAddress": c.ip_address, "userAgent": c.user_agent, "instance": c.instance,
-    })
+/// One live connection in one room, as `GET /api/admin/sessions` lists it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct AdminConnection<'a> {
+    id: &'a str,
+    key: &'a str,
+    connected_at: DateTime<Utc>,
+    last_activity: DateTime<Utc>,
+    /// Always `connected`.
+    status: &'static str,
+    ip_address: &'a str,
+    user_agent: &'a str,
+    instance: &'a str,
+}
+
+impl<'a> AdminConnection<'a> {
+    fn of(c: &'a ConnectionInfo, key: &'a str) -> Self {
+        AdminConnection {
+            id: &c.id,
+            key,
+            connected_at: c.connected_at,
+            last_activity: c.last_activity,
+            status: "connected",
+            ip_address: &c.ip_address,
+            user_agent: &c.user_agent,
+            instance: &c.instance,
+        }
+    }
+}
+
+/// One room with its live connections on every instance.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct AdminRoom<'a> {
+    key: &'a str,
+    created_at: DateTime<Utc>,
+    last_activity: DateTime<Utc>,
+    history_length: usize,
+    active_connections: usize,
+    /// Joins counted since the counter began, over every instance.
+    total_connections: u64,
+    protected: bool,
+    connections: Vec<AdminConnection<'a>>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminStats {
+    total_sessions: u64,
+    active_sessions: usize,
+    total_connections: u64,
+    active_connections: usize,
+    average_history_length: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Disconnected {
+    /// Always `success`.
+    status: &'static str,
+    message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Migrations {
+    /// `sqlite` or `postgres`.
+    backend: &'static str,
+    applied: Vec<MigrationInfo>,
+    pending: Vec<MigrationInfo>,
 }
 
 /// Every live connection in the cluster, and joins counted per room.
@@ -75,7 +142,19 @@ fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>
 }
 
 /// `GET /api/admin/sessions`
-pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/admin/sessions",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Rooms with their live connections on every instance", body = Vec<AdminRoom>),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
+        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+    )
+)]
+pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
     let (rooms, _) = state
         .store()
         .list_rooms(Page {
@@ -86,52 +165,98 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Json<Va
         .await?;
     let (presence, joins) = cluster_connections(&state).await?;
     let live = by_room(&presence);
-    let list: Vec<Value> = rooms
+    let list: Vec<AdminRoom> = rooms
         .iter()
         .map(|r| {
             let key = r.key.as_str();
             let connections = live.get(key).map(Vec::as_slice).unwrap_or_default();
-            json!({
-                "key": key, "createdAt": r.created_at, "lastActivity": r.updated_at,
-                "historyLength": r.history_length, "activeConnections": connections.len(),
-                "totalConnections": joins.get(key).copied().unwrap_or_default(), "protected": r.protected,
-                "connections": connections.iter().map(|c| connection_json(c, key)).collect::<Vec<_>>(),
-            })
+            AdminRoom {
+                key,
+                created_at: r.created_at,
+                last_activity: r.updated_at,
+                history_length: r.history_length,
+                active_connections: connections.len(),
+                total_connections: joins.get(key).copied().unwrap_or_default(),
+                protected: r.protected,
+                connections: connections
+                    .iter()
+                    .map(|c| AdminConnection::of(c, key))
+                    .collect(),
+            }
         })
         .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(list).into_response())
 }
 
 /// `GET /api/admin/stats`
-pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/admin/stats",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Cluster-wide totals", body = AdminStats),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
+        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+    )
+)]
+pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
     let totals = state.store().stats().await?;
     let (presence, joins) = cluster_connections(&state).await?;
-    Ok(Json(json!({
-        "totalSessions": totals.rooms,
-        "activeSessions": by_room(&presence).len(),
-        "totalConnections": joins.values().sum::<u64>(),
-        "activeConnections": presence.len(),
-        "averageHistoryLength": totals.average_history_length,
-    })))
+    Ok(Json(AdminStats {
+        total_sessions: totals.rooms,
+        active_sessions: by_room(&presence).len(),
+        total_connections: joins.values().sum::<u64>(),
+        active_connections: presence.len(),
+        average_history_length: totals.average_history_length,
+    }))
 }
 
 /// `GET /api/admin/sessions/{key}/history`
+#[utoipa::path(
+    get,
+    path = "/api/admin/sessions/{key}/history",
+    tag = "admin",
+    params(("key" = RoomKey, Path, description = "The room's key")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The room's history, protected or not", body = History),
+        (status = 400, description = "Invalid key", body = ErrorBody),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such room, or the admin API is disabled", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn history(
     _: Admin,
     State(state): State<AppState>,
     ApiPath(raw_key): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<History>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
     let room = state.store().room(&key).await?.ok_or(ApiError::NotFound)?;
-    Ok(Json(json!(room.history)))
+    Ok(Json(room.history))
 }
 
 /// `POST /api/admin/connections/{id}/disconnect`
+#[utoipa::path(
+    post,
+    path = "/api/admin/connections/{id}/disconnect",
+    tag = "admin",
+    params(("id" = String, Path, description = "A connection id from GET /api/admin/sessions")),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The instance holding it closes it (1000)", body = Disconnected),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 404, description = "No instance holds that connection, or the admin API is disabled", body = ErrorBody),
+        (status = 503, description = "Bus unavailable", body = ErrorBody),
+    )
+)]
 pub async fn disconnect(
     _: Admin,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Disconnected>, ApiError> {
     let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
     if !presence.iter().any(|c| c.id == id) {
         return Err(ApiError::NotFound);
@@ -144,16 +269,34 @@ pub async fn disconnect(
         })
         .await
         .map_err(bus_unavailable)?;
-    Ok(Json(
-        json!({"status": "success", "message": format!("connection {id} disconnected")}),
-    ))
+    Ok(Json(Disconnected {
+        status: "success",
+        message: format!("connection {id} disconnected"),
+    }))
 }
 
 /// `GET /api/admin/migrations` (read-only; schema changes happen through the CLI).
-pub async fn migrations(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/admin/migrations",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Applied and pending schema migrations (read-only)", body = Migrations),
+        (status = 401, description = "Wrong admin token", body = ErrorBody),
+        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn migrations(
+    _: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Migrations>, ApiError> {
     let all = state.store().migration_status().await?;
     let (applied, pending): (Vec<_>, Vec<_>) = all.into_iter().partition(|m| m.applied);
-    Ok(Json(
-        json!({"backend": state.store().backend(), "applied": applied, "pending": pending}),
-    ))
+    Ok(Json(Migrations {
+        backend: state.store().backend(),
+        applied,
+        pending,
+    }))
 }

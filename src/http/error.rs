@@ -5,8 +5,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
+use super::openapi::ErrorBody;
 use crate::auth::TokenError;
 use crate::domain::DomainError;
 use crate::rooms::AccessError;
@@ -66,11 +66,11 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response = (
-            self.status_code(),
-            Json(json!({"success": false, "error": message})),
-        )
-            .into_response();
+        let body = ErrorBody {
+            success: false,
+            error: &message,
+        };
+        let mut response = (self.status_code(), Json(body)).into_response();
         if let ApiError::RateLimited(seconds) = self {
             response
                 .headers_mut()

@@ -5,25 +5,28 @@
 mod admin;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 mod ops;
 mod rooms_auth;
 mod roulette;
 
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, Response, header};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::{Extension, Router};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::CorsOrigins;
 use crate::state::AppState;
@@ -31,31 +34,37 @@ use error::ApiError;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/roulette/sessions", get(roulette::list))
-        .route("/roulette/save", post(roulette::save))
-        .route(
-            "/roulette/{key}",
-            get(roulette::get_room).put(roulette::replace),
-        )
-        .route("/rooms/auth", post(rooms_auth::authenticate))
-        .route("/admin/sessions", get(admin::sessions))
-        .route("/admin/stats", get(admin::stats))
-        .route("/admin/sessions/{key}/history", get(admin::history))
-        .route(
-            "/admin/connections/{id}/disconnect",
-            post(admin::disconnect),
-        )
-        .route("/admin/migrations", get(admin::migrations));
+/// Every route, registered from its handler's `#[utoipa::path]` annotation, so
+/// that the OpenAPI document lists exactly the routes that exist.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(roulette::list))
+        .routes(routes!(roulette::save))
+        .routes(routes!(roulette::get_room, roulette::replace))
+        .routes(routes!(rooms_auth::authenticate))
+        .routes(routes!(admin::sessions))
+        .routes(routes!(admin::stats))
+        .routes(routes!(admin::history))
+        .routes(routes!(admin::disconnect))
+        .routes(routes!(admin::migrations))
+        .routes(routes!(openapi::document))
+        .routes(routes!(crate::ws::upgrade))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::livez))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+}
 
-    Router::new()
-        .nest("/api", api)
-        .route("/ws", get(crate::ws::upgrade))
-        .route("/health", get(ops::health))
-        .route("/livez", get(ops::livez))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+/// The OpenAPI document of the HTTP API.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, document) = routes().split_for_parts();
+    let document = openapi::Rendered(document.to_json().unwrap_or_default().into());
+    routes
+        .layer(Extension(document))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))

@@ -3,19 +3,55 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{ClientIp, JsonObject};
+use super::openapi::ErrorBody;
 use crate::auth::MAX_PASSWORD_BYTES;
 use crate::domain::RoomKey;
 use crate::state::AppState;
 
+/// The body of `POST /api/rooms/auth`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the shape; the handler reads the fields one by one
+struct AuthRequest {
+    key: RoomKey,
+    /// Empty or absent: no password (a new room is created open).
+    #[schema(max_length = 256)]
+    password: Option<String>,
+}
+
+/// A room token, and whether the room is protected: `false` tells a caller
+/// who sent a password that the room already existed open and stays open.
+#[derive(Serialize, ToSchema)]
+pub struct TokenReply {
+    token: String,
+    protected: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/rooms/auth",
+    tag = "auth",
+    request_body = AuthRequest,
+    responses(
+        (status = 200, description = "A room token, valid 24 h for this room", body = TokenReply),
+        (status = 400, description = "Invalid body, key or password", body = ErrorBody),
+        (status = 401, description = "Wrong password for a protected room", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this address", body = ErrorBody),
+        (status = 503, description = "Database unavailable, or too many password checks waiting", body = ErrorBody),
+    )
+)]
 pub async fn authenticate(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     body: JsonObject,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenReply>, ApiError> {
     // Argon2 is deliberately slow: limit attempts per client before doing any work.
     if state.auth_limiter.check_key(&ip).is_err() {
         return Err(ApiError::TooManyRequests);
@@ -33,8 +69,10 @@ pub async fn authenticate(
     };
     let auth = &state.rooms.auth;
     let existing = state.store().room_auth(&key).await?;
-    let stored_hash = match existing {
-        Some(room) => room.password_hash,
+    // Whether the room ends up protected, and the hash the password must match
+    // (none when this request created the room with it).
+    let (protected, to_check) = match existing {
+        Some(room) => (room.password_hash.is_some(), room.password_hash),
         None => {
             let hash = if password.is_empty() {
                 None
@@ -42,15 +80,16 @@ pub async fn authenticate(
                 Some(auth.hash_password(password.clone()).await?)
             };
             let created = state.rooms.create(&key, hash.clone()).await?;
+            let protected = created.password_hash.is_some();
             // If another request created the room first, its password state wins.
             if created.password_hash == hash {
-                None
+                (protected, None)
             } else {
-                created.password_hash
+                (protected, created.password_hash)
             }
         }
     };
-    if let Some(hash) = stored_hash
+    if let Some(hash) = to_check
         && !auth.verify_password(password, hash).await?
     {
         return Err(ApiError::Unauthorized(
@@ -58,5 +97,5 @@ pub async fn authenticate(
         ));
     }
     let token = auth.issue(&key)?;
-    Ok(Json(json!({"token": token})))
+    Ok(Json(TokenReply { token, protected }))
 }

@@ -7,11 +7,13 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, BearerToken, ClientIp, JsonObject};
+use super::openapi::ErrorBody;
 use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
+use crate::hub::RoomBody;
 use crate::rooms::Writer;
 use crate::state::AppState;
 use crate::store::{Page, RoomSummary};
@@ -23,11 +25,12 @@ fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
 /// The Session object of the wire contract (never with a password or hash),
 /// serialized straight from the room: a save answers with the whole history,
 /// and building a `Value` tree of it first costs an allocation per number.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Session<'a> {
     id: i64,
     key: &'a RoomKey,
     history: &'a History,
+    /// RFC 3339, milliseconds, UTC.
     created_at: String,
     updated_at: String,
     version: u64,
@@ -51,7 +54,7 @@ impl<'a> Session<'a> {
 }
 
 /// `{"success": true, "data": Session}`
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Saved<'a> {
     success: bool,
     data: Session<'a>,
@@ -72,7 +75,40 @@ fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
         .transpose()
 }
 
+/// The body of `POST /api/roulette/save`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the shape; the handler reads the fields one by one
+struct SaveRequest {
+    key: RoomKey,
+    number: Number,
+    /// Mutation id: a retry with the same id within 10 minutes is applied once.
+    #[schema(min_length = 1, max_length = 64)]
+    id: Option<String>,
+}
+
+/// The body of `PUT /api/roulette/{key}` (a `key` in it is ignored).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the shape; the handler reads the fields one by one
+struct ReplaceRequest {
+    history: History,
+    #[schema(min_length = 1, max_length = 64)]
+    id: Option<String>,
+}
+
 /// `GET /api/roulette/{key}`
+#[utoipa::path(
+    get,
+    path = "/api/roulette/{key}",
+    tag = "rooms",
+    params(("key" = RoomKey, Path, description = "The room's key")),
+    security((), ("room_token" = [])),
+    responses(
+        (status = 200, description = "The room; a room never created reads as empty, version 0, without an epoch", body = RoomBody),
+        (status = 400, description = "Invalid key", body = ErrorBody),
+        (status = 401, description = "Protected room without a valid token", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn get_room(
     State(state): State<AppState>,
     ApiPath(raw_key): ApiPath<String>,
@@ -89,11 +125,34 @@ pub async fn get_room(
             snapshot.body(&key),
         )
             .into_response(),
-        None => Json(json!({"key": key, "history": [], "version": 0})).into_response(),
+        None => Json(RoomBody {
+            key: &key,
+            history: &History::default(),
+            version: 0,
+            epoch: None,
+        })
+        .into_response(),
     })
 }
 
 /// `POST /api/roulette/save` with `{"key", "number"}`
+#[utoipa::path(
+    post,
+    path = "/api/roulette/save",
+    tag = "rooms",
+    request_body = SaveRequest,
+    security((), ("room_token" = [])),
+    responses(
+        (status = 200, description = "Appended (the room is created if missing)", body = Saved),
+        (status = 400, description = "Invalid body, key, number or id; the room is full", body = ErrorBody),
+        (status = 401, description = "Protected room without a valid token", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
+        (status = 429, description = "The client's write or new-room quota is used up", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Database unavailable; nothing was stored", body = ErrorBody),
+    )
+)]
 pub async fn save(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
@@ -116,6 +175,24 @@ pub async fn save(
 }
 
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
+#[utoipa::path(
+    put,
+    path = "/api/roulette/{key}",
+    tag = "rooms",
+    params(("key" = RoomKey, Path, description = "The room's key")),
+    request_body = ReplaceRequest,
+    security((), ("room_token" = [])),
+    responses(
+        (status = 200, description = "Replaced (the room is created if missing)", body = Saved),
+        (status = 400, description = "Invalid body, key, history or id", body = ErrorBody),
+        (status = 401, description = "Protected room without a valid token", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
+        (status = 429, description = "The client's write or new-room quota is used up", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Database unavailable; nothing was stored", body = ErrorBody),
+    )
+)]
 pub async fn replace(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
@@ -138,15 +215,25 @@ pub async fn replace(
     Ok(saved(&applied.room))
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of the listing. Kept as text and parsed by the handler, so that a bad
+/// value gets a sentence naming the parameter.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Rooms per page: 1 to 1000 (default 100); with `include=history` at most
+    /// `LIST_HISTORY_MAX_ROOMS` (default 20, also the default page).
+    #[param(value_type = Option<u32>, minimum = 1)]
     limit: Option<String>,
+    /// Rooms to skip: 0 to 2^63 - 1.
+    #[param(value_type = Option<u64>)]
     offset: Option<String>,
+    /// `history` adds each open room's history.
+    #[param(value_type = Option<String>, pattern = "^history$")]
     include: Option<String>,
 }
 
 /// One room of the listing; both spellings of the times are read by clients.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Summary<'a> {
     id: i64,
     key: &'a RoomKey,
@@ -159,6 +246,7 @@ struct Summary<'a> {
     #[serde(rename = "lastActivity")]
     last_activity: String,
     protected: bool,
+    /// With `include=history`, for open rooms only.
     #[serde(skip_serializing_if = "Option::is_none")]
     history: Option<&'a History>,
 }
@@ -182,9 +270,10 @@ impl<'a> Summary<'a> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Listing<'a> {
     sessions: Vec<Summary<'a>>,
+    /// Rooms overall, not on this page.
     total: u64,
 }
 
@@ -194,6 +283,17 @@ struct Listing<'a> {
 /// so that one request cannot make the instance build a reply of tens of
 /// megabytes; the reply is rendered on the blocking pool, off the workers
 /// that serve every other request.
+#[utoipa::path(
+    get,
+    path = "/api/roulette/sessions",
+    tag = "rooms",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Rooms by latest activity", body = Listing),
+        (status = 400, description = "Invalid limit, offset or include", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,

@@ -26,8 +26,8 @@ use crate::domain::{RoomEvent, RoomKey, Version};
 use crate::store::{DynStore, StoreError};
 use crate::ws::frames::Dialect;
 pub use outbox::{Inbox, Outbound, Outbox, channel as outbox};
-pub use view::Snapshot;
 use view::View;
+pub use view::{RoomBody, Snapshot};
 
 /// Tunables for room tasks.
 #[derive(Debug, Clone)]

@@ -12,6 +12,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::domain::{History, Room, RoomKey, Version};
 
@@ -43,16 +45,28 @@ impl Snapshot {
     pub fn body(&self, key: &RoomKey) -> Bytes {
         self.body
             .get_or_init(|| {
-                let reply = serde_json::json!({
-                    "key": key,
-                    "history": self.history,
-                    "version": self.version,
-                    "epoch": &*self.epoch,
-                });
-                Bytes::from(reply.to_string())
+                let reply = RoomBody {
+                    key,
+                    history: &self.history,
+                    version: self.version,
+                    epoch: Some(&self.epoch),
+                };
+                // Plain data into a Vec: serialization cannot fail.
+                Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
             })
             .clone()
     }
+}
+
+/// The reply of `GET /api/roulette/{key}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoomBody<'a> {
+    pub key: &'a RoomKey,
+    pub history: &'a History,
+    pub version: Version,
+    /// Absent for a room that was never created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<&'a str>,
 }
 
 impl From<Room> for Snapshot {

@@ -149,7 +149,7 @@ pub struct StoreStats {
 }
 
 /// One migration as the admin API and `migration-status` show it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct MigrationInfo {
     pub version: i64,
     pub description: String,

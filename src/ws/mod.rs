@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use crate::http::error::ApiError;
 use crate::http::extract::client_ip;
+use crate::http::openapi::ErrorBody;
 use crate::state::AppState;
 
 /// Who is on the other end: its address (quotas, the admin API) and user agent.
@@ -28,6 +29,19 @@ pub struct Peer {
 const CLIENT_CAP_RETRY_SECS: u64 = 5;
 
 /// `GET /ws`
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "operations",
+    description = "The WebSocket endpoint (RFC 6455). Its messages are described in docs/protocol.md.",
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket handshake", body = ErrorBody),
+        (status = 401, description = "Origin not in CORS_ORIGINS", body = ErrorBody),
+        (status = 429, description = "This address holds WS_MAX_PER_CLIENT sockets", body = ErrorBody),
+        (status = 503, description = "The instance is full or shutting down", body = ErrorBody),
+    )
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
