@@ -3,11 +3,12 @@
 //! once, and answered with a generic sentence.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::auth::TokenError;
+use crate::auth::{HashError, TokenError};
 use crate::domain::DomainError;
 use crate::rooms::AccessError;
 use crate::store::StoreError;
@@ -30,6 +31,9 @@ pub enum ApiError {
     TooManyRequests,
     #[error("service temporarily unavailable; try again later")]
     Unavailable,
+    /// A bounded queue is full (password checks): try again in a moment.
+    #[error("the server is busy; try again in a moment")]
+    Busy,
     #[error("internal error")]
     Internal(String),
 }
@@ -44,7 +48,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,11 +67,18 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        (
+        let mut response = (
             self.status_code(),
             Json(json!({"success": false, "error": message})),
         )
-            .into_response()
+            .into_response();
+        if matches!(self, ApiError::Busy) {
+            // Queued work drains within about a second.
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -95,6 +106,15 @@ impl From<StoreError> for ApiError {
 impl From<TokenError> for ApiError {
     fn from(err: TokenError) -> Self {
         ApiError::Unauthorized(err.to_string())
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(err: HashError) -> Self {
+        match err {
+            HashError::Busy => ApiError::Busy,
+            HashError::Failed(e) => e.into(),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 mod admin;
 pub mod error;
 pub mod extract;
+pub mod forwarded;
 mod ops;
 mod rooms_auth;
 mod roulette;
@@ -49,13 +50,19 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/migrations", get(admin::migrations));
 
-    Router::new()
+    let routes = Router::new()
         .nest("/api", api)
         .route("/ws", get(crate::ws::upgrade))
         .route("/health", get(ops::health))
         .route("/livez", get(ops::livez))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .route("/readyz", get(ops::readyz));
+    // With METRICS_BIND, /metrics lives only on that listener.
+    let routes = if state.config.metrics_bind.is_none() {
+        routes.route("/metrics", get(ops::metrics))
+    } else {
+        routes
+    };
+    routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -74,6 +81,14 @@ pub fn router(state: AppState) -> Router {
                 .layer(cors(&state.config.cors_origins))
                 .layer(middleware::from_fn(record_metrics)),
         )
+        .with_state(state)
+}
+
+/// `/metrics` alone, for the separate `METRICS_BIND` listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 

@@ -1,5 +1,11 @@
 //! `POST /api/rooms/auth`: create a room (protected iff a password is given) or
-//! prove knowledge of its password, and get a room token.
+//! prove knowledge of its password, and get a room token. The reply says
+//! whether the room is protected: an open room stays open whatever password
+//! is sent, and the client should know.
+//!
+//! Each attempt costs an argon2 hash, so attempts are limited per client
+//! address before any work, and the hash waits in a bounded queue (a full one
+//! answers 503 with `Retry-After` at once).
 
 use axum::Json;
 use axum::extract::State;
@@ -32,9 +38,8 @@ pub async fn authenticate(
         Some(_) => return Err(ApiError::bad_request("password must be a string")),
     };
     let auth = &state.rooms.auth;
-    let existing = state.store().room_auth(&key).await?;
-    let stored_hash = match existing {
-        Some(room) => room.password_hash,
+    let room = match state.store().room_auth(&key).await? {
+        Some(room) => Room::Existing(room.password_hash),
         None => {
             let hash = if password.is_empty() {
                 None
@@ -44,19 +49,34 @@ pub async fn authenticate(
             let created = state.store().create_room(&key, hash.clone()).await?;
             // If another request created the room first, its password state wins.
             if created.password_hash == hash {
-                None
+                Room::Created {
+                    protected: hash.is_some(),
+                }
             } else {
-                created.password_hash
+                Room::Existing(created.password_hash)
             }
         }
     };
-    if let Some(hash) = stored_hash
-        && !auth.verify_password(password, hash).await?
-    {
-        return Err(ApiError::Unauthorized(
-            "wrong password for this room".into(),
-        ));
-    }
+    let protected = match room {
+        Room::Created { protected } => protected,
+        Room::Existing(None) => false,
+        Room::Existing(Some(hash)) => {
+            if !auth.verify_password(password, hash).await? {
+                return Err(ApiError::Unauthorized(
+                    "wrong password for this room".into(),
+                ));
+            }
+            true
+        }
+    };
     let token = auth.issue(&key)?;
-    Ok(Json(json!({"token": token})))
+    Ok(Json(json!({"token": token, "protected": protected})))
+}
+
+/// The room this request found or made.
+enum Room {
+    /// Created by this request, with this request's password (nothing to check).
+    Created { protected: bool },
+    /// Already there, with its stored hash if it has a password.
+    Existing(Option<String>),
 }

@@ -13,7 +13,7 @@ use axum::http::header::{ORIGIN, USER_AGENT};
 use axum::response::{IntoResponse, Response};
 
 use crate::http::error::ApiError;
-use crate::http::extract::client_ip;
+use crate::http::forwarded::client_ip;
 use crate::state::AppState;
 
 /// Who is on the other end, for the admin API.
@@ -57,7 +57,7 @@ pub async fn upgrade(
         return ApiError::Unavailable.into_response();
     };
     let peer = Peer {
-        ip: client_ip(&headers, Some(peer_addr), state.config.trust_proxy).to_string(),
+        ip: client_ip(&headers, Some(peer_addr), state.config.proxy_trust()).to_string(),
         user_agent: headers
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
