@@ -38,26 +38,7 @@ pub async fn authenticate(
         Some(_) => return Err(ApiError::bad_request("password must be a string")),
     };
     let auth = &state.rooms.auth;
-    let room = match state.store().room_auth(&key).await? {
-        Some(room) => Room::Existing(room.password_hash),
-        None => {
-            let hash = if password.is_empty() {
-                None
-            } else {
-                Some(auth.hash_password(password.clone()).await?)
-            };
-            let created = state.store().create_room(&key, hash.clone()).await?;
-            // If another request created the room first, its password state wins.
-            if created.password_hash == hash {
-                Room::Created {
-                    protected: hash.is_some(),
-                }
-            } else {
-                Room::Existing(created.password_hash)
-            }
-        }
-    };
-    let protected = match room {
+    let protected = match find_or_create(&state, &key, &password).await? {
         Room::Created { protected } => protected,
         Room::Existing(None) => false,
         Room::Existing(Some(hash)) => {
@@ -79,4 +60,26 @@ enum Room {
     Created { protected: bool },
     /// Already there, with its stored hash if it has a password.
     Existing(Option<String>),
+}
+
+/// Looks the room up, creating it (protected iff `password` is not empty) when
+/// it does not exist yet.
+async fn find_or_create(state: &AppState, key: &RoomKey, password: &str) -> Result<Room, ApiError> {
+    if let Some(room) = state.store().room_auth(key).await? {
+        return Ok(Room::Existing(room.password_hash));
+    }
+    let hash = if password.is_empty() {
+        None
+    } else {
+        Some(state.rooms.auth.hash_password(password.to_owned()).await?)
+    };
+    let created = state.store().create_room(key, hash.clone()).await?;
+    // If another request created the room first, its password state wins.
+    Ok(if created.password_hash == hash {
+        Room::Created {
+            protected: hash.is_some(),
+        }
+    } else {
+        Room::Existing(created.password_hash)
+    })
 }
