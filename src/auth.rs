@@ -1,9 +1,11 @@
 //! Room passwords and room tokens.
 //!
-//! Passwords are stored only as argon2id PHC strings; hashing runs on the blocking
-//! pool and at most a few hashes run at once, because argon2 is deliberately slow
-//! and must not become a way to starve the server. Room tokens are HS256 JWTs with
-//! claims `key` and `exp` (24 h), signed with the secret every instance shares.
+//! Passwords are stored only as argon2id PHC strings; hashing runs on a few
+//! dedicated threads behind a bounded queue ([`hashing`]), because argon2 is
+//! deliberately slow and memory-hungry and must not become a way to starve the
+//! server. Room tokens are HS256 JWTs with claims `key` and `exp` (24 h), signed
+//! with the secret every instance shares; an `nbf` claim, when present, is
+//! honoured.
 //!
 //! `jsonwebtoken` gets an HMAC-only crypto provider: its bundled RustCrypto one
 //! links RSA, ECDSA and EdDSA as well, several hundred kilobytes of code the
@@ -14,15 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use argon2::Argon2;
-use argon2::password_hash::{
-    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
-};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
 use crate::domain::RoomKey;
+
+mod hashing;
+
+pub use hashing::{HashError, Hasher};
 
 /// Longest accepted password, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 256;
@@ -49,16 +50,16 @@ pub enum TokenError {
 pub struct Auth {
     encoding: EncodingKey,
     decoding: DecodingKey,
-    hashing: Semaphore,
+    hasher: Hasher,
 }
 
 impl Auth {
-    pub fn new(secret: &[u8]) -> Arc<Self> {
+    pub fn new(secret: &[u8], hasher: Hasher) -> Arc<Self> {
         hs256::install();
         Arc::new(Auth {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
-            hashing: Semaphore::new(2),
+            hasher,
         })
     }
 
@@ -73,11 +74,13 @@ impl Auth {
             .context("signing a room token")
     }
 
-    /// Checks that `token` is a valid, unexpired token for exactly this room.
+    /// Checks that `token` is a valid, unexpired, already valid (`nbf`) token for
+    /// exactly this room.
     pub fn verify(&self, token: Option<&str>, key: &RoomKey) -> Result<(), TokenError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(TokenError::Missing)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .map_err(|_| TokenError::Invalid)?;
@@ -88,39 +91,13 @@ impl Auth {
     }
 
     /// Hashes a password with argon2id and a random salt.
-    pub async fn hash_password(&self, password: String) -> anyhow::Result<String> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .context("hashing pool closed")?;
-        tokio::task::spawn_blocking(move || {
-            let salt = SaltString::generate(&mut OsRng);
-            Argon2::default()
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
-        })
-        .await
-        .context("password hashing task")?
+    pub async fn hash_password(&self, password: String) -> Result<String, HashError> {
+        self.hasher.hash(password).await
     }
 
-    /// Verifies a password against a stored hash (constant-time comparison inside argon2).
-    pub async fn verify_password(&self, password: String, hash: String) -> anyhow::Result<bool> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .context("hashing pool closed")?;
-        tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&hash)
-                .map_err(|e| anyhow::anyhow!("stored hash is invalid: {e}"))?;
-            Ok(Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok())
-        })
-        .await
-        .context("password verification task")?
+    /// Verifies a password against a stored hash (constant-time comparison).
+    pub async fn verify_password(&self, password: String, hash: String) -> Result<bool, HashError> {
+        self.hasher.verify(password, hash).await
     }
 }
 
@@ -137,7 +114,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    std::fs::create_dir_all(data_dir)
+    crate::files::create_private_dir(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let secret = format!(
         "{}{}",
@@ -234,9 +211,34 @@ mod hs256 {
 mod tests {
     use super::*;
 
+    fn new_auth(secret: &[u8]) -> Arc<Auth> {
+        Auth::new(secret, Hasher::start(1, 4).unwrap())
+    }
+
+    fn sign(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_not_yet_valid_are_refused() {
+        let auth = new_auth(b"0123456789abcdef0123456789abcdef");
+        let a = RoomKey::parse("a").unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        let exp = now + 3600;
+        let later = sign(serde_json::json!({"key": "a", "exp": exp, "nbf": now + 600}));
+        assert_eq!(auth.verify(Some(&later), &a), Err(TokenError::Invalid));
+        let started = sign(serde_json::json!({"key": "a", "exp": exp, "nbf": now - 5}));
+        assert_eq!(auth.verify(Some(&started), &a), Ok(()));
+    }
+
     #[test]
     fn tokens_are_bound_to_one_room() {
-        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let auth = new_auth(b"0123456789abcdef0123456789abcdef");
         let a = RoomKey::parse("a").unwrap();
         let b = RoomKey::parse("b").unwrap();
         let token = auth.issue(&a).unwrap();
@@ -244,7 +246,7 @@ mod tests {
         assert_eq!(auth.verify(Some(&token), &b), Err(TokenError::OtherRoom));
         assert_eq!(auth.verify(None, &a), Err(TokenError::Missing));
         assert_eq!(auth.verify(Some("garbage"), &a), Err(TokenError::Invalid));
-        let other = Auth::new(b"another-secret-another-secret!!!");
+        let other = new_auth(b"another-secret-another-secret!!!");
         assert_eq!(other.verify(Some(&token), &a), Err(TokenError::Invalid));
     }
 
@@ -252,7 +254,7 @@ mod tests {
     /// 2100 or in 2000) check out exactly as RFC 7519 says.
     #[test]
     fn tokens_from_other_implementations() {
-        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let auth = new_auth(b"0123456789abcdef0123456789abcdef");
         let a = RoomKey::parse("a").unwrap();
         let header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
         let claims = "eyJrZXkiOiJhIiwiZXhwIjo0MTAyNDQ0ODAwfQ";
@@ -271,7 +273,7 @@ mod tests {
 
     #[tokio::test]
     async fn passwords_hash_and_verify() {
-        let auth = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let auth = new_auth(b"0123456789abcdef0123456789abcdef");
         let hash = auth.hash_password("hunter2".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
         assert!(

@@ -2,10 +2,12 @@
 //! `main`). Every value has a sane default; a value that does not parse stops
 //! start-up with one line naming the variable.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::quota::QuotaConfig;
 
@@ -46,13 +48,18 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub cors_origins: CorsOrigins,
     pub instance_id: String,
-    /// Use `X-Forwarded-For` / `X-Real-IP` for client addresses (behind Nginx).
+    /// Use `X-Forwarded-For` / `X-Real-IP` for client addresses (behind Nginx),
+    /// when the connection comes from one of `trusted_proxies`.
     pub trust_proxy: bool,
+    pub trusted_proxies: TrustedProxies,
+    /// A separate listener for `/metrics`; `None` serves it on the main port.
+    pub metrics_bind: Option<SocketAddr>,
     pub max_history: usize,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub ws: WsLimits,
     pub auth_attempts_per_minute: u32,
+    pub hashing: HashingLimits,
     pub db: DbOptions,
     pub cache_ttl: Duration,
     pub cache_max_history: usize,
@@ -79,6 +86,50 @@ pub struct WsLimits {
     pub ping_interval: Duration,
     pub max_rooms: usize,
     pub max_frame_bytes: usize,
+}
+
+/// How much password hashing an instance does at once (`/api/rooms/auth`).
+#[derive(Debug, Clone)]
+pub struct HashingLimits {
+    /// Dedicated hashing threads; each keeps one argon2 work area (19 MiB).
+    pub threads: usize,
+    /// Checks allowed to wait for a thread; more are refused with 503.
+    pub queue: usize,
+}
+
+/// The networks whose connections may tell us the client's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Loopback and the private ranges: where a reverse proxy of ours runs.
+    const DEFAULT: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
+
+    /// A comma list of networks (`10.0.0.0/8`) or single addresses (`10.1.2.3`).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        raw.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.parse::<IpNet>()
+                    .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("{item:?} is not an address or a CIDR network"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(TrustedProxies)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client of a dual-stack listener shows up as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+impl Default for TrustedProxies {
+    fn default() -> Self {
+        Self::parse(Self::DEFAULT).unwrap_or(TrustedProxies(Vec::new()))
+    }
 }
 
 /// PostgreSQL pool tuning (cluster mode).
@@ -194,10 +245,12 @@ impl Config {
                 }
             }
         };
-        let jwt_secret = vars.get("JWT_SECRET");
-        if jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return Err(invalid("JWT_SECRET", "must be at least 16 characters"));
-        }
+        let jwt_secret = secret(&vars, "JWT_SECRET")?;
+        let admin_token = secret(&vars, "ADMIN_TOKEN")?;
+        let trusted_proxies = match vars.get("TRUSTED_PROXIES") {
+            None => TrustedProxies::default(),
+            Some(raw) => TrustedProxies::parse(&raw).map_err(|e| invalid("TRUSTED_PROXIES", e))?,
+        };
         let max_frame_bytes = vars.positive("WS_MAX_FRAME_BYTES", 64 * 1024)?;
         let config = Config {
             bind: vars.parse("BIND", IpAddr::from([0, 0, 0, 0]))?,
@@ -206,7 +259,7 @@ impl Config {
             database,
             redis_url,
             jwt_secret,
-            admin_token: vars.get("ADMIN_TOKEN"),
+            admin_token,
             cors_origins,
             instance_id: vars
                 .get("INSTANCE_ID")
@@ -218,6 +271,14 @@ impl Config {
                     )
                 }),
             trust_proxy: vars.flag("TRUST_PROXY", false)?,
+            trusted_proxies,
+            metrics_bind: vars
+                .get("METRICS_BIND")
+                .map(|raw| {
+                    raw.parse()
+                        .map_err(|e| invalid("METRICS_BIND", format!("{raw:?}: {e}")))
+                })
+                .transpose()?,
             max_history: vars.positive("MAX_HISTORY", 10_000)?,
             max_body_bytes: vars.positive("MAX_BODY_BYTES", 1024 * 1024)?,
             shutdown_grace: vars.seconds("SHUTDOWN_GRACE", 10)?,
@@ -234,6 +295,10 @@ impl Config {
                 max_frame_bytes,
             },
             auth_attempts_per_minute: vars.positive("AUTH_RATE_LIMIT", 10)?,
+            hashing: HashingLimits {
+                threads: vars.positive("AUTH_HASH_THREADS", 2)?,
+                queue: vars.positive("AUTH_QUEUE", 32)?,
+            },
             db: DbOptions {
                 max_connections: vars.positive("DB_MAX_CONNECTIONS", 20)?,
                 acquire_timeout: vars.millis("DB_ACQUIRE_TIMEOUT_MS", 5_000)?,
@@ -253,10 +318,49 @@ impl Config {
         Ok(config)
     }
 
+    /// The proxies whose forwarding headers count, when `TRUST_PROXY` is on.
+    pub fn proxy_trust(&self) -> Option<&TrustedProxies> {
+        self.trust_proxy.then_some(&self.trusted_proxies)
+    }
+
     /// True when running as part of a cluster (PostgreSQL store).
     pub fn is_cluster(&self) -> bool {
         matches!(self.database, Database::Postgres(_))
     }
+}
+
+/// Shortest accepted `JWT_SECRET` / `ADMIN_TOKEN`: 32 bytes, as much as an
+/// HS256 key holds.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Text in every placeholder value the repository ships (`.env.example`,
+/// `k8s/secret.example.yaml`). A cluster started from an example unchanged would
+/// sign tokens with a secret anyone can read, so such values stop start-up.
+const PLACEHOLDER_MARKERS: &[&str] = &["change-me", "changeme", "change_me"];
+
+/// An optional secret: unset or empty is `None`; otherwise long enough and not
+/// a shipped placeholder.
+fn secret<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<F>,
+    name: &'static str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(value) = vars.get(name) else {
+        return Ok(None);
+    };
+    let lower = value.to_ascii_lowercase();
+    if PLACEHOLDER_MARKERS.iter().any(|m| lower.contains(m)) {
+        return Err(invalid(
+            name,
+            "is a placeholder from the examples; set a random value, e.g. `openssl rand -hex 32`",
+        ));
+    }
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(invalid(
+            name,
+            format!("must be at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -hex 32`"),
+        ));
+    }
+    Ok(Some(value))
 }
 
 fn database<F: Fn(&str) -> Option<String>>(
@@ -343,6 +447,8 @@ mod tests {
             ("MAX_HISTORY", "0"),
             ("REDIS_URL", "http://x"),
             ("TRUST_PROXY", "maybe"),
+            ("AUTH_QUEUE", "0"),
+            ("AUTH_HASH_THREADS", "none"),
         ] {
             let err = config(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name);
@@ -363,6 +469,74 @@ mod tests {
             Database::Postgres("postgres://app:p%40ss%20word@db:5432/rooms?sslmode=prefer".into())
         );
         assert!(c.is_cluster());
+    }
+
+    #[test]
+    fn placeholder_and_short_secrets_are_refused() {
+        let strong = "3f9a1c0e8b7d6a5f4e3d2c1b0a998877";
+        for name in ["JWT_SECRET", "ADMIN_TOKEN"] {
+            for bad in [
+                "change-me-jwt-secret",
+                "change-me-jwt-secret-use-openssl-rand-hex-32",
+                "change-me-admin-token",
+                "our-CHANGEME-value-that-is-long-enough-0123",
+                "test-admin-token",
+                &strong[..31],
+            ] {
+                let err = config(&[(name, bad)]).unwrap_err();
+                assert_eq!(err.name, name, "{bad:?}");
+                assert!(!err.to_string().contains('\n'));
+            }
+            assert!(config(&[(name, strong)]).is_ok());
+        }
+        // Empty still means unset: no admin API, a generated embedded secret.
+        let c = config(&[("ADMIN_TOKEN", ""), ("JWT_SECRET", " ")]).unwrap();
+        assert_eq!((c.admin_token, c.jwt_secret), (None, None));
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_loopback_and_private_ranges() {
+        let c = config(&[]).unwrap();
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "fd00::1",
+        ] {
+            assert!(c.trusted_proxies.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["203.0.113.7", "172.32.0.1", "2001:db8::1"] {
+            assert!(!c.trusted_proxies.contains(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(c.proxy_trust().is_none(), "TRUST_PROXY is off by default");
+    }
+
+    #[test]
+    fn trusted_proxies_take_networks_and_addresses() {
+        let c = config(&[
+            ("TRUSTED_PROXIES", "10.0.0.0/8, 203.0.113.7"),
+            ("TRUST_PROXY", "1"),
+        ])
+        .unwrap();
+        let proxies = c.proxy_trust().unwrap();
+        assert!(proxies.contains("203.0.113.7".parse().unwrap()));
+        assert!(proxies.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!proxies.contains("127.0.0.1".parse().unwrap()));
+        let err = config(&[("TRUSTED_PROXIES", "10.0.0.0/33")]).unwrap_err();
+        assert_eq!(err.name, "TRUSTED_PROXIES");
+    }
+
+    #[test]
+    fn metrics_bind_is_an_address() {
+        assert_eq!(config(&[]).unwrap().metrics_bind, None);
+        let c = config(&[("METRICS_BIND", "127.0.0.1:9100")]).unwrap();
+        assert_eq!(c.metrics_bind, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(
+            config(&[("METRICS_BIND", "9100")]).unwrap_err().name,
+            "METRICS_BIND"
+        );
     }
 
     #[test]

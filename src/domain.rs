@@ -76,7 +76,12 @@ impl Serialize for Number {
 pub const MAX_KEY_CHARS: usize = 100;
 
 /// A room's key: 1..=100 characters, no control characters, no `/`, not blank,
-/// no surrounding whitespace, and not one of the route names.
+/// no surrounding whitespace, no bidirectional overrides or isolates, at least
+/// one visible character, and not one of the route names.
+///
+/// Invisible-only keys (a zero-width space) and keys that reorder their own text
+/// on screen (U+202E) make rooms that look empty or look like another room in
+/// every list, the admin page included.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RoomKey(Arc<str>);
 
@@ -104,6 +109,16 @@ impl RoomKey {
         if raw.contains('/') {
             return Err(DomainError::InvalidKey("key must not contain '/'"));
         }
+        if raw.chars().any(is_bidi_control) {
+            return Err(DomainError::InvalidKey(
+                "key must not contain bidirectional override or isolate characters",
+            ));
+        }
+        if raw.chars().all(is_invisible) {
+            return Err(DomainError::InvalidKey(
+                "key must contain at least one visible character",
+            ));
+        }
         if raw == "sessions" || raw == "save" {
             return Err(DomainError::InvalidKey("key is a reserved name"));
         }
@@ -121,6 +136,43 @@ impl RoomKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The explicit bidirectional formatting characters that override or isolate
+/// (U+202A–U+202E, U+2066–U+2069): they change how the text around them is
+/// shown. The implicit marks (LRM, RLM) only nudge neutral characters and are
+/// left alone.
+fn is_bidi_control(c: char) -> bool {
+    use unicode_bidi::BidiClass::{FSI, LRE, LRI, LRO, PDF, PDI, RLE, RLI, RLO};
+    matches!(
+        unicode_bidi::bidi_class(c),
+        LRE | RLE | LRO | RLO | PDF | LRI | RLI | FSI | PDI
+    )
+}
+
+/// Characters that draw nothing: whitespace, format characters (general
+/// category Cf: U+00AD soft hyphen, U+200B zero-width space, U+2060 word
+/// joiner, U+FEFF, ...), and the other default-ignorable code points that are
+/// not Cf (combining grapheme joiner, Hangul fillers, variation selectors).
+/// They are fine inside a key (a zero-width joiner inside an emoji sequence),
+/// just not as all of it.
+fn is_invisible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.is_whitespace()
+        || c.general_category() == GeneralCategory::Format
+        || matches!(
+            c,
+            '\u{034F}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FFA0}'
+                | '\u{E0100}'..='\u{E01EF}'
+        )
 }
 
 impl fmt::Display for RoomKey {
@@ -315,6 +367,43 @@ mod tests {
             "", "   ", "a/b", " x", "x ", "a\nb", &long, "sessions", "save",
         ] {
             assert!(RoomKey::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn invisible_keys_are_rejected() {
+        let visible = "visible character";
+        for bad in [
+            "\u{200B}",
+            "\u{2060}",
+            "\u{FEFF}",
+            "\u{00AD}",
+            "\u{200B}\u{200C}\u{200D}\u{2060}",
+            "\u{3164}\u{FE0F}",
+        ] {
+            let err = RoomKey::parse(bad).unwrap_err();
+            assert!(err.to_string().contains(visible), "{bad:?}: {err}");
+        }
+        // Inside a key they are ordinary: emoji sequences use the joiner.
+        for ok in [
+            "a\u{200B}b",
+            "👨\u{200D}👩\u{200D}👧",
+            "soft\u{00AD}hyphen",
+            "❤\u{FE0F}",
+        ] {
+            assert!(RoomKey::parse(ok).is_ok(), "{ok:?} should parse");
+        }
+    }
+
+    #[test]
+    fn bidi_overrides_and_isolates_are_rejected() {
+        for c in ('\u{202A}'..='\u{202E}').chain('\u{2066}'..='\u{2069}') {
+            let err = RoomKey::parse(&format!("room{c}1")).unwrap_err();
+            assert!(err.to_string().contains("bidirectional"), "{c:?}: {err}");
+        }
+        // Right-to-left scripts and the implicit marks are fine.
+        for ok in ["שולחן 1", "طاولة", "a\u{200F}b"] {
+            assert!(RoomKey::parse(ok).is_ok(), "{ok:?} should parse");
         }
     }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod domain;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod quota;

@@ -2,24 +2,26 @@
 //! and the router, bind the listener, run until a shutdown signal, drain.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use governor::clock::DefaultClock;
-use governor::{Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::auth::{self, Auth};
+use crate::auth::{self, Auth, Hasher};
 use crate::bus::memory::MemoryBroker;
 use crate::bus::redis::RedisBus;
 use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
 use crate::domain::RoomKey;
+use crate::files;
 use crate::hub::{Hub, HubConfig};
 use crate::quota::Quotas;
 use crate::rooms::Rooms;
@@ -35,9 +37,8 @@ use crate::ws::registry::Connections;
 pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {
     let store: DynStore = match &config.database {
         Database::Sqlite(url) => {
-            if let Some(dir) = sqlite_dir(url) {
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating data directory {}", dir.display()))?;
+            if let Some(path) = sqlite_path(url) {
+                prepare_sqlite_file(&path)?;
             }
             Arc::new(SqliteStore::open_url(url).await?)
         }
@@ -54,17 +55,38 @@ pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {
     Ok(store)
 }
 
-fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+/// The database file of a `sqlite:` URL; `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
     let path = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next()?;
-    (path != ":memory:").then(|| std::path::Path::new(path).parent().map(|p| p.to_path_buf()))?
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// The database holds password hashes: its directory is created owner-only and
+/// the file (and SQLite's side files, which take their mode from it) kept `0600`.
+fn prepare_sqlite_file(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        files::create_private_dir(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+    }
+    files::make_private_file(path)
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    for side in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(side);
+        files::restrict_if_present(Path::new(&name))
+            .with_context(|| format!("restricting {} to its owner", Path::new(&name).display()))?;
+    }
+    Ok(())
 }
 
 /// A built, bound, not yet running instance.
 pub struct Application {
     listener: TcpListener,
+    /// `/metrics` on its own address (`METRICS_BIND`), if configured.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -161,7 +183,10 @@ impl Application {
                 store,
                 bus,
                 hub,
-                auth: Auth::new(secret.as_bytes()),
+                auth: Auth::new(
+                    secret.as_bytes(),
+                    Hasher::start(config.hashing.threads, config.hashing.queue)?,
+                ),
                 quotas: Arc::new(Quotas::new(config.quotas, rate_clock.clone())),
                 max_history: config.max_history,
             },
@@ -179,7 +204,19 @@ impl Application {
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("binding {address}"))?;
-        Ok(Application { listener, state })
+        let metrics_listener = match state.config.metrics_bind {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding METRICS_BIND {address}"))?,
+            ),
+            None => None,
+        };
+        Ok(Application {
+            listener,
+            metrics_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -198,14 +235,29 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Application { listener, state } = self;
+        let Application {
+            listener,
+            metrics_listener,
+            state,
+        } = self;
         let lifecycle = state.lifecycle.clone();
         let grace = state.config.shutdown_grace;
         spawn_maintenance(&state);
+        if let Some(listener) = metrics_listener {
+            serve_metrics(listener, &state)?;
+        }
 
         let router = crate::http::router(state.clone());
         lifecycle.set_ready(true);
         tracing::info!(address = %listener.local_addr()?, instance = %state.config.instance_id, store = state.store().backend(), "serving");
+        let config = &state.config;
+        tracing::debug!(
+            trusted_proxies = ?config.proxy_trust(),
+            hash_threads = config.hashing.threads,
+            auth_queue = config.hashing.queue,
+            auth_rate_limit = config.auth_attempts_per_minute,
+            "client addresses and password checks"
+        );
 
         let draining = lifecycle.shutdown.clone();
         // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm
@@ -249,15 +301,48 @@ impl Application {
     }
 }
 
-/// Background upkeep: the database health gauge, event-log pruning and
-/// forgetting idle clients' quota buckets.
+/// Serves `/metrics` alone on its own listener until the instance drains.
+fn serve_metrics(listener: TcpListener, state: &AppState) -> anyhow::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+    let router = crate::http::metrics_router(state.clone());
+    let stop = state.lifecycle.shutdown.clone();
+    tokio::spawn(async move {
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(err) = server.await {
+            tracing::warn!(error = %err, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
+/// How often the auth limiter forgets clients whose attempts have expired.
+const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Drops limiter entries that no longer restrict anyone and gives the table's
+/// memory back. Without it every address ever seen (a spoofing or IPv6-rotating
+/// client brings hundreds of thousands) keeps an entry for the life of the process.
+fn forget_idle_clients(limiter: &DefaultKeyedRateLimiter<IpAddr>) {
+    let before = limiter.len();
+    limiter.retain_recent();
+    limiter.shrink_to_fit();
+    let after = limiter.len();
+    if after < before {
+        tracing::debug!(before, after, "pruned the auth rate limiter");
+    }
+}
+
+/// Background upkeep: the database health gauge, event-log pruning, and
+/// forgetting idle clients (auth limiter, write and room quotas).
 fn spawn_maintenance(state: &AppState) {
     let store = state.rooms.store.clone();
+    let limiter = state.auth_limiter.clone();
     let quotas = state.rooms.quotas.clone();
     let stop = state.lifecycle.shutdown.clone();
     tokio::spawn(async move {
         let mut check = tokio::time::interval(Duration::from_secs(5));
         let mut prune = tokio::time::interval(Duration::from_secs(60));
+        let mut prune_limiter = tokio::time::interval(LIMITER_PRUNE_INTERVAL);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -265,13 +350,14 @@ fn spawn_maintenance(state: &AppState) {
                     let up = if store.ping().await.is_ok() { 1.0 } else { 0.0 };
                     metrics::gauge!("croupier_dependency_up", "dependency" => "database").set(up);
                 }
-                _ = prune.tick() => {
+                _ = prune.tick() => match store.prune_events().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "pruned event log"),
+                    Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
+                },
+                _ = prune_limiter.tick() => {
+                    forget_idle_clients(&limiter);
                     quotas.prune();
-                    match store.prune_events().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!(removed = n, "pruned event log"),
-                        Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
-                    }
                 }
             }
         }
@@ -297,5 +383,39 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => {},
         _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        let path = |url| sqlite_path(url).map(|p| p.display().to_string());
+        assert_eq!(
+            path("sqlite:///data/croupier.db").as_deref(),
+            Some("/data/croupier.db")
+        );
+        assert_eq!(
+            path("sqlite://./data/x.db?mode=rwc").as_deref(),
+            Some("./data/x.db")
+        );
+        assert_eq!(path("sqlite:x.db").as_deref(), Some("x.db"));
+        assert_eq!(path("sqlite::memory:"), None);
+    }
+
+    #[test]
+    fn the_auth_limiter_forgets_expired_clients() {
+        let per_second = NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN);
+        let limiter = RateLimiter::keyed(Quota::per_second(per_second));
+        for n in 0..1000u32 {
+            let _ = limiter.check_key(&IpAddr::from(n.to_be_bytes()));
+        }
+        assert_eq!(limiter.len(), 1000);
+        // One attempt at 1000/s stops restricting its client after 1 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        forget_idle_clients(&limiter);
+        assert_eq!(limiter.len(), 0);
     }
 }

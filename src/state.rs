@@ -59,7 +59,8 @@ pub struct Shared {
     pub connections: Connections,
     pub metrics: PrometheusHandle,
     pub lifecycle: Arc<Lifecycle>,
-    /// Attempts at `/api/rooms/auth` per client address.
+    /// Attempts at `/api/rooms/auth` per client address; pruned every minute
+    /// by the maintenance task (`startup`).
     pub auth_limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     /// One permit per open WebSocket, up to `WS_MAX_CONNECTIONS`.
     pub ws_slots: Arc<Semaphore>,

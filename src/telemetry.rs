@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -32,7 +32,12 @@ pub fn init_tracing() {
     };
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_target(false).with_ansi(ansi);
+    // The builder caps events at INFO by default, below any filter: lift the cap
+    // so `RUST_LOG` alone decides (`debug`, `trace`).
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(LevelFilter::TRACE)
+        .with_target(false)
+        .with_ansi(ansi);
     let installed = if json {
         builder.json().finish().with(filter).try_init()
     } else {

@@ -920,11 +920,14 @@ async fn wrong_admin_token() {
         (Method::GET, "/api/admin/migrations"),
         (Method::POST, disconnect.as_str()),
     ] {
+        let longer = format!("{ADMIN_TOKEN}-but-longer");
+        let upper = ADMIN_TOKEN.to_uppercase();
         for token in [
             Some("wrong-token"),
             Some(""),
-            Some("test-admin-token-but-longer"),
-            Some("TEST-ADMIN-TOKEN"),
+            Some(longer.as_str()),
+            Some(upper.as_str()),
+            Some(&ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
             None,
         ] {
             let (status, body) = s.call(method.clone(), path, token, None).await;

@@ -659,9 +659,9 @@ async fn http_contract_through_nginx() {
     let t = Some(token.clone());
     #[rustfmt::skip]
     let rows = vec![
-        ("right password", Method::POST, auth.into(), none.clone(), Some(json!({"key": "vault", "password": "s3cret"})), 200, json!({"token": "<string>"})),
+        ("right password", Method::POST, auth.into(), none.clone(), Some(json!({"key": "vault", "password": "s3cret"})), 200, json!({"token": "<string>", "protected": true})),
         ("wrong password", Method::POST, auth.into(), none.clone(), Some(json!({"key": "vault", "password": "guess"})), 401, error_body()),
-        ("unprotected room accepts any password", Method::POST, auth.into(), none.clone(), Some(json!({"key": "open", "password": "x"})), 200, json!({"token": "<string>"})),
+        ("unprotected room accepts any password", Method::POST, auth.into(), none.clone(), Some(json!({"key": "open", "password": "x"})), 200, json!({"token": "<string>", "protected": false})),
         ("GET without token", Method::GET, p("vault"), none.clone(), None, 401, error_body()),
         ("GET with another room's token", Method::GET, p("vault"), Some(other.clone()), None, 401, error_body()),
         ("save without token", Method::POST, save.into(), none.clone(), Some(json!({"key": "vault", "number": 7})), 401, error_body()),

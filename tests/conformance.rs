@@ -258,7 +258,8 @@ async fn sessions_list_paginates_newest_first() {
 #[tokio::test]
 async fn rooms_auth_creates_and_checks_passwords() {
     let s = TestServer::start(&[]).await;
-    let token = json!({"token": "<string>"});
+    let token = json!({"token": "<string>", "protected": true});
+    let open_token = json!({"token": "<string>", "protected": false});
     let auth = "/api/rooms/auth";
     #[rustfmt::skip]
     let rows = vec![
@@ -266,10 +267,10 @@ async fn rooms_auth_creates_and_checks_passwords() {
         row("right password", Method::POST, auth, Some(json!({"key": "vault", "password": "s3cret"})), 200, token.clone()),
         row("wrong password", Method::POST, auth, Some(json!({"key": "vault", "password": "guess"})), 401, error_body()),
         row("empty password on a protected room", Method::POST, auth, Some(json!({"key": "vault", "password": ""})), 401, error_body()),
-        row("create an unprotected room (empty password)", Method::POST, auth, Some(json!({"key": "open", "password": ""})), 200, token.clone()),
-        row("unprotected room accepts any password", Method::POST, auth, Some(json!({"key": "open", "password": "anything"})), 200, token.clone()),
+        row("create an unprotected room (empty password)", Method::POST, auth, Some(json!({"key": "open", "password": ""})), 200, open_token.clone()),
+        row("unprotected room accepts any password", Method::POST, auth, Some(json!({"key": "open", "password": "anything"})), 200, open_token.clone()),
         row("a room created by save is unprotected", Method::POST, "/api/roulette/save", Some(json!({"key": "plain", "number": 3})), 200, saved("plain", json!([3]), 1, false)),
-        row("... and accepts any password", Method::POST, auth, Some(json!({"key": "plain", "password": "x"})), 200, token.clone()),
+        row("... and accepts any password", Method::POST, auth, Some(json!({"key": "plain", "password": "x"})), 200, open_token.clone()),
         row("the unprotected room stays readable without a token", Method::GET, "/api/roulette/open", None, 200, room_reply("open", json!([]), 0)),
         row("... and writable without a token", Method::POST, "/api/roulette/save", Some(json!({"key": "open", "number": 9})), 200, saved("open", json!([9]), 1, false)),
         row("... and still unprotected after a password was sent", Method::PUT, "/api/roulette/plain", Some(json!({"history": [4]})), 200, saved("plain", json!([4]), 2, false)),

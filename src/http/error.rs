@@ -7,7 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::openapi::ErrorBody;
-use crate::auth::TokenError;
+use crate::auth::{HashError, TokenError};
 use crate::domain::DomainError;
 use crate::rooms::AccessError;
 use crate::store::StoreError;
@@ -33,6 +33,9 @@ pub enum ApiError {
     RateLimited(u64),
     #[error("service temporarily unavailable; try again later")]
     Unavailable,
+    /// A bounded queue is full (password checks): try again in a moment.
+    #[error("the server is busy; try again in a moment")]
+    Busy,
     #[error("internal error")]
     Internal(String),
 }
@@ -47,7 +50,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,10 +74,14 @@ impl IntoResponse for ApiError {
             error: &message,
         };
         let mut response = (self.status_code(), Json(body)).into_response();
-        if let ApiError::RateLimited(seconds) = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        let retry_after = match self {
+            ApiError::RateLimited(seconds) => Some(HeaderValue::from(seconds)),
+            // Queued work drains within about a second.
+            ApiError::Busy => Some(HeaderValue::from_static("1")),
+            _ => None,
+        };
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }
@@ -105,6 +112,15 @@ impl From<StoreError> for ApiError {
 impl From<TokenError> for ApiError {
     fn from(err: TokenError) -> Self {
         ApiError::Unauthorized(err.to_string())
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(err: HashError) -> Self {
+        match err {
+            HashError::Busy => ApiError::Busy,
+            HashError::Failed(e) => e.into(),
+        }
     }
 }
 

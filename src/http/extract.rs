@@ -4,13 +4,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::forwarded::client_ip;
 use crate::state::AppState;
 
 /// A JSON object body. Wrong content type → 415, too large → 413, not JSON or
@@ -97,8 +98,7 @@ pub fn bearer(parts: &Parts) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
-/// The client's address: the peer, or — behind a trusted proxy — the first
-/// `X-Forwarded-For` entry or `X-Real-IP`.
+/// The client's address (see [`super::forwarded`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub IpAddr);
 
@@ -116,20 +116,7 @@ impl FromRequestParts<AppState> for ClientIp {
         Ok(ClientIp(client_ip(
             &parts.headers,
             peer,
-            state.config.trust_proxy,
+            state.config.proxy_trust(),
         )))
     }
-}
-
-pub fn client_ip(headers: &HeaderMap, peer: Option<SocketAddr>, trust_proxy: bool) -> IpAddr {
-    let header_ip = |name: &str| -> Option<IpAddr> {
-        let raw = headers.get(name)?.to_str().ok()?;
-        raw.split(',').next()?.trim().parse().ok()
-    };
-    let forwarded = trust_proxy
-        .then(|| header_ip("x-forwarded-for").or_else(|| header_ip("x-real-ip")))
-        .flatten();
-    forwarded
-        .or_else(|| peer.map(|p| p.ip()))
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }

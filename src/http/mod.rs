@@ -5,6 +5,7 @@
 mod admin;
 pub mod error;
 pub mod extract;
+pub mod forwarded;
 pub mod openapi;
 mod ops;
 mod rooms_auth;
@@ -36,8 +37,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Every route, registered from its handler's `#[utoipa::path]` annotation, so
 /// that the OpenAPI document lists exactly the routes that exist.
-fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+fn routes(metrics_here: bool) -> OpenApiRouter<AppState> {
+    let routes = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(roulette::list))
         .routes(routes!(roulette::save))
         .routes(routes!(roulette::get_room, roulette::replace))
@@ -51,17 +52,22 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(crate::ws::upgrade))
         .routes(routes!(ops::health))
         .routes(routes!(ops::livez))
-        .routes(routes!(ops::readyz))
-        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::readyz));
+    if metrics_here {
+        routes.routes(routes!(ops::metrics))
+    } else {
+        routes
+    }
 }
 
 /// The OpenAPI document of the HTTP API.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    routes().into_openapi()
+    routes(true).into_openapi()
 }
 
 pub fn router(state: AppState) -> Router {
-    let (routes, document) = routes().split_for_parts();
+    // With METRICS_BIND, /metrics lives only on that listener.
+    let (routes, document) = routes(state.config.metrics_bind.is_none()).split_for_parts();
     let document = openapi::Rendered(document.to_json().unwrap_or_default().into());
     routes
         .layer(Extension(document))
@@ -83,6 +89,14 @@ pub fn router(state: AppState) -> Router {
                 .layer(cors(&state.config.cors_origins))
                 .layer(middleware::from_fn(record_metrics)),
         )
+        .with_state(state)
+}
+
+/// `/metrics` alone, for the separate `METRICS_BIND` listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
 

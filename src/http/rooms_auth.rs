@@ -1,5 +1,11 @@
 //! `POST /api/rooms/auth`: create a room (protected iff a password is given) or
-//! prove knowledge of its password, and get a room token.
+//! prove knowledge of its password, and get a room token. The reply says
+//! whether the room is protected: an open room stays open whatever password
+//! is sent, and the client should know.
+//!
+//! Each attempt costs an argon2 hash, so attempts are limited per client
+//! address before any work, and the hash waits in a bounded queue (a full one
+//! answers 503 with `Retry-After` at once).
 
 use axum::Json;
 use axum::extract::State;
@@ -68,34 +74,48 @@ pub async fn authenticate(
         Some(_) => return Err(ApiError::bad_request("password must be a string")),
     };
     let auth = &state.rooms.auth;
-    let existing = state.store().room_auth(&key).await?;
-    // Whether the room ends up protected, and the hash the password must match
-    // (none when this request created the room with it).
-    let (protected, to_check) = match existing {
-        Some(room) => (room.password_hash.is_some(), room.password_hash),
-        None => {
-            let hash = if password.is_empty() {
-                None
-            } else {
-                Some(auth.hash_password(password.clone()).await?)
-            };
-            let created = state.rooms.create(&key, hash.clone()).await?;
-            let protected = created.password_hash.is_some();
-            // If another request created the room first, its password state wins.
-            if created.password_hash == hash {
-                (protected, None)
-            } else {
-                (protected, created.password_hash)
+    let protected = match find_or_create(&state, &key, &password).await? {
+        Room::Created { protected } => protected,
+        Room::Existing(None) => false,
+        Room::Existing(Some(hash)) => {
+            if !auth.verify_password(password, hash).await? {
+                return Err(ApiError::Unauthorized(
+                    "wrong password for this room".into(),
+                ));
             }
+            true
         }
     };
-    if let Some(hash) = to_check
-        && !auth.verify_password(password, hash).await?
-    {
-        return Err(ApiError::Unauthorized(
-            "wrong password for this room".into(),
-        ));
-    }
     let token = auth.issue(&key)?;
     Ok(Json(TokenReply { token, protected }))
+}
+
+/// The room this request found or made.
+enum Room {
+    /// Created by this request, with this request's password (nothing to check).
+    Created { protected: bool },
+    /// Already there, with its stored hash if it has a password.
+    Existing(Option<String>),
+}
+
+/// Looks the room up, creating it (protected iff `password` is not empty) when
+/// it does not exist yet.
+async fn find_or_create(state: &AppState, key: &RoomKey, password: &str) -> Result<Room, ApiError> {
+    if let Some(room) = state.store().room_auth(key).await? {
+        return Ok(Room::Existing(room.password_hash));
+    }
+    let hash = if password.is_empty() {
+        None
+    } else {
+        Some(state.rooms.auth.hash_password(password.to_owned()).await?)
+    };
+    let created = state.rooms.create(key, hash.clone()).await?;
+    // If another request created the room first, its password state wins.
+    Ok(if created.password_hash == hash {
+        Room::Created {
+            protected: hash.is_some(),
+        }
+    } else {
+        Room::Existing(created.password_hash)
+    })
 }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use std::net::IpAddr;
 
 use crate::http::error::ApiError;
-use crate::http::extract::client_ip;
+use crate::http::forwarded::client_ip;
 use crate::http::openapi::ErrorBody;
 use crate::state::AppState;
 
@@ -69,7 +69,7 @@ pub async fn upgrade(
     {
         return ApiError::Unauthorized(format!("origin {origin} is not allowed")).into_response();
     }
-    let ip = client_ip(&headers, Some(peer_addr), state.config.trust_proxy);
+    let ip = client_ip(&headers, Some(peer_addr), state.config.proxy_trust());
     // One address may not take every slot of the instance...
     let Some(client_slot) = state
         .ws_clients

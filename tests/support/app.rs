@@ -13,7 +13,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// At least 32 bytes and no placeholder text: the server refuses weaker tokens.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// Per-client quotas high enough for functional and load tests, which all
 /// come from one address (see the README's configuration table).
