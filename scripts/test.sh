@@ -3,7 +3,8 @@
 # Rust toolchain: installs the servers the tests start for themselves
 # (PostgreSQL, Redis, Nginx, Prometheus — each test starts its own on free
 # loopback ports in temporary directories and stops it), validates the
-# deployment files, runs the quick benchmark, then runs every Rust test.
+# deployment files, fuzzes the HTTP API with schemathesis, runs the quick
+# benchmark, then runs every Rust test.
 set -euo pipefail
 
 # One build, never rebuilt: incremental state would only double the disk use.
@@ -22,6 +23,10 @@ ensure_packages test \
     openssl=/usr/bin/openssl
 
 bash scripts/check-deploy.sh
+
+# The HTTP API fuzzed from its own OpenAPI document by schemathesis (PyPI, in
+# a virtualenv under target/): no 5xx, every response conforms to the document.
+bash scripts/schemathesis.sh --examples 100
 
 # The benchmark in its small configuration: proves it runs and that nothing
 # acknowledged is lost or delivered out of order; it judges no timings.

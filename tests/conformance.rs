@@ -1306,3 +1306,67 @@ async fn frontend_flow_with_resume() {
         ws.expect_silence(Duration::from_millis(150)).await;
     }
 }
+
+/// The OpenAPI document lists every route of the contract with its replies.
+#[tokio::test]
+async fn the_openapi_document_covers_the_http_contract() {
+    let s = TestServer::start(&[]).await;
+    let (status, document) = s.get("/api/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(document["openapi"], "3.1.0");
+    let expected: &[(&str, &str, &[&str])] = &[
+        ("/api/roulette/{key}", "get", &["200", "400", "401", "503"]),
+        (
+            "/api/roulette/{key}",
+            "put",
+            &["200", "400", "401", "413", "415", "429", "503"],
+        ),
+        (
+            "/api/roulette/save",
+            "post",
+            &["200", "400", "401", "413", "415", "429", "503"],
+        ),
+        ("/api/roulette/sessions", "get", &["200", "400", "503"]),
+        (
+            "/api/rooms/auth",
+            "post",
+            &["200", "400", "401", "413", "415", "429", "503"],
+        ),
+        ("/api/admin/sessions", "get", &["200", "401", "404", "503"]),
+        ("/api/admin/stats", "get", &["200", "401", "404", "503"]),
+        (
+            "/api/admin/sessions/{key}/history",
+            "get",
+            &["200", "400", "401", "404", "503"],
+        ),
+        (
+            "/api/admin/connections/{id}/disconnect",
+            "post",
+            &["200", "401", "404", "503"],
+        ),
+        (
+            "/api/admin/migrations",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
+        ("/api/openapi.json", "get", &["200"]),
+        ("/health", "get", &["200", "503"]),
+        ("/livez", "get", &["200"]),
+        ("/readyz", "get", &["200", "503"]),
+        ("/metrics", "get", &["200"]),
+        ("/ws", "get", &["101", "400", "401", "429", "503"]),
+    ];
+    for (path, method, statuses) in expected {
+        let responses = &document["paths"][path][method]["responses"];
+        for status in *statuses {
+            assert!(
+                responses.get(status).is_some(),
+                "{method} {path} documents {status}: {responses}"
+            );
+        }
+    }
+    let paths = document["paths"].as_object().expect("paths").len();
+    assert_eq!(paths, 15, "no undocumented or unexpected paths");
+    let error = &document["components"]["schemas"]["ErrorBody"];
+    assert_eq!(error["required"], json!(["success", "error"]));
+}
