@@ -259,8 +259,13 @@ impl AsyncWrite for Watched {
         let this = self.get_mut();
         ready!(Pin::new(&mut this.io).poll_flush(cx))?;
         // hyper flushes once a response is out: the connection is idle now.
+        // hyper may not read again until the client sends something, so the
+        // idle timer is started here, where it can wake the connection.
         this.clock.set(&[Phase::Responding], Phase::Idle);
-        Poll::Ready(Ok(()))
+        match this.poll_deadline::<()>(cx) {
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            _ => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
