@@ -120,18 +120,21 @@ fn serve_connection(
             }
         })
     };
-    let io = TokioIo::new(Watched::new(tcp, clock, slot));
+    let io = TokioIo::new(Watched::new(tcp, clock.clone(), slot));
     let connection = hyper.serve_connection(io, service).with_upgrades();
     let stop = stop.clone();
     tokio::spawn(async move {
         let mut connection = std::pin::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
-            _ = stop.cancelled() => {
-                // Finish the request in progress, then close.
+            // Finish the request in progress, then close. A connection still
+            // waiting for a head (or idle) has nothing to finish.
+            _ = stop.cancelled() => if clock.in_request() {
                 connection.as_mut().graceful_shutdown();
                 connection.await
-            }
+            } else {
+                Ok(())
+            },
         };
         if let Err(err) = result {
             tracing::debug!(%peer, error = %err, "connection ended");

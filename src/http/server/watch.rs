@@ -82,6 +82,11 @@ impl Clock {
         self.set(&[Phase::Busy], to);
     }
 
+    /// Whether a request is in a handler or its response on the way out.
+    pub(super) fn in_request(&self) -> bool {
+        matches!(self.get().0, Phase::Busy | Phase::Responding)
+    }
+
     fn deadline(&self) -> Option<Instant> {
         match self.get() {
             (Phase::Head, since) => Some(since + self.header),
