@@ -124,14 +124,23 @@ impl Watched {
     }
 
     /// Called when the socket is not ready: fails once the phase's deadline passed.
+    ///
+    /// The timer only ever moves earlier here; when it fires early (the
+    /// connection moved on to a later deadline meanwhile) it is re-armed once.
+    /// A busy keep-alive connection thus touches the timer wheel about once
+    /// per timeout period, not once per request.
     fn poll_deadline<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         let Some(deadline) = self.clock.deadline() else {
             return Poll::Pending;
         };
-        if self.timer.deadline() != deadline {
+        if self.timer.deadline() > deadline {
             self.timer.as_mut().reset(deadline);
         }
         ready!(self.timer.as_mut().poll(cx));
+        if Instant::now() < deadline {
+            self.timer.as_mut().reset(deadline);
+            ready!(self.timer.as_mut().poll(cx));
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "connection timed out waiting for the client",
@@ -147,10 +156,10 @@ impl Watched {
         len: usize,
     ) -> Option<Poll<io::Result<usize>>> {
         if self.substitute.is_none() {
+            let error = parse_error_reply(first)?;
             if !matches!(self.clock.get().0, Phase::Head | Phase::Idle) {
                 return None;
             }
-            let error = parse_error_reply(first)?;
             tracing::debug!(status = %error.status_code(), "request could not be parsed");
             self.substitute = Some(Substitute {
                 bytes: raw_response(&error),
