@@ -10,7 +10,7 @@ mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -54,6 +54,7 @@ pub async fn serve(
         .max_headers(limits.max_headers.saturating_mul(2))
         .max_buf_size(limits.max_head_bytes.saturating_mul(2).max(16 * 1024))
         .header_read_timeout(None);
+    let mut refusals = Refusals::new();
 
     loop {
         let (tcp, peer) = tokio::select! {
@@ -70,8 +71,8 @@ pub async fn serve(
         };
         let slot = match admission.admit(peer.ip()) {
             Ok(slot) => slot,
-            Err(refusal) => {
-                refuse(tcp, peer, refusal);
+            Err(cap) => {
+                refusals.refuse(tcp, peer, cap);
                 continue;
             }
         };
@@ -86,12 +87,38 @@ pub async fn serve(
     admission.all_closed().await;
 }
 
-/// Beyond a cap: one best-effort 503 (never waiting on the client), then close.
-fn refuse(tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
-    tracing::warn!(%peer, cap = refusal.label(), "connection cap reached; refusing");
-    metrics::counter!("croupier_http_connections_refused_total", "cap" => refusal.label())
-        .increment(1);
-    let _ = tcp.try_write(&watch::raw_response(&ApiError::Unavailable));
+/// Turns connections away beyond a cap: one best-effort 503 (never waiting on
+/// the client), then close.
+struct Refusals {
+    reply: Vec<u8>,
+    /// A flood refuses thousands a second; the log gets one line a second.
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn new() -> Self {
+        Refusals {
+            reply: watch::raw_response(&ApiError::Unavailable),
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
+
+    fn refuse(&mut self, tcp: TcpStream, peer: SocketAddr, cap: Refusal) {
+        metrics::counter!("croupier_http_connections_refused_total", "cap" => cap.label())
+            .increment(1);
+        let _ = tcp.try_write(&self.reply);
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(%peer, cap = cap.label(), refused = self.unlogged, "connection cap reached; refusing");
+            self.last_logged = Some(Instant::now());
+            self.unlogged = 0;
+        }
+    }
 }
 
 fn serve_connection(

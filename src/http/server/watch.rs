@@ -2,8 +2,8 @@
 //!
 //! - waiting for a request head (from accept, or from the first byte of a
 //!   later request): `HTTP_HEADER_TIMEOUT`;
-//! - kept alive with nothing in progress, or stuck writing a response to a
-//!   client that does not read: `HTTP_IDLE_TIMEOUT`;
+//! - kept alive with nothing in progress, or writing a response to a client
+//!   that has read none of it for that long: `HTTP_IDLE_TIMEOUT`;
 //! - a request in a handler: none here (the body has its own deadline in
 //!   `http::limits`; handlers bound their own work);
 //! - upgraded to a WebSocket: none (the session pings and times out itself).
@@ -11,7 +11,7 @@
 //! hyper 1 has a single `header_read_timeout` that runs from the end of one
 //! response to the end of the next head, so it cannot tell an idle keep-alive
 //! connection (which Nginx expects to last past its own 60 s) from a stalled
-//! head (which should not last 10 s). hence this wrapper.
+//! head (which should not last 10 s). Hence this wrapper.
 //!
 //! It also gives hyper's automatic replies to unparsable requests (400, 414,
 //! 431, written with an empty body and no hook to change it) the JSON error
@@ -82,6 +82,11 @@ impl Clock {
         self.set(&[Phase::Busy], to);
     }
 
+    /// A response made progress: a slow reader is not a stalled one.
+    fn wrote(&self) {
+        self.set(&[Phase::Responding], Phase::Responding);
+    }
+
     /// Whether a request is in a handler or its response on the way out.
     pub(super) fn in_request(&self) -> bool {
         matches!(self.get().0, Phase::Busy | Phase::Responding)
@@ -145,6 +150,21 @@ impl Watched {
             io::ErrorKind::TimedOut,
             "connection timed out waiting for the client",
         )))
+    }
+
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Pending => self.poll_deadline(cx),
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.clock.wrote();
+                Poll::Ready(Ok(n))
+            }
+            done => done,
+        }
     }
 
     /// Writes the substitute for hyper's reply, if this write is one; then
@@ -239,10 +259,8 @@ impl AsyncWrite for Watched {
         if let Some(done) = this.poll_substitute(cx, buf, buf.len()) {
             return done;
         }
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => this.poll_deadline(cx),
-            done => done,
-        }
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.after_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -259,10 +277,8 @@ impl AsyncWrite for Watched {
         if let Some(done) = this.poll_substitute(cx, first, len) {
             return done;
         }
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.poll_deadline(cx),
-            done => done,
-        }
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
