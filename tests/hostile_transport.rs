@@ -345,6 +345,47 @@ async fn a_kept_alive_connection_outlives_the_header_timeout_between_requests() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_responses_is_cut_off_after_the_idle_timeout() {
+    const PIPELINED: usize = 500;
+    let s = TestServer::start(&[("HTTP_IDLE_TIMEOUT", "2")]).await;
+    let history: Vec<u64> = (0..10_000).map(|i| i % 37).collect();
+    let (status, body) = s
+        .put("/api/roulette/big", &json!({"history": history}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Asks for ~20 MB of replies and reads none: the socket buffers fill
+    // after a few of them and the server's writes stall.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket.connect(s.addr).await.expect("connect");
+    let request = b"GET /api/roulette/big HTTP/1.1\r\nHost: x\r\n\r\n".repeat(PIPELINED);
+    stream.write_all(&request).await.expect("send");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Draining now finds the connection already closed, far short of the end.
+    let mut received = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+            received.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled connection was not closed");
+    let replies = received
+        .windows(12)
+        .filter(|w| *w == b"HTTP/1.1 200")
+        .count();
+    eprintln!("a non-reading client got {replies} of {PIPELINED} replies before the cut");
+    assert!(
+        replies < PIPELINED / 2,
+        "{replies} replies: the writes never stalled"
+    );
+    still_serves(&s, BYSTANDER, "big").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_is_answered_408_and_stores_nothing() {
     let s = TestServer::start(&[("HTTP_BODY_TIMEOUT", "2")]).await;
     let body = br#"{"key": "trickle", "number": 7}"#;
