@@ -69,6 +69,7 @@ pub struct Config {
     pub list_history_max_rooms: u32,
     /// Most rooms an instance follows because they are read (see `HubConfig`).
     pub max_read_rooms: usize,
+    pub http: HttpLimits,
 }
 
 /// Per-connection WebSocket limits.
@@ -129,6 +130,61 @@ impl TrustedProxies {
 impl Default for TrustedProxies {
     fn default() -> Self {
         Self::parse(Self::DEFAULT).unwrap_or(TrustedProxies(Vec::new()))
+    }
+}
+
+/// What one HTTP connection may cost the instance: how long a client may take
+/// to send a request, how many connections it and everyone together may hold,
+/// and how large a request head may be. The defaults are far beyond what a
+/// browser or Nginx ever needs (see docs/operations.md, "Connections and
+/// timeouts"), so only a client that stalls or floods meets them.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// From accept (or the first byte of a later request) to the end of its head.
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request in progress is closed after this.
+    pub idle_timeout: Duration,
+    /// From the end of the head to the end of the body.
+    pub body_timeout: Duration,
+    /// Open connections per instance, upgraded WebSockets included.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64).
+    pub max_connections_per_ip: usize,
+    pub max_uri_bytes: usize,
+    pub max_headers: usize,
+    /// Request line plus every header name and value.
+    pub max_head_bytes: usize,
+}
+
+impl HttpLimits {
+    fn from_vars<F: Fn(&str) -> Option<String>>(
+        vars: &Vars<F>,
+        ws: &WsLimits,
+    ) -> Result<Self, ConfigError> {
+        // WebSockets hold their HTTP connection for life, so the instance cap
+        // must leave room above the WebSocket cap for ordinary requests
+        // (health checks included) when every WebSocket slot is taken.
+        let default_max = ws.max_connections.saturating_add(1_000);
+        let limits = HttpLimits {
+            header_timeout: vars.seconds("HTTP_HEADER_TIMEOUT", 10)?,
+            idle_timeout: vars.seconds("HTTP_IDLE_TIMEOUT", 75)?,
+            body_timeout: vars.seconds("HTTP_BODY_TIMEOUT", 30)?,
+            max_connections: vars.positive("HTTP_MAX_CONNECTIONS", default_max)?,
+            max_connections_per_ip: vars.positive("HTTP_MAX_CONNECTIONS_PER_IP", 1_024)?,
+            max_uri_bytes: vars.positive("HTTP_MAX_URI_BYTES", 8 * 1024)?,
+            max_headers: vars.positive("HTTP_MAX_HEADERS", 100)?,
+            max_head_bytes: vars.positive("HTTP_MAX_HEAD_BYTES", 32 * 1024)?,
+        };
+        if limits.max_connections <= ws.max_connections {
+            return Err(invalid(
+                "HTTP_MAX_CONNECTIONS",
+                format!(
+                    "must exceed WS_MAX_CONNECTIONS ({}), or WebSockets can take every slot",
+                    ws.max_connections
+                ),
+            ));
+        }
+        Ok(limits)
     }
 }
 
@@ -252,6 +308,19 @@ impl Config {
             Some(raw) => TrustedProxies::parse(&raw).map_err(|e| invalid("TRUSTED_PROXIES", e))?,
         };
         let max_frame_bytes = vars.positive("WS_MAX_FRAME_BYTES", 64 * 1024)?;
+        let ws = WsLimits {
+            max_connections: vars.positive("WS_MAX_CONNECTIONS", 15_000)?,
+            max_per_client: vars.positive("WS_MAX_PER_CLIENT", 50)?,
+            queue_bytes: vars.positive("WS_QUEUE_BYTES", 1024 * 1024)?,
+            messages_per_second: vars.positive("WS_RATE_LIMIT", 50)?,
+            burst: vars.positive("WS_RATE_BURST", 100)?,
+            queue_capacity: vars.positive("WS_QUEUE_CAPACITY", 1024)?,
+            idle_timeout: vars.seconds("WS_IDLE_TIMEOUT", 60)?,
+            ping_interval: vars.seconds("WS_PING_INTERVAL", 20)?,
+            max_rooms: vars.positive("WS_MAX_ROOMS", 20)?,
+            max_frame_bytes,
+        };
+        let http = HttpLimits::from_vars(&vars, &ws)?;
         let config = Config {
             bind: vars.parse("BIND", IpAddr::from([0, 0, 0, 0]))?,
             port: vars.parse("PORT", 8080)?,
@@ -282,18 +351,7 @@ impl Config {
             max_history: vars.positive("MAX_HISTORY", 10_000)?,
             max_body_bytes: vars.positive("MAX_BODY_BYTES", 1024 * 1024)?,
             shutdown_grace: vars.seconds("SHUTDOWN_GRACE", 10)?,
-            ws: WsLimits {
-                max_connections: vars.positive("WS_MAX_CONNECTIONS", 15_000)?,
-                max_per_client: vars.positive("WS_MAX_PER_CLIENT", 50)?,
-                queue_bytes: vars.positive("WS_QUEUE_BYTES", 1024 * 1024)?,
-                messages_per_second: vars.positive("WS_RATE_LIMIT", 50)?,
-                burst: vars.positive("WS_RATE_BURST", 100)?,
-                queue_capacity: vars.positive("WS_QUEUE_CAPACITY", 1024)?,
-                idle_timeout: vars.seconds("WS_IDLE_TIMEOUT", 60)?,
-                ping_interval: vars.seconds("WS_PING_INTERVAL", 20)?,
-                max_rooms: vars.positive("WS_MAX_ROOMS", 20)?,
-                max_frame_bytes,
-            },
+            ws,
             auth_attempts_per_minute: vars.positive("AUTH_RATE_LIMIT", 10)?,
             hashing: HashingLimits {
                 threads: vars.positive("AUTH_HASH_THREADS", 2)?,
@@ -314,6 +372,7 @@ impl Config {
             },
             list_history_max_rooms: vars.positive("LIST_HISTORY_MAX_ROOMS", 20)?,
             max_read_rooms: vars.positive("MAX_READ_ROOMS", 1000)?,
+            http,
         };
         Ok(config)
     }
@@ -537,6 +596,15 @@ mod tests {
             config(&[("METRICS_BIND", "9100")]).unwrap_err().name,
             "METRICS_BIND"
         );
+    }
+
+    #[test]
+    fn the_http_cap_follows_the_websocket_cap() {
+        let c = config(&[("WS_MAX_CONNECTIONS", "40000")]).unwrap();
+        assert_eq!(c.http.max_connections, 41_000);
+        let err =
+            config(&[("WS_MAX_CONNECTIONS", "50"), ("HTTP_MAX_CONNECTIONS", "50")]).unwrap_err();
+        assert_eq!(err.name, "HTTP_MAX_CONNECTIONS");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use governor::clock::DefaultClock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::net::TcpListener;
@@ -260,18 +259,7 @@ impl Application {
         );
 
         let draining = lifecycle.shutdown.clone();
-        // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm
-        // holds a WebSocket event back until the previous one is acknowledged.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown({
+        tokio::spawn({
             let lifecycle = lifecycle.clone();
             async move {
                 shutdown.await;
@@ -280,18 +268,17 @@ impl Application {
                 lifecycle.shutdown.cancel();
             }
         });
-        // The server returns once in-flight requests are done; upgraded WebSockets
-        // are not tracked by it, so also wait for every session to hand back its
-        // connection slot (after sending its 1001 close), within the same grace.
-        let slots = state.ws_slots.clone();
-        let all_slots = u32::try_from(state.config.ws.max_connections).unwrap_or(u32::MAX);
-        let drained = async move {
-            server.await.context("server error")?;
-            let _all = slots.acquire_many(all_slots).await;
-            anyhow::Ok(())
-        };
+        // Returns once every connection has closed: requests finished, and every
+        // WebSocket session gone after sending its 1001 close.
+        let served = crate::http::server::serve(
+            listener,
+            router,
+            &state.config.http,
+            state.config.trust_proxy,
+            draining.clone(),
+        );
         tokio::select! {
-            result = drained => result?,
+            () = served => {}
             _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!("grace period over; exiting with connections still open");
             }

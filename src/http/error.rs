@@ -22,8 +22,14 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("the request was not received in time")]
+    RequestTimeout,
     #[error("request body is too large")]
     PayloadTooLarge,
+    #[error("the URL is too long")]
+    UriTooLong,
+    #[error("the request headers are too large or too many")]
+    HeadersTooLarge,
     #[error("request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("too many requests; try again later")]
@@ -47,7 +53,10 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,22 +67,23 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest(message.into())
     }
+
+    /// The JSON error body. Also written by the transport itself, for refusals
+    /// that happen before a request reaches the router (`http::server`).
+    pub fn body(&self) -> ErrorBody<'static> {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        ErrorBody {
+            success: false,
+            error: self.to_string().into(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let message = match &self {
-            ApiError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                self.to_string()
-            }
-            other => other.to_string(),
-        };
-        let body = ErrorBody {
-            success: false,
-            error: &message,
-        };
-        let mut response = (self.status_code(), Json(body)).into_response();
+        let mut response = (self.status_code(), Json(self.body())).into_response();
         let retry_after = match self {
             ApiError::RateLimited(seconds) => Some(HeaderValue::from(seconds)),
             // Queued work drains within about a second.

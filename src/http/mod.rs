@@ -1,15 +1,18 @@
 //! The HTTP surface: the `/api` routes, operational endpoints, the WebSocket
 //! upgrade, and the middleware every request passes (request id, one log line,
-//! metrics by route template, CORS, body limit, panic → JSON 500).
+//! metrics by route template, CORS, body limit, head limits and body deadline,
+//! panic → JSON 500). `server` is the listener that serves it.
 
 mod admin;
 pub mod error;
 pub mod extract;
 pub mod forwarded;
+mod limits;
 pub mod openapi;
 mod ops;
 mod rooms_auth;
 mod roulette;
+pub mod server;
 
 use std::time::{Duration, Instant};
 
@@ -87,7 +90,11 @@ pub fn router(state: AppState) -> Router {
                     ApiError::Internal("handler panicked".into()).into_response()
                 }))
                 .layer(cors(&state.config.cors_origins))
-                .layer(middleware::from_fn(record_metrics)),
+                .layer(middleware::from_fn(record_metrics))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    limits::enforce,
+                )),
         )
         .with_state(state)
 }

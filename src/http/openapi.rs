@@ -48,7 +48,8 @@ pub struct ErrorBody<'a> {
     /// Always `false`.
     pub success: bool,
     /// A sentence for people; branch on the status code.
-    pub error: &'a str,
+    #[schema(value_type = String)]
+    pub error: Cow<'a, str>,
 }
 
 /// Room tokens and the admin token are both bearer tokens.
