@@ -1,9 +1,17 @@
 //! Starts the real `croupier` binary on a free loopback port with its own data
 //! directory, and gives tests HTTP and WebSocket clients for it.
+//!
+//! The server binds port 0 and the harness reads the address it got from its
+//! `serving` log line: a port probed free and bound later can be taken by
+//! another socket in between.
 
-use std::net::{SocketAddr, TcpListener};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -25,13 +33,23 @@ pub const LOAD_TEST_QUOTAS: &[(&str, &str)] = &[
     ("WS_MAX_PER_CLIENT", "20000"),
 ];
 
-/// Picks a port the OS considers free right now.
+/// A loopback port nobody listens on right now, outside the kernel's ephemeral
+/// range; see [`super::process::free_port`]. Only for servers that cannot be
+/// told to bind port 0: [`TestServer`] itself binds port 0.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
+    super::process::free_port()
 }
+
+/// How many of a server's last output lines are kept for failure messages.
+const LOG_TAIL: usize = 200;
+/// How long a starting server may take to bind and then to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a restart keeps trying to bind the port it had before.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The last lines a server wrote (stdout and stderr), shared with the threads
+/// that drain its pipes.
+type LogTail = Arc<Mutex<VecDeque<String>>>;
 
 /// A running server process.
 pub struct TestServer {
@@ -39,6 +57,10 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
+    /// Restart on the same port (e.g. behind Nginx, whose upstream names it)
+    /// rather than on whatever port 0 gives.
+    keep_port: bool,
+    log: LogTail,
     _temp: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
 }
@@ -61,9 +83,11 @@ impl TestServer {
             .collect();
         let mut server = TestServer {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_path_buf(),
             env,
+            keep_port: false,
+            log: LogTail::default(),
             _temp: None,
             http: reqwest::Client::builder()
                 .no_proxy()
@@ -74,34 +98,116 @@ impl TestServer {
         server
     }
 
+    /// Makes later restarts bind the port this server has now instead of a new
+    /// one, for servers that something else (Nginx) reaches by port.
+    pub fn keep_port_on_restart(&mut self) {
+        self.keep_port = true;
+    }
+
+    /// The last lines the server wrote, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts the process: on port 0 the first time (the kernel picks a free
+    /// port while binding, so nothing can take it in between) and after a
+    /// restart unless `keep_port`; then the port is fixed, and a bind that fails
+    /// because the old sockets are still going away is retried.
     async fn spawn(&mut self) {
+        let port = if self.keep_port { self.addr.port() } else { 0 };
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        loop {
+            match self.spawn_on(port).await {
+                Ok(addr) => {
+                    self.addr = addr;
+                    break;
+                }
+                Err(_)
+                    if port != 0
+                        && Instant::now() < deadline
+                        && self.log_tail().contains("Address already in use") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(reason) => panic!("{reason}\nits last output:\n{}", self.log_tail()),
+            }
+        }
+        self.wait_ready().await;
+    }
+
+    /// Spawns the binary on `port` and returns the address it reports bound.
+    async fn spawn_on(&mut self, port: u16) -> Result<SocketAddr, String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_croupier"));
+        let filter = std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into());
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("BIND", "127.0.0.1")
-            .env("PORT", self.addr.port().to_string())
+            .env("PORT", port.to_string())
             .env("DATA_DIR", &self.data_dir)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", &filter)
             // Every test client shares the loopback address, and most tests
             // write far faster than a person at a table: they run with load-test
             // quotas. The tests of the quotas themselves set their own.
             .envs(LOAD_TEST_QUOTAS.iter().copied())
+            .envs(super::process::run_marker())
             .current_dir(&self.data_dir)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
         for (k, v) in &self.env {
             command.env(k, v);
         }
-        self.child = Some(command.spawn().expect("start croupier"));
-        self.wait_ready().await;
+        // The bound address is read from the `serving` line, which is INFO:
+        // JSON lines, and that one line let through whatever the filter is.
+        let filter = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "RUST_LOG")
+            .map_or(filter, |(_, v)| v.clone());
+        command
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", format!("{filter},croupier::startup=info"));
+        let mut child = command.spawn().expect("start croupier");
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        drain(stdout, self.log.clone(), Some(bound_tx));
+        drain(stderr, self.log.clone(), None);
+        self.child = Some(child);
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(addr) = bound_rx.try_recv() {
+                return Ok(addr);
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                // Let the drain threads take in the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Err(format!("croupier exited during start-up ({status})"));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("croupier did not bind within {START_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(r) = self.http.get(self.url("/readyz")).send().await
                 && r.status().is_success()
@@ -113,11 +219,17 @@ impl TestServer {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("croupier exited during start-up: {status}");
+                self.child = None;
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "croupier exited during start-up: {status}\nits last output:\n{}",
+                    self.log_tail()
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "croupier did not become ready within 30 s"
+                "croupier did not become ready within {START_TIMEOUT:?}\nits last output:\n{}",
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -137,11 +249,7 @@ impl TestServer {
 
     /// Sends SIGTERM and waits (up to `limit`) for the exit status.
     pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let pid = self.pid();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
+        super::process::signal_process(self.pid(), libc::SIGTERM);
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self
@@ -158,7 +266,8 @@ impl TestServer {
     }
 
     /// Stops the process (SIGTERM, then SIGKILL) and starts it again on the same
-    /// data directory and port.
+    /// data directory: on a new port, or on the same one after
+    /// [`keep_port_on_restart`](Self::keep_port_on_restart).
     pub async fn restart(&mut self) {
         if self.terminate(Duration::from_secs(15)).await.is_none() {
             self.kill();
@@ -166,8 +275,11 @@ impl TestServer {
         self.spawn().await;
     }
 
+    /// SIGKILLs the server's process group (a crash, as far as anyone else can
+    /// tell) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            super::process::signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -241,6 +353,43 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Reads `pipe` line by line until the server closes it, keeping the last
+/// [`LOG_TAIL`] lines and echoing each to the test's output. The thread runs for
+/// the server's whole life: a pipe nobody reads fills up and blocks the server's
+/// next log write. With `bound`, the address of the first `serving` line is sent
+/// there.
+fn drain(
+    pipe: impl Read + Send + 'static,
+    log: LogTail,
+    bound: Option<std::sync::mpsc::Sender<SocketAddr>>,
+) {
+    std::thread::spawn(move || {
+        let mut bound = bound;
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = bound.as_ref().and_then(|_| serving_address(&line)) {
+                let _ = bound.take().map(|tx| tx.send(addr));
+            }
+            eprintln!("{line}");
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            if log.len() == LOG_TAIL {
+                log.pop_front();
+            }
+            log.push_back(line);
+        }
+    });
+}
+
+/// The `address` of a JSON `serving` log line.
+fn serving_address(line: &str) -> Option<SocketAddr> {
+    let value: Value = serde_json::from_str(line).ok()?;
+    let fields = &value["fields"];
+    if fields["message"] != "serving" {
+        return None;
+    }
+    fields["address"].as_str()?.parse().ok()
 }
 
 /// Percent-encodes a key for a URL path.
@@ -633,11 +782,7 @@ where
 impl TestServer {
     /// Sends SIGTERM and returns at once, so the caller can watch the drain.
     pub fn signal_term(&self) {
-        let pid = self.pid();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
+        super::process::signal_process(self.pid(), libc::SIGTERM);
     }
 
     /// Waits up to `limit` for the process to exit; `None` if it is still running.
@@ -659,8 +804,8 @@ impl TestServer {
         }
     }
 
-    /// Starts the process again on the same data directory and port after it
-    /// stopped (`terminate` / `wait_exit`); stops it first if it still runs.
+    /// Starts the process again on the same data directory (and port, after
+    /// [`keep_port_on_restart`](Self::keep_port_on_restart)) after it stopped (`terminate` / `wait_exit`); stops it first if it still runs.
     pub async fn start_again(&mut self) {
         self.kill();
         self.spawn().await;
@@ -708,6 +853,8 @@ impl TestServer {
             addr,
             data_dir: PathBuf::new(),
             env: Vec::new(),
+            keep_port: false,
+            log: LogTail::default(),
             _temp: None,
             http: reqwest::Client::builder()
                 .no_proxy()

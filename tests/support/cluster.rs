@@ -1,5 +1,7 @@
 //! A whole local cluster: PostgreSQL, Redis, N croupier instances sharing them,
-//! and Nginx in front — every one a real server on free loopback ports.
+//! and Nginx in front — every one a real server on free loopback ports. An
+//! instance restarted by a test comes back on its old port, which Nginx's
+//! upstream names.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -49,7 +51,10 @@ impl TestCluster {
                 ("TRUST_PROXY", "true"),
             ];
             env.extend_from_slice(extra_env);
-            instances.push(TestServer::start(&env).await);
+            let mut instance = TestServer::start(&env).await;
+            // Nginx's upstream names each instance by port.
+            instance.keep_port_on_restart();
+            instances.push(instance);
         }
         let upstreams: Vec<_> = instances.iter().map(|s| s.addr).collect();
         let nginx = TestNginx::start(&upstreams).await;

@@ -9,5 +9,6 @@ pub mod exposition;
 pub mod nginx;
 pub mod ops;
 pub mod postgres;
+pub mod process;
 pub mod prometheus;
 pub mod redis;

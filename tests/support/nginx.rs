@@ -2,13 +2,15 @@
 //! configuration: the files are copied to a temporary prefix, `upstream.conf` is
 //! rewritten to point at the instances, the listen ports become free loopback
 //! ports, and a throwaway self-signed certificate is generated for the TLS server.
+//! Nginx runs in its own process group and is stopped with its workers.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::app::free_port;
+use super::process::{free_port, listens_on, stop_group};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -27,100 +29,87 @@ impl TestNginx {
             Path::new(NGINX).exists(),
             "{NGINX} not found: install the Debian package `nginx`"
         );
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("croupier-nginx-")
             .tempdir()
             .expect("temp dir");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx");
-        let (http_port, https_port) = (free_port(), free_port());
-        for entry in std::fs::read_dir(&source).expect("reading nginx/") {
-            let path = entry.expect("dir entry").path();
-            if path.extension().is_some_and(|e| e == "conf") {
-                let text = std::fs::read_to_string(&path).expect("reading nginx config");
-                let text = text
-                    .replace(
-                        "listen 80 default_server;",
-                        &format!("listen 127.0.0.1:{http_port} default_server;"),
-                    )
-                    .replace(
-                        "listen 443 ssl default_server;",
-                        &format!("listen 127.0.0.1:{https_port} ssl default_server;"),
-                    );
-                std::fs::write(dir.path().join(path.file_name().expect("file name")), text)
-                    .expect("writing config");
-            }
-        }
         let upstream: String = upstreams
             .iter()
             .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n"))
             .collect();
         std::fs::write(dir.path().join("upstream.conf"), upstream).expect("writing upstream.conf");
-        let certs = dir.path().join("certs");
-        std::fs::create_dir(&certs).expect("certs dir");
-        let status = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-            ])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(certs.join("tls.key"))
-            .arg("-out")
-            .arg(certs.join("tls.crt"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("running openssl");
-        assert!(
-            status.success(),
-            "openssl could not make a test certificate"
-        );
+        make_certificate(&dir.path().join("certs"));
 
-        // As root, workers would switch to `nobody`, which cannot use the private
-        // temporary prefix; keep them as the current user.
-        let globals = if running_as_root() {
-            "daemon off; user root;"
-        } else {
-            "daemon off;"
-        };
-        let prefix = format!("{}/", dir.path().display());
-        let child = Command::new(NGINX)
-            .args(["-p", &prefix, "-e", "stderr", "-c"])
-            .arg(dir.path().join("nginx.conf"))
-            .args(["-g", globals])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nginx");
-        let nginx = TestNginx {
-            child: Some(child),
-            http_port,
-            https_port,
-            dir,
-        };
-        nginx.wait_listening().await;
-        nginx
+        // Another server can take a probed port before Nginx binds it: then
+        // Nginx gives up on its own (after about 2.5 s of retries) or a check
+        // finds the port held by someone else, and a fresh pair is tried.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let (http_port, https_port) = (free_port(), free_port());
+            if http_port == https_port {
+                continue;
+            }
+            write_config(dir.path(), http_port, https_port);
+            let child = spawn(dir.path());
+            let mut nginx = TestNginx {
+                child: Some(child),
+                http_port,
+                https_port,
+                dir,
+            };
+            match nginx.wait_listening().await {
+                Ok(()) => return nginx,
+                Err(e) => {
+                    last_error = e;
+                    nginx.stop();
+                    dir = std::mem::replace(&mut nginx.dir, tempfile::tempdir().expect("temp dir"));
+                }
+            }
+        }
+        panic!("nginx did not start: {last_error}");
     }
 
-    async fn wait_listening(&self) {
+    /// Waits until the master holds both listening sockets; an early exit or a
+    /// timeout is an error carrying Nginx's log.
+    async fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start listening within 15 s"
-            );
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Err("not running".into());
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(format!("nginx exited with {status}; log:\n{}", self.log()));
+            }
+            let pid = child.id();
+            if listens_on(pid, self.http_port) && listens_on(pid, self.https_port) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nginx did not listen on {} and {} within 15 s; log:\n{}",
+                    self.http_port,
+                    self.https_port,
+                    self.log()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What Nginx wrote to stderr (its error log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nginx.log")).unwrap_or_default()
+    }
+
+    /// Stops Nginx and its workers: SIGTERM (fast shutdown) to the master, then
+    /// SIGKILL to its process group, where workers that outlived the master
+    /// would otherwise keep listening.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_group(child.id(), libc::SIGTERM, Duration::from_secs(3), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
         }
     }
 
@@ -155,10 +144,83 @@ fn running_as_root() -> bool {
 
 impl Drop for TestNginx {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGQUIT would wait for open sockets; tests want it gone now.
-            let _ = child.kill();
-            let _ = child.wait();
+        self.stop();
+    }
+}
+
+/// Copies the repository's configuration into `dir` with the listen ports
+/// rewritten to loopback `http_port` and `https_port`.
+fn write_config(dir: &Path, http_port: u16, https_port: u16) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx");
+    for entry in std::fs::read_dir(&source).expect("reading nginx/") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "conf") && !path.ends_with("upstream.conf") {
+            let text = std::fs::read_to_string(&path).expect("reading nginx config");
+            let text = text
+                .replace(
+                    "listen 80 default_server;",
+                    &format!("listen 127.0.0.1:{http_port} default_server;"),
+                )
+                .replace(
+                    "listen 443 ssl default_server;",
+                    &format!("listen 127.0.0.1:{https_port} ssl default_server;"),
+                );
+            std::fs::write(dir.join(path.file_name().expect("file name")), text)
+                .expect("writing config");
         }
     }
+}
+
+/// A throwaway self-signed certificate for the TLS server block.
+fn make_certificate(certs: &Path) {
+    std::fs::create_dir(certs).expect("certs dir");
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(certs.join("tls.key"))
+        .arg("-out")
+        .arg(certs.join("tls.crt"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(
+        status.success(),
+        "openssl could not make a test certificate"
+    );
+}
+
+/// Starts the master in its own process group, in the foreground (so that it
+/// is our child), with its error log in `dir/nginx.log`.
+fn spawn(dir: &Path) -> Child {
+    // As root, workers would switch to `nobody`, which cannot use the private
+    // temporary prefix; keep them as the current user.
+    let globals = if running_as_root() {
+        "daemon off; user root;"
+    } else {
+        "daemon off;"
+    };
+    let log = std::fs::File::create(dir.join("nginx.log")).expect("nginx log");
+    let prefix = format!("{}/", dir.display());
+    Command::new(NGINX)
+        .args(["-p", &prefix, "-e", "stderr", "-c"])
+        .arg(dir.join("nginx.conf"))
+        .args(["-g", globals])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("starting nginx")
 }

@@ -3,7 +3,7 @@
 //! [`TestPostgres::start_new`] finds the server binaries of the Debian
 //! `postgresql` package (`/usr/lib/postgresql/<major>/bin`, or the directory named
 //! by `POSTGRES_BIN_DIR`), runs `initdb` into a fresh temporary directory and
-//! starts `postgres` on a free loopback port with `fsync` on, its Unix socket
+//! starts `postgres` in its own process group on a free loopback port with `fsync` on, its Unix socket
 //! inside that directory, and trust authentication for the `postgres` role. It
 //! then creates a `croupier` database, whose URL [`TestPostgres::url`] returns.
 //!
@@ -22,7 +22,6 @@
 //! a PostgreSQL test that did not run must not look like one that passed.
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
+
+use super::process::{free_port, signal_group, signal_process, stop_group};
 
 /// The superuser role `initdb` creates; trust authentication, no password.
 const SUPERUSER: &str = "postgres";
@@ -165,13 +166,13 @@ impl TestPostgres {
     /// Shuts the server down cleanly ("fast" mode: sessions are terminated,
     /// a checkpoint is written) and waits until it has exited.
     pub async fn stop(&mut self) {
-        self.shutdown("-INT").await;
+        self.shutdown(libc::SIGINT).await;
     }
 
     /// Shuts the server down like a crash ("immediate" mode: no checkpoint, the
     /// next start replays the WAL).
     pub async fn stop_immediately(&mut self) {
-        self.shutdown("-QUIT").await;
+        self.shutdown(libc::SIGQUIT).await;
     }
 
     /// Starts the server again on the same data directory and port.
@@ -266,6 +267,9 @@ impl TestPostgres {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                if let Some(pid) = child.id() {
+                    signal_group(pid, libc::SIGKILL);
+                }
                 let _ = child.kill().await;
                 return Err(format!(
                     "not accepting connections after {READY_TIMEOUT:?}; log:\n{}",
@@ -296,21 +300,23 @@ impl TestPostgres {
             .is_ok_and(|s| s.success())
     }
 
-    async fn shutdown(&mut self, signal: &str) {
+    async fn shutdown(&mut self, signal: i32) {
         let Some(mut child) = self.server.take() else {
             return;
         };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args([signal, &pid.to_string()])
-                .status()
-                .await;
+        let pid = child.id();
+        if let Some(pid) = pid {
+            signal_process(pid, signal);
         }
         if tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
             .is_err()
         {
             let _ = child.kill().await;
+        }
+        // Whatever the postmaster left behind (it normally leaves nothing).
+        if let Some(pid) = pid {
+            signal_group(pid, libc::SIGKILL);
         }
     }
 
@@ -321,6 +327,9 @@ impl TestPostgres {
         if let Some(account) = self.account {
             cmd.uid(account.uid).gid(account.gid);
         }
+        // Its own process group, so that stopping it can take every backend
+        // with it even when the postmaster is gone.
+        cmd.process_group(0);
         cmd
     }
 }
@@ -331,18 +340,12 @@ impl Drop for TestPostgres {
             return;
         };
         // Immediate shutdown: the postmaster stops its backends and removes its
-        // shared memory, unlike a SIGKILL which would orphan them.
+        // shared memory, unlike a SIGKILL which would orphan them; the group is
+        // killed after it, or after 10 s.
         if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-QUIT", &pid.to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            stop_group(pid, libc::SIGQUIT, Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
         }
         let _ = child.start_kill();
     }
@@ -409,11 +412,4 @@ fn lookup_account(name: &str) -> Option<Account> {
             gid: fields[3].parse().ok()?,
         })
     })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("finding a free port")
 }

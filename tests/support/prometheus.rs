@@ -1,15 +1,17 @@
 //! A real Prometheus server (the Debian `prometheus` package) for integration
 //! tests: started in a temporary directory on a free loopback port with a
-//! generated configuration, queried through its HTTP API, killed when dropped.
+//! generated configuration, queried through its HTTP API, killed with its process
+//! group when dropped.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::app::free_port;
+use super::process::{free_port, listens_on, signal_group};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,6 +76,7 @@ impl TestPrometheus {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log handle"))
                 .stderr(log.try_clone().expect("log handle"))
+                .process_group(0)
                 .spawn()
                 .expect("starting prometheus");
             let mut prometheus = TestPrometheus {
@@ -103,8 +106,12 @@ impl TestPrometheus {
     async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
+            // Ready, and on a socket of its own: another test's Prometheus may
+            // hold the port this one failed to bind.
+            let pid = self.child.as_ref().map_or(0, Child::id);
             if let Ok(r) = self.http.get(self.url("/-/ready")).send().await
                 && r.status().is_success()
+                && listens_on(pid, self.port)
             {
                 return Ok(());
             }
@@ -171,6 +178,7 @@ impl TestPrometheus {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -13,7 +13,8 @@
 //! a Redis test that did not run must not look like one that passed.
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::process::{free_port, listens_on, signal_group};
 
 const DEFAULT_BIN: &str = "/usr/bin/redis-server";
 /// How long a starting server may take to answer `PING`.
@@ -45,8 +48,8 @@ impl TestRedis {
             .tempdir()
             .expect("creating a temporary directory for Redis");
         // Another process may grab the free port between our probe and Redis's
-        // bind; a couple of fresh ports make that race harmless.
-        for _ in 0..3 {
+        // bind; a few fresh ports make that race harmless.
+        for _ in 0..5 {
             let mut redis = TestRedis {
                 bin: bin.clone(),
                 dir,
@@ -77,9 +80,11 @@ impl TestRedis {
         self.server.is_some()
     }
 
-    /// Kills the server (no shutdown save), simulating a crash or an outage.
+    /// Kills the server (no shutdown save), simulating a crash or an outage,
+    /// with its whole process group (a background save would be a child).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.server.take() {
+            signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -88,15 +93,25 @@ impl TestRedis {
     /// Starts the server again on the same port and directory.
     pub async fn start(&mut self) {
         assert!(self.server.is_none(), "Redis is already running");
-        if let Err(reason) = self.try_start().await {
-            panic!(
-                "restarting redis-server on port {} failed: {reason}; log:\n{}",
-                self.port,
-                read_log(self.dir.path())
-            );
+        // The port was ours a moment ago; retry briefly in case a client's
+        // socket still holds it.
+        let mut last_error = String::new();
+        for _ in 0..10 {
+            match self.try_start().await {
+                Ok(()) => return,
+                Err(reason) => last_error = reason,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        panic!(
+            "restarting redis-server on port {} failed: {last_error}; log:\n{}",
+            self.port,
+            read_log(self.dir.path())
+        );
     }
 
+    /// Spawns the server and waits until it answers `PING` on a socket it
+    /// holds itself: another test's Redis on the same port would answer too.
     async fn try_start(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("redis.log");
         let child = Command::new(&self.bin)
@@ -119,12 +134,14 @@ impl TestRedis {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", self.bin.display()))?;
+        let pid = child.id();
         self.server = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if ping(self.port).await {
+            if listens_on(pid, self.port) && ping(self.port).await {
                 return Ok(());
             }
             let exited = self
@@ -168,11 +185,6 @@ fn redis_binary() -> PathBuf {
         );
     }
     bin
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding a probe socket");
-    listener.local_addr().expect("probe socket address").port()
 }
 
 /// One `PING` over a fresh connection, with a short timeout.
