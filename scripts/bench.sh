@@ -27,8 +27,8 @@
 # repository's nginx/ configuration over them. Every scenario is a subcommand of
 # the load generator `croupier-bench` (bench/), bounded in count and time and
 # talking only to 127.0.0.0/8. The table goes to stdout and, with every raw
-# scenario result, to target/bench/results.json. Everything started here is
-# stopped on exit.
+# scenario result, to target/bench/results.json. Everything started here runs
+# in its own process group and is stopped with it on exit.
 #
 # Exit status: non-zero when a scenario failed to run, an acknowledged save was
 # not stored, a fan-out event was lost, the mixed load saw an error, or (quick
@@ -126,16 +126,19 @@ REDIS_PID=""
 NGINX_PID=""
 
 # These run from the EXIT trap.
+# Every server runs in its own session (setsid), so its pid is its process
+# group: SIGTERM to the server, then SIGKILL to the whole group after the
+# grace, which also takes whatever it forked (Nginx's workers).
 # shellcheck disable=SC2317
 stop_pid() { # pid [seconds before SIGKILL]
     local pid=$1 grace=${2:-10} i
     [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -KILL "$pid" 2>/dev/null || true
+    kill -KILL -- "-$pid" 2>/dev/null || true
 }
 
 # shellcheck disable=SC2317
@@ -153,7 +156,11 @@ cleanup() {
     for pid in "${stoppers[@]}"; do wait "$pid"; done
     [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID" 5
     if [ -n "$PG_DIR" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
+        # pg_ctl starts the postmaster as a session leader; its backends are
+        # in its group.
+        pid=$(head -n 1 "$PG_DIR/data/postmaster.pid")
         (cd / && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 30 stop) >/dev/null 2>&1
+        [[ $pid =~ ^[0-9]+$ ]] && kill -KILL -- "-$pid" 2>/dev/null
     fi
     if [ "$status" -ne 0 ] && [ -d "$WORK" ]; then
         for f in "$WORK"/node-*.log "$WORK"/nginx.log "$WORK"/redis.log "$PG_DIR/server.log"; do
@@ -212,7 +219,7 @@ DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/croupier"
 # ---------------------------------------------------------------- Redis
 log "starting Redis on 127.0.0.1:$REDIS_PORT"
 mkdir -p "$WORK/redis"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
     --dir "$WORK/redis" --logfile "$WORK/redis.log" </dev/null >/dev/null 2>&1 &
 REDIS_PID=$!
 wait_tcp "$REDIS_PORT" 20 || die "Redis did not start"
@@ -223,13 +230,16 @@ DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate >/dev/null 2>"$WORK/migr
     die "croupier migrate failed: $(cat "$WORK/migrate.log")"
 JWT_SECRET="bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))
+# scripts/test.sh marks what it starts in the environment, which env -i drops.
+MARKER=()
+if [ -n "${CROUPIER_TEST_RUN:-}" ]; then MARKER=("CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN"); fi
 for i in 1 2 3; do
     port=${NODE_PORTS[$((i - 1))]}
     mkdir -p "$WORK/node-$i"
     # A clean environment in its own directory (so no .env is read): what the
     # benchmark measures is exactly this configuration. RUST_LOG=warn: at the
     # default `info` every request writes a log line.
-    (cd "$WORK/node-$i" && exec env -i PATH="$PATH" BIND=127.0.0.1 PORT="$port" DATA_DIR="$WORK/node-$i" \
+    (cd "$WORK/node-$i" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" BIND=127.0.0.1 PORT="$port" DATA_DIR="$WORK/node-$i" \
         DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
         TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
         WS_MAX_PER_CLIENT="$WS_MAX" WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
@@ -263,7 +273,7 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
 NGINX_GLOBALS="daemon off;"
 # As root, workers would switch to `nobody`, which cannot read the private prefix.
 [ "$(id -u)" -eq 0 ] && NGINX_GLOBALS="daemon off; user root;"
-/usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
+setsid /usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
     </dev/null >/dev/null 2>"$WORK/nginx.log" &
 NGINX_PID=$!
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"

@@ -464,6 +464,16 @@ pg_as() {
     fi
 }
 
+# Stops the scratch server of check_backup_restore with its whole process
+# group: pg_ctl starts the postmaster as a session leader, and a backend that
+# outlived it would keep running.
+stop_scratch_pg() {
+    local pid=""
+    [ -f "$PG_DATA/postmaster.pid" ] && pid=$(head -n 1 "$PG_DATA/postmaster.pid")
+    pg_as "$PG_CTL" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true
+    if [[ $pid =~ ^[0-9]+$ ]]; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+}
+
 check_backup_restore() {
     local bindir candidates=(/usr/lib/postgresql/*/bin)
     bindir=$(printf '%s\n' "${candidates[@]}" | sort -V | tail -n 1)
@@ -484,7 +494,7 @@ check_backup_restore() {
     PG_DATA="$pg/data"
     PG_CTL="$bindir/pg_ctl"
     # This runs in the check's subshell: stop the scratch server however it ends.
-    trap 'pg_as "$PG_CTL" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true' EXIT
+    trap stop_scratch_pg EXIT
     mkdir -p "$pg/backups"
     chmod 0755 "$WORK"
     [ "$(id -u)" -ne 0 ] || chown -R "$PG_USER" "$pg"

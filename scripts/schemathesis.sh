@@ -35,9 +35,16 @@ BIN=target/debug/croupier
 
 WORK=$(mktemp -d)
 PID=
+# The instance runs in its own session (setsid): its pid is its process group,
+# which is stopped whole, with SIGKILL if it has not drained within 15 s.
 cleanup() {
     if [ -n "$PID" ]; then
         kill -TERM -- "-$PID" 2>/dev/null || true
+        for _ in $(seq 1 150); do
+            kill -0 "$PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL -- "-$PID" 2>/dev/null || true
         wait "$PID" 2>/dev/null || true
     fi
     rm -rf "$WORK"
@@ -45,9 +52,12 @@ cleanup() {
 trap cleanup EXIT
 
 ADMIN_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# scripts/test.sh marks what it starts in the environment, which env -i drops.
+MARKER=()
+if [ -n "${CROUPIER_TEST_RUN:-}" ]; then MARKER=("CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN"); fi
 # Port 0: the kernel picks a free port while binding, so nothing can take it
 # between choosing and binding; the instance logs the address it got.
-(cd "$WORK" && exec setsid env -i PATH="$PATH" HOME="$WORK" BIND=127.0.0.1 PORT=0 DATA_DIR="$WORK/data" \
+(cd "$WORK" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" HOME="$WORK" BIND=127.0.0.1 PORT=0 DATA_DIR="$WORK/data" \
     ADMIN_TOKEN="$ADMIN_TOKEN" LOG_FORMAT=json RUST_LOG=info \
     AUTH_RATE_LIMIT=1000000 WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
     "$ROOT/$BIN" serve </dev/null >"$WORK/croupier.log" 2>&1) &

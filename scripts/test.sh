@@ -4,11 +4,61 @@
 # (PostgreSQL, Redis, Nginx, Prometheus — each test starts its own on free
 # loopback ports in temporary directories and stops it), validates the
 # deployment files, fuzzes the HTTP API with schemathesis, runs the quick
-# benchmark, then runs every Rust test.
+# benchmark, then runs every Rust test. It ends by checking that no process it
+# started is still running (it fails, listing and killing them, if one is).
 set -euo pipefail
 
 # One build, never rebuilt: incremental state would only double the disk use.
 export CARGO_INCREMENTAL=0
+
+# Every process this run starts inherits this marker (the scripts that clear
+# the environment pass it on), so that the end of the run can find any server
+# a test or script failed to stop.
+CROUPIER_TEST_RUN="test-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export CROUPIER_TEST_RUN
+
+# The pids of processes, other than this script, whose environment carries the
+# marker (or a longer one that starts with it, as tests/cluster_script.rs
+# makes). The scan runs in a shell without it, so that it does not find itself
+# or its pipeline, and skips the subshell that runs it. (A PostgreSQL backend overwrites its environment with its
+# process title, but it dies with its postmaster, which keeps it.)
+# shellcheck disable=SC2016 # expanded by the inner shell
+marked_pids() {
+    env -u CROUPIER_TEST_RUN MARK="CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN" SELF=$$ bash -c '
+        grep -lz "^$MARK" /proc/[0-9]*/environ 2>/dev/null \
+            | sed -n "s|^/proc/\([0-9]*\)/environ\$|\1|p" | grep -vx -e "$SELF" -e "$PPID" || true'
+}
+
+# Runs on every exit, also after a failure or Ctrl-C: lists and kills what is
+# left, and fails the run if anything was.
+leak_check() {
+    local status=$? pids
+    trap - EXIT
+    trap '' INT TERM
+    # Servers being stopped right now get a moment to finish exiting.
+    for _ in $(seq 1 50); do
+        pids=$(marked_pids)
+        [ -z "$pids" ] && break
+        sleep 0.1
+    done
+    if [ -n "$pids" ]; then
+        echo "test: processes of this run still running (now killed):" >&2
+        # shellcheck disable=SC2086 # one pid per word
+        ps -o pid,ppid,pgid,etime,args -p "$(echo $pids | tr ' ' ',')" >&2 || true
+        # shellcheck disable=SC2086
+        kill -TERM $pids 2>/dev/null || true
+        sleep 2
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+        [ "$status" -ne 0 ] || status=1
+    else
+        echo "test: no process of this run is left running"
+    fi
+    exit "$status"
+}
+trap leak_check EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
