@@ -150,7 +150,6 @@ impl TestServer {
             .env("PORT", port.to_string())
             .env("DATA_DIR", &self.data_dir)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", &filter)
             // Every test client shares the loopback address, and most tests
             // write far faster than a person at a table: they run with load-test
             // quotas. The tests of the quotas themselves set their own.
@@ -220,7 +219,8 @@ impl TestServer {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                std::thread::sleep(Duration::from_millis(50));
+                // Let the drain threads take in the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 panic!(
                     "croupier exited during start-up: {status}\nits last output:\n{}",
                     self.log_tail()
