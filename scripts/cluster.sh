@@ -36,9 +36,11 @@ usage() {
 }
 
 failed=0
+failure=""
 die() {
     echo "cluster: $*" >&2
     failed=1
+    failure=$*
     exit 1
 }
 
@@ -211,6 +213,8 @@ cleanup() {
     # SIGINT is PostgreSQL's fast shutdown; the postmaster stops its backends.
     if [ -n "$pg_pid" ]; then stop_group "$pg_pid" INT 30; fi
     if [ "$failed" = 1 ]; then
+        # Repeated after the logs, where it is seen first.
+        echo "cluster: failed: $failure" >&2
         echo "cluster: stopped; kept $TMP (logs in $TMP/logs)" >&2
     else
         rm -rf "$TMP"
