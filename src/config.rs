@@ -382,6 +382,25 @@ impl Config {
         self.trust_proxy.then_some(&self.trusted_proxies)
     }
 
+    /// Where the data lives, for the start-up line: the SQLite file, or the
+    /// PostgreSQL server and database without credentials.
+    pub fn database_location(&self) -> String {
+        match &self.database {
+            Database::Sqlite(url) => url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .to_owned(),
+            Database::Postgres(url) => without_credentials(url),
+        }
+    }
+
+    /// The Redis server without credentials, or `none` (embedded mode).
+    pub fn redis_location(&self) -> String {
+        self.redis_url
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), without_credentials)
+    }
+
     /// True when running as part of a cluster (PostgreSQL store).
     pub fn is_cluster(&self) -> bool {
         matches!(self.database, Database::Postgres(_))
@@ -420,6 +439,20 @@ fn secret<F: Fn(&str) -> Option<String>>(
         ));
     }
     Ok(Some(value))
+}
+
+/// A URL's scheme, hosts and path, never its user, password or query.
+fn without_credentials(raw: &str) -> String {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return "(unparsable URL)".to_owned();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    // The credentials end at the last '@' before the path.
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    format!("{scheme}://{hosts}{path}")
 }
 
 fn database<F: Fn(&str) -> Option<String>>(
@@ -605,6 +638,23 @@ mod tests {
         let err =
             config(&[("WS_MAX_CONNECTIONS", "50"), ("HTTP_MAX_CONNECTIONS", "50")]).unwrap_err();
         assert_eq!(err.name, "HTTP_MAX_CONNECTIONS");
+    }
+
+    #[test]
+    fn locations_never_show_credentials() {
+        let c = config(&[
+            (
+                "DATABASE_URL",
+                "postgres://app:s3cret@db1:5432,db2:5432/rooms?sslmode=require&password=x",
+            ),
+            ("REDIS_URL", "redis://:hunter2@cache:6379/0"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_location(), "postgres://db1:5432,db2:5432/rooms");
+        assert_eq!(c.redis_location(), "redis://cache:6379/0");
+        let c = config(&[("DATA_DIR", "/var/lib/croupier")]).unwrap();
+        assert_eq!(c.database_location(), "/var/lib/croupier/croupier.db");
+        assert_eq!(c.redis_location(), "none");
     }
 
     #[test]

@@ -248,7 +248,14 @@ impl Application {
 
         let router = crate::http::router(state.clone());
         lifecycle.set_ready(true);
-        tracing::info!(address = %listener.local_addr()?, instance = %state.config.instance_id, store = state.store().backend(), "serving");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            instance = %state.config.instance_id,
+            store = state.store().backend(),
+            database = %state.config.database_location(),
+            redis = %state.config.redis_location(),
+            "serving"
+        );
         let config = &state.config;
         tracing::debug!(
             trusted_proxies = ?config.proxy_trust(),

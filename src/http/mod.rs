@@ -34,7 +34,7 @@ use utoipa_axum::routes;
 
 use crate::config::CorsOrigins;
 use crate::state::AppState;
-use error::ApiError;
+use error::{ApiError, ErrorCode};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -143,12 +143,19 @@ fn make_span(req: &Request<Body>) -> Span {
     tracing::info_span!("request", method = %req.method(), route = %route_of(req), request_id = %request_id)
 }
 
+/// One line per request: status, latency in milliseconds (three decimals)
+/// and, for a refusal, its error code.
 fn log_response<B>(res: &Response<B>, latency: Duration, _: &Span) {
-    tracing::info!(
-        status = res.status().as_u16(),
-        latency_ms = latency.as_secs_f64() * 1e3,
-        "request"
-    );
+    let latency_ms = format_args!("{:.3}", latency.as_secs_f64() * 1e3);
+    match res.extensions().get::<ErrorCode>() {
+        Some(ErrorCode(code)) => tracing::info!(
+            status = res.status().as_u16(),
+            error = code,
+            latency_ms = %latency_ms,
+            "request"
+        ),
+        None => tracing::info!(status = res.status().as_u16(), latency_ms = %latency_ms, "request"),
+    }
 }
 
 /// Counts requests and their durations by method, route template and status.
