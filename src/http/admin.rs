@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{ApiPath, bearer};
-use super::openapi::ErrorBody;
+use super::openapi::{AdminRefusals, ErrorBody};
 use crate::bus::{ConnectionInfo, ControlMessage};
 use crate::domain::{History, RoomKey};
 use crate::state::AppState;
@@ -149,9 +149,7 @@ fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Rooms with their live connections on every instance", body = Vec<AdminRoom>),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -196,9 +194,7 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Respons
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Cluster-wide totals", body = AdminStats),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
@@ -223,9 +219,7 @@ pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Admin
     responses(
         (status = 200, description = "The room's history, protected or not", body = History),
         (status = 400, description = "Invalid key", body = ErrorBody),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "No such room, or the admin API is disabled", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn history(
@@ -247,9 +241,7 @@ pub async fn history(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "The instance holding it closes it (1000)", body = Disconnected),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "No instance holds that connection, or the admin API is disabled", body = ErrorBody),
-        (status = 503, description = "Bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn disconnect(
@@ -283,9 +275,7 @@ pub async fn disconnect(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Applied and pending schema migrations (read-only)", body = Migrations),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn migrations(
