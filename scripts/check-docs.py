@@ -326,6 +326,56 @@ def extract() -> list[tuple[str, int, str, list[str], bool, Block]]:
     return out
 
 
+INLINE_FIRST = ("docker", "kubectl", "bash", "sh", "croupier", "cargo", "curl", "promtool", "openssl")
+
+
+def extract_inline() -> list[tuple[str, int, str, list[str], bool, Block]]:
+    """Commands quoted in prose (`...` spans outside code blocks) that start
+    like one of the checked kinds; a lone path is only checked to exist."""
+    out = []
+    for rel in DOCS:
+        lines = (ROOT / rel).read_text(encoding="utf-8").splitlines()
+        fenced, keep = False, []
+        for line in lines:
+            if re.match(r"^\s*```", line):
+                fenced = not fenced
+                keep.append("")
+            else:
+                keep.append("" if fenced else line)
+        text = "\n".join(keep)
+        for m in re.finditer(r"\]\(([^)#\s]+)(#[^)]*)?\)", text):  # relative links
+            target = m.group(1)
+            if not re.match(r"^[a-z]+:", target) and not (ROOT / rel).parent.joinpath(target).exists():
+                FAILURES.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: link to {target}: no such file")
+        for m in re.finditer(r"`([^`]+)`", text):
+            span = " ".join(m.group(1).split())
+            line = text.count("\n", 0, m.start()) + 1
+            try:
+                tokens = shlex.split(span)
+            except ValueError:
+                continue
+            words = [t for t in tokens if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", t)]
+            if not words:
+                continue
+            if len(tokens) == 1 and re.fullmatch(r"[\w./-]+\.md", span):
+                if not (ROOT / span).exists() and not (ROOT / rel).parent.joinpath(span).exists():
+                    FAILURES.append(f"{rel}:{line}: `{span}`: no such document")
+                continue
+            if len(tokens) == 1 and re.match(r"^(scripts|k8s|nginx|prometheus|grafana|docs|bench|src|migrations)/", span):
+                ignored = run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", span]).returncode == 0
+                if not (ROOT / span).exists() and not ignored:  # ignored: made at run time (certificates)
+                    FAILURES.append(f"{rel}:{line}: `{span}`: no such file or directory, and not a generated (git-ignored) one")
+                continue
+            if words[0] not in INLINE_FIRST and not words[0].startswith("scripts/"):
+                continue
+            if words[0] == "curl" and not any(w.startswith("http") for w in words):
+                continue  # a curl option named in prose, e.g. `curl -k`
+            if words[0] == "croupier" and len(words) == 1:
+                continue
+            out.append((rel, line, span, tokens, False, Block()))
+    return out
+
+
 # ------------------------------------------------------------------ compose
 
 COMPOSE_SUBCOMMANDS = {
@@ -1015,6 +1065,8 @@ def check_cli(cmd: Cmd, ctx: "Context", args: list[str]) -> None:
                 return cmd.fail(f"exit {p.returncode} against a scratch PostgreSQL: {p.stderr.strip()[-300:]}")
             if sub == "migration-status" and "pending" not in p.stdout and "applied" not in p.stdout:
                 cmd.fail("migration-status listed no migration")
+            else:
+                ctx.notes.append(f"{cmd.where()}: `{sub}` ran against a scratch PostgreSQL ({ctx.pg.bindir.parent.name}) on 127.0.0.1:{ctx.pg.port}")
             return
         data = b.tmp / f"cli-{cmd.file.replace('/', '_')}-{cmd.line}"
         if sub == "serve":
@@ -1193,6 +1245,23 @@ def dispatch(cmd: Cmd, ctx: Context) -> None:
     elif argv[0] == "curl":
         cmd.kind = "curl"
         check_curl(cmd, ctx)
+    elif argv[0] == "promtool":
+        cmd.kind = "promtool"
+        files = [a for a in argv[1:] if a.endswith((".yml", ".yaml"))]
+        missing = [f for f in files if not (ROOT / f).is_file()]
+        if argv[1:3] not in (["test", "rules"], ["check", "rules"], ["check", "config"]) or not files or missing:
+            cmd.fail(f"not a promtool check of existing files ({', '.join(missing) or 'none given'})")
+        elif shutil.which("promtool"):
+            p = run(argv, timeout=120, cwd=ROOT)
+            if p.returncode != 0:
+                cmd.fail(f"exit {p.returncode}: {(p.stdout + p.stderr).strip()[-300:]}")
+        else:
+            ctx.notes.append(f"{cmd.where()}: promtool not installed; files exist")
+    elif argv[:2] == ["openssl", "rand"]:
+        cmd.kind = "openssl"
+        p = run(argv, timeout=30)
+        if p.returncode != 0 or len(p.stdout.strip()) < 64:
+            cmd.fail(f"does not print 32 bytes or more: {p.stdout.strip()!r} {p.stderr.strip()}")
     elif argv[0] == "cp" and len(argv) == 3:
         cmd.kind = "other"
         src, dst = argv[1], argv[2]
@@ -1211,7 +1280,8 @@ def main() -> int:
     ctx = Context()
     commands: list[Cmd] = []
     loop_header = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-    for file, line, text, tokens, background, block in extract():
+    blocks, inline = extract(), extract_inline()
+    for file, line, text, tokens, background, block in blocks + inline:
         env = {}
         while tokens and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]):
             k, v = tokens.pop(0).split("=", 1)
@@ -1257,16 +1327,17 @@ def main() -> int:
         ctx.pg.stop()
         shutil.rmtree(ctx.binary.tmp, ignore_errors=True)
 
-    seen = set()
-    for f in FAILURES:
-        if f not in seen:
-            seen.add(f)
-            print(f"FAIL {f}")
+    seen = sorted(set(FAILURES), key=lambda f: (DOCS.index(f.split(":")[0]) if f.split(":")[0] in DOCS else 9,
+                                                 int(f.split(":")[1]) if f.split(":")[1].isdigit() else 0))
+    for f in seen:
+        print(f"FAIL {f}")
+    if ctx.kube.kubectl is None:
+        ctx.notes.append("kubectl not found: kubectl flags were not checked against `kubectl VERB --help`")
     for n in ctx.notes:
         print(f"note {n}")
     total = sum(v for k, v in KINDS.items() if k != "shell structure")
     by_kind = ", ".join(f"{v} {k}" for k, v in sorted(KINDS.items()))
-    print(f"check-docs: {total} commands checked ({by_kind}); "
+    print(f"check-docs: {total} commands checked ({by_kind}), {len(inline)} of them quoted in prose; "
           f"services from {ctx.compose.source}, resources from {ctx.kube.source}; {len(seen)} failed")
     return 1 if seen else 0
 
