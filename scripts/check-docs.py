@@ -24,8 +24,13 @@ machine without a Docker engine or a Kubernetes cluster:
   curl ...             the path and method exist in the running debug
                        instance's OpenAPI document (through nginx: a proxied
                        location), Prometheus endpoints enabled by its flags
+  promtool / openssl   run for real (promtool on the repository's files)
   anything else        a specific check, or the ALLOWED list below with a
                        reason; any other command form fails
+
+Commands quoted in prose (`...` spans starting like one of the kinds above)
+get the same checks; quoted repository paths and relative links must exist
+(or, for generated files such as nginx/certs/, be ignored by git).
 
 Prints one line per failing command (file:line: why), a summary by kind, and
 exits non-zero when a command could not work as written. Standard library
@@ -901,7 +906,7 @@ class Binary:
             self.error = f"cargo build failed: {e}"
             return
         if p.returncode != 0:
-            self.error = "cargo build --bin croupier failed: " + p.stderr.strip().splitlines()[-1:][0]
+            self.error = "cargo build --bin croupier failed: " + " ".join(p.stderr.strip().splitlines()[-3:])
             return
         self.path = (target if target.is_absolute() else ROOT / target) / "debug" / "croupier"
         h = run([str(self.path), "--help"], timeout=30)
@@ -1277,7 +1282,18 @@ def dispatch(cmd: Cmd, ctx: Context) -> None:
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops what was started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ctx = Context()
+    try:
+        return check_all(ctx)
+    finally:
+        ctx.binary.stop()
+        ctx.pg.stop()
+        shutil.rmtree(ctx.binary.tmp, ignore_errors=True)
+
+
+def check_all(ctx: Context) -> int:
     commands: list[Cmd] = []
     loop_header = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
     blocks, inline = extract(), extract_inline()
@@ -1308,24 +1324,20 @@ def main() -> int:
         KINDS[cmd.kind] += 1
         commands.append(cmd)
 
-    try:
-        ctx.binary.build()
-        if ctx.binary.path:
-            ctx.serve_result = ctx.binary.serve()
-            if not ctx.serve_result:
-                for cmd_fn in ctx.deferred:
-                    cmd_fn()
-                ctx.deferred = []
-                ctx.serve_result = ctx.binary.stop()
-        for cmd_fn in ctx.deferred:
-            cmd_fn()
-        for cmd in ctx.serve_cmds:
-            if ctx.serve_result:
-                cmd.fail(f"serve: {ctx.serve_result}")
-    finally:
-        ctx.binary.stop()
-        ctx.pg.stop()
-        shutil.rmtree(ctx.binary.tmp, ignore_errors=True)
+    ctx.binary.build()
+    if ctx.binary.path:
+        ctx.serve_result = ctx.binary.serve()
+        if not ctx.serve_result:
+            for cmd_fn in ctx.deferred:
+                cmd_fn()
+            ctx.deferred = []
+            ctx.serve_result = ctx.binary.stop()
+    for cmd_fn in ctx.deferred:
+        cmd_fn()
+    for cmd in ctx.serve_cmds:
+        if ctx.serve_result:
+            cmd.fail(f"serve: {ctx.serve_result}")
+    ctx.pg.stop()
 
     seen = sorted(set(FAILURES), key=lambda f: (DOCS.index(f.split(":")[0]) if f.split(":")[0] in DOCS else 9,
                                                  int(f.split(":")[1]) if f.split(":")[1].isdigit() else 0))

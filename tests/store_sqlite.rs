@@ -7,7 +7,9 @@ use croupier::store::sqlite::SqliteStore;
 #[tokio::test]
 async fn rollback_reverts_the_newest_migration_of_a_migrated_database() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("croupier.db")).await.unwrap();
+    let store = SqliteStore::open(&dir.path().join("croupier.db"))
+        .await
+        .unwrap();
     store.migrate().await.expect("migrating");
     let before = store.migration_status().await.unwrap();
     assert!(before.iter().all(|m| m.applied), "{before:?}");
