@@ -1,9 +1,11 @@
 //! The HTTP surface: the `/api` routes, operational endpoints, the WebSocket
 //! upgrade, and the middleware every request passes (request id, one log line,
 //! metrics by route template, CORS, body limit, head limits and body deadline,
-//! panic → JSON 500). `server` is the listener that serves it.
+//! panic → JSON 500), and the operator's page under `/admin/`. `server` is the
+//! listener that serves it.
 
 mod admin;
+mod admin_page;
 pub mod error;
 pub mod extract;
 pub mod forwarded;
@@ -73,6 +75,8 @@ pub fn router(state: AppState) -> Router {
     let (routes, document) = routes(state.config.metrics_bind.is_none()).split_for_parts();
     let document = openapi::Rendered(document.to_json().unwrap_or_default().into());
     routes
+        // The operator's page is HTML, not part of the JSON API's document.
+        .merge(admin_page::routes())
         .layer(Extension(document))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
