@@ -223,7 +223,7 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Respons
             .filter(|(key, _)| !stored.contains(*key))
             .map(|(&key, connections)| AdminRoom::new(key, connections, joined(key))),
     );
-    list.sort_by(|a, b| b.last_activity.cmp(&a.last_activity));
+    list.sort_by_key(|room| std::cmp::Reverse(room.last_activity));
     Ok(Json(list).into_response())
 }
 
