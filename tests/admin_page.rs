@@ -200,13 +200,14 @@ async fn bounded(mut command: Command, limit: Duration, profile: Option<&Path>) 
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let child = command.spawn().expect("spawning the check");
-    let group = child.id().expect("child pid");
-    let _cleanup = Cleanup {
-        group,
+    let mut cleanup = Cleanup {
+        group: child.id(),
         profile: profile.map(Path::to_path_buf),
     };
     match tokio::time::timeout(limit, child.wait_with_output()).await {
         Ok(output) => {
+            // The leader is reaped: its group id is no longer ours to signal.
+            cleanup.group = None;
             let output = output.expect("waiting for the check");
             Outcome {
                 success: output.status.success(),
@@ -222,17 +223,21 @@ async fn bounded(mut command: Command, limit: Duration, profile: Option<&Path>) 
     }
 }
 
-/// Kills what a check started, on every path out of [`bounded`] (panics too).
+/// Kills what a check started, on every path out of [`bounded`] (panics too):
+/// the process group of a check that did not finish, and the browser.
 struct Cleanup {
-    group: u32,
+    group: Option<u32>,
     profile: Option<PathBuf>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let mut pids = vec![format!("-{}", self.group)];
+        let mut pids: Vec<String> = self.group.iter().map(|g| format!("-{g}")).collect();
         if let Some(profile) = &self.profile {
             pids.extend(processes_using(profile));
+        }
+        if pids.is_empty() {
+            return;
         }
         let _ = std::process::Command::new("kill")
             .arg("-KILL")
