@@ -1,6 +1,7 @@
 //! The operator's page at `/admin/`: absent without `ADMIN_TOKEN`, served with
-//! strict headers with it, and driven in a real headless Chromium against a
-//! two-instance cluster behind Nginx (`tests/admin_page/check.mjs`).
+//! strict headers with it, and driven in a real headless Chromium
+//! (`tests/admin_page/check.mjs`) against a two-instance cluster behind Nginx
+//! and against one embedded-mode instance.
 //!
 //! The browser test needs Debian's `chromium` and Node.js; `scripts/test.sh`
 //! installs the package, and this test runs `npm ci` itself when the Node
@@ -91,45 +92,108 @@ async fn operator_uses_the_page_in_a_browser_against_a_cluster() {
     // In a room that has nothing stored: listed all the same.
     let _waiting = member(node1, WAITING_ROOM, "member-waiting").await;
 
-    let work = tempfile::tempdir().expect("temp dir");
     let screenshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/admin-page.png");
-    let request_log = work.path().join("requests.json");
-    let outcome = run_check(&cluster.url(""), work.path(), &screenshot, &request_log).await;
-    assert!(
-        outcome.success,
-        "check.mjs failed:\n{}\n{}",
-        outcome.stdout, outcome.stderr
-    );
-    let disconnected = outcome
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("disconnected "))
-        .expect("check.mjs names the connection it disconnected");
+    let check = Check {
+        base: cluster.url(""),
+        instances: "node-1,node-2",
+        disconnect_on: "node-2",
+        // Nginx does not expose /metrics.
+        metrics: false,
+        screenshot,
+    };
+    let disconnected = check.run().await;
     assert!(disconnected.starts_with("node-2-"), "{disconnected}");
 
     // The button closed the member on node 2 with 1000; node 1's is untouched.
     assert_eq!(on_node2.closed().await, Some(1000));
     on_node1.send(json!({"type": "ping"})).await;
     assert_eq!(on_node1.recv().await["type"], "pong");
-
-    let requests: Vec<String> = serde_json::from_str(
-        &std::fs::read_to_string(&request_log).expect("check.mjs wrote its request log"),
-    )
-    .expect("request log is a JSON array");
-    assert!(requests.len() > 5, "{requests:?}");
-    for url in &requests {
-        assert!(!url.contains(ADMIN_TOKEN), "token in a request URL: {url}");
-    }
-    assert!(
-        screenshot.exists(),
-        "no screenshot at {}",
-        screenshot.display()
-    );
     eprintln!(
-        "admin page checked in a browser in {:.1} s ({} requests)",
-        started.elapsed().as_secs_f64(),
-        requests.len()
+        "cluster: admin page checked in a browser in {:.1} s",
+        started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn operator_uses_the_page_in_a_browser_in_embedded_mode() {
+    let started = Instant::now();
+    let s = TestServer::start(&[("INSTANCE_ID", "solo")]).await;
+    s.put(
+        &format!("/api/roulette/{ROOM}"),
+        &json!({"history": [3, 26]}),
+    )
+    .await;
+    let mut first = member(&s, ROOM, "first-member").await;
+    let mut second = member(&s, ROOM, "second-member").await;
+    let _waiting = member(&s, WAITING_ROOM, "member-waiting").await;
+
+    let check = Check {
+        base: s.url(""),
+        instances: "solo",
+        disconnect_on: "solo",
+        metrics: true,
+        screenshot: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/admin-page-embedded.png"),
+    };
+    let disconnected = check.run().await;
+
+    // The page disconnects the oldest connection it lists for the room.
+    let (closed, open) = if disconnected == "solo-1" {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+    assert_eq!(closed.closed().await, Some(1000), "{disconnected}");
+    open.send(json!({"type": "ping"})).await;
+    assert_eq!(open.recv().await["type"], "pong");
+    eprintln!(
+        "embedded: admin page checked in a browser in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// One run of `check.mjs` against a server and what it must find there.
+struct Check {
+    base: String,
+    /// The instances holding the room's members, comma-separated.
+    instances: &'static str,
+    disconnect_on: &'static str,
+    /// Whether `/metrics` is reachable from the page (rates must show).
+    metrics: bool,
+    screenshot: PathBuf,
+}
+
+impl Check {
+    /// Runs the script, asserts it succeeded and that no request URL carried
+    /// the token, and returns the id of the connection it disconnected.
+    async fn run(&self) -> String {
+        let work = tempfile::tempdir().expect("temp dir");
+        let request_log = work.path().join("requests.json");
+        let outcome = run_check(self, work.path(), &request_log).await;
+        assert!(
+            outcome.success,
+            "check.mjs failed:\n{}\n{}",
+            outcome.stdout, outcome.stderr
+        );
+        let requests: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(&request_log).expect("check.mjs wrote its request log"),
+        )
+        .expect("request log is a JSON array");
+        assert!(requests.len() > 5, "{requests:?}");
+        for url in &requests {
+            assert!(!url.contains(ADMIN_TOKEN), "token in a request URL: {url}");
+        }
+        assert!(
+            self.screenshot.exists(),
+            "no screenshot at {}",
+            self.screenshot.display()
+        );
+        outcome
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("disconnected "))
+            .expect("check.mjs names the connection it disconnected")
+            .to_owned()
+    }
 }
 
 /// A WebSocket member of `key` on one instance, with a recognisable user agent.
@@ -157,7 +221,7 @@ fn node_project() -> PathBuf {
 /// Runs `check.mjs` (after `npm ci` if needed), bounded in time. The node
 /// process and every browser process it started are gone when this returns,
 /// whether the script passed, failed or hung.
-async fn run_check(base: &str, work: &Path, screenshot: &Path, request_log: &Path) -> Outcome {
+async fn run_check(check: &Check, work: &Path, request_log: &Path) -> Outcome {
     assert!(
         Path::new("/usr/bin/chromium").exists(),
         "/usr/bin/chromium is missing: install Debian's chromium (scripts/test.sh does)"
@@ -178,12 +242,14 @@ async fn run_check(base: &str, work: &Path, screenshot: &Path, request_log: &Pat
     std::fs::create_dir(&profile).expect("browser profile directory");
     let mut node = Command::new("node");
     node.arg(project.join("check.mjs"))
-        .arg(base.trim_end_matches('/'))
+        .arg(check.base.trim_end_matches('/'))
         .arg(ADMIN_TOKEN)
-        .arg(screenshot)
+        .arg(&check.screenshot)
         .env("CHECK_ROOM", ROOM)
         .env("CHECK_WAITING_ROOM", WAITING_ROOM)
-        .env("CHECK_DISCONNECT_ON", "node-2")
+        .env("CHECK_INSTANCES", check.instances)
+        .env("CHECK_DISCONNECT_ON", check.disconnect_on)
+        .env("CHECK_METRICS", if check.metrics { "1" } else { "0" })
         .env("CHECK_USER_DATA_DIR", &profile)
         .env("CHECK_REQUEST_LOG", request_log);
     bounded(node, Duration::from_secs(150), Some(&profile)).await

@@ -5,7 +5,9 @@
 // Environment (set by tests/admin_page.rs):
 //   CHECK_ROOM           the room whose members sit on two instances
 //   CHECK_WAITING_ROOM   a room with a member and nothing stored (optional)
+//   CHECK_INSTANCES      the instances holding the room's members (comma list)
 //   CHECK_DISCONNECT_ON  the instance whose member the page disconnects
+//   CHECK_METRICS        "1" if /metrics is reachable, so rates must show
 //   CHECK_USER_DATA_DIR  a fresh, empty browser profile directory
 //   CHECK_REQUEST_LOG    where to write every request URL the browser made
 //
@@ -22,7 +24,9 @@ if (!base || !token || !screenshot) {
 }
 const room = process.env.CHECK_ROOM || "table-7";
 const waitingRoom = process.env.CHECK_WAITING_ROOM || "";
+const expectedInstances = (process.env.CHECK_INSTANCES || "node-1,node-2").split(",");
 const disconnectOn = process.env.CHECK_DISCONNECT_ON || "node-2";
+const expectMetrics = process.env.CHECK_METRICS === "1";
 const userDataDir = process.env.CHECK_USER_DATA_DIR;
 const requestLog = process.env.CHECK_REQUEST_LOG;
 if (!userDataDir) {
@@ -90,21 +94,29 @@ try {
   const stored = await page.evaluate(() => sessionStorage.getItem("croupier.adminToken"));
   if (stored !== token) throw new Error("the token was not kept in sessionStorage");
 
-  // 2. The room and its members on both instances.
-  step(`room ${room} with members on two instances`);
+  // 2. The room and its members on every instance that holds one.
+  step(`room ${room} with members on ${expectedInstances}`);
   const roomRow = page.locator(`#rooms tr[data-room="${room}"]`);
   await roomRow.waitFor();
-  await page.waitForFunction((key) => {
-    const row = document.querySelector(`#rooms tr[data-room="${key}"]`);
-    return row && row.cells[2].textContent.split(",").length === 2;
-  }, room);
+  await page.waitForFunction(
+    ([key, names]) => {
+      const row = document.querySelector(`#rooms tr[data-room="${key}"]`);
+      const perInstance = row ? row.cells[2].textContent : "";
+      return Number(row?.cells[1].textContent) >= 2 && names.every((n) => perInstance.includes(`${n}:`));
+    },
+    [room, expectedInstances],
+  );
   const members = page.locator("#connections tbody tr[data-connection]").filter({ hasText: room });
   if ((await members.count()) < 2) throw new Error("fewer than two connections listed for the room");
   const instances = await page.locator("#instances tbody tr").evaluateAll((rows) =>
     rows.map((row) => row.dataset.instance),
   );
-  for (const name of ["node-1", "node-2"]) {
+  for (const name of expectedInstances) {
     if (!instances.includes(name)) throw new Error(`instance ${name} not listed: ${instances}`);
+  }
+  if (expectMetrics) {
+    step("rates from /metrics");
+    await page.locator("#counters dt").filter({ hasText: "(this instance)" }).first().waitFor();
   }
   if (waitingRoom) {
     step(`room ${waitingRoom} with a member and nothing stored`);
