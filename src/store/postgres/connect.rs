@@ -156,16 +156,15 @@ async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> any
 /// attacker who can redirect the connection.
 fn check_tls_settings(url: &str, options: &PgConnectOptions) -> anyhow::Result<()> {
     let mode = options.get_ssl_mode();
-    if matches!(mode, PgSslMode::Disable | PgSslMode::Allow) {
-        return Ok(());
-    }
-    if let Some(path) = root_cert_file(url) {
+    let encrypts = !matches!(mode, PgSslMode::Disable | PgSslMode::Allow);
+    if encrypts && let Some(path) = root_cert_file(url) {
         tls::read_certificates(&path, "sslrootcert")?;
     }
     if !matches!(mode, PgSslMode::VerifyFull) {
         tracing::warn!(
             sslmode = ?mode,
-            "PostgreSQL server identity is not verified; use sslmode=verify-full in production"
+            "the PostgreSQL server's identity is not verified (and with disable, allow or \
+             prefer the connection may be plain text); use sslmode=verify-full in production"
         );
     }
     Ok(())
