@@ -11,3 +11,4 @@ pub mod ops;
 pub mod postgres;
 pub mod prometheus;
 pub mod redis;
+pub mod tls;
