@@ -835,6 +835,25 @@ def check_kubectl(cmd: Cmd, ctx: "Context") -> None:
             refs = json.dumps([d for d in kube.docs])
             if f'"secretName": "{secret}"' not in refs:
                 cmd.fail(f"no manifest in k8s/ uses a Secret named {secret}")
+        elif positional[:2] == ["secret", "generic"] and len(positional) == 3:
+            # The Secret must be one the manifests mount or read, and each
+            # file must be one a script of ours writes into certs/.
+            secret = positional[2]
+            refs = json.dumps([d for d in kube.docs])
+            if f'"secretName": "{secret}"' not in refs and f'"name": "{secret}"' not in refs:
+                cmd.fail(f"no manifest in k8s/ uses a Secret named {secret}")
+            sources = [f.split("=", 1)[1] for f in flags if f.startswith("--from-file=")]
+            if not sources:
+                cmd.fail("kubectl create secret generic without --from-file")
+            makers = "".join(
+                (ROOT / "scripts" / m).read_text(encoding="utf-8")
+                for m in ("make-cert.sh", "make-db-cert.sh")
+                if (ROOT / "scripts" / m).is_file()
+            )
+            for source in sources:
+                path = source.split("=", 1)[-1]
+                if not path.startswith("certs/") or os.path.basename(path) not in makers:
+                    cmd.fail(f"{path} is not a file scripts/make-*-cert.sh writes into certs/")
         elif positional[:1] == ["job"] and len(positional) == 2:
             src = flag_values.get("--from")
             if not src:
@@ -842,7 +861,7 @@ def check_kubectl(cmd: Cmd, ctx: "Context") -> None:
             else:
                 resolve(src)
         else:
-            cmd.fail("only `kubectl create secret tls` and `kubectl create job --from` are checked")
+            cmd.fail("only `kubectl create secret tls|generic` and `kubectl create job --from` are checked")
     else:
         for ref in positional[1:]:
             resolve(ref, KIND_ALIASES.get(positional[0]))
