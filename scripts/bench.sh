@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The performance benchmark: prints the budgets of ARCHITECTURE.md
+# The performance benchmark: prints the performance budgets (README, "Performance")
 # ("Performance budgets") as measured on this machine.
 #
 #   bash scripts/bench.sh            full run (about 10 minutes plus the build)

@@ -536,6 +536,8 @@ check_backup_restore() {
     echo "backup, prune and restore round trip ok ($count rows)"
 }
 
+check_docs() { python3 "$ROOT/scripts/check-docs.py"; }
+
 # ---------------------------------------------------------------- main
 
 main() {
@@ -557,6 +559,7 @@ main() {
     run_check "Dockerfile parse" check_dockerfile
     run_check "shell scripts" check_shell_scripts
     run_check "backup.sh / restore.sh round trip (PostgreSQL)" check_backup_restore
+    run_check "commands in README.md, docs/operations.md, bench/README.md (scripts/check-docs.py)" check_docs
 
     echo "check-deploy: $PASSED passed, $FAILED failed, $SKIPPED skipped"
     if [ "$FAILED" -gt 0 ]; then

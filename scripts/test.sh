@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian 12 machine that has only the
 # Rust toolchain: installs the servers the tests start for themselves
-# (PostgreSQL, Redis, Nginx, Prometheus — each test starts its own on free
+# (PostgreSQL, Redis, Nginx, Prometheus, Chromium — each test starts its own on free
 # loopback ports in temporary directories and stops it), validates the
 # deployment files, fuzzes the HTTP API with schemathesis, runs the quick
 # benchmark, then runs every Rust test. It ends by checking that no process it
@@ -20,8 +20,9 @@ export CROUPIER_TEST_RUN
 # The pids of processes, other than this script, whose environment carries the
 # marker (or a longer one that starts with it, as tests/cluster_script.rs
 # makes). The scan runs in a shell without it, so that it does not find itself
-# or its pipeline, and skips the subshell that runs it. (A PostgreSQL backend overwrites its environment with its
-# process title, but it dies with its postmaster, which keeps it.)
+# or its pipeline, and skips the subshell that runs it. (A PostgreSQL backend
+# overwrites its environment with its process title, but it dies with its
+# postmaster, which keeps it.)
 # shellcheck disable=SC2016 # expanded by the inner shell
 marked_pids() {
     env -u CROUPIER_TEST_RUN MARK="CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN" SELF=$$ bash -c '
@@ -70,7 +71,17 @@ ensure_packages test \
     redis-server=/usr/bin/redis-server \
     nginx=/usr/sbin/nginx \
     prometheus=/usr/bin/prometheus \
-    openssl=/usr/bin/openssl
+    openssl=/usr/bin/openssl \
+    chromium=/usr/bin/chromium
+
+# The admin page's browser test (tests/admin_page.rs) drives Chromium from
+# Node.js with playwright-core, which needs Node.js 20 or newer (Debian 12's
+# own nodejs is 18). Say so now rather than after the build.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null \
+    || ! command -v npm >/dev/null; then
+    echo "test: Node.js >= 20 with npm is required (tests/admin_page.rs)" >&2
+    exit 1
+fi
 
 bash scripts/check-deploy.sh
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::quota::QuotaConfig;
+use crate::tls::RedisTlsFiles;
 
 /// Where rooms are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database: Database,
     pub redis_url: Option<String>,
+    /// CA bundle and client certificate for a `rediss://` URL.
+    pub redis_tls: RedisTlsFiles,
     /// Shared HS256 secret; `None` in embedded mode means "generate and persist one".
     pub jwt_secret: Option<String>,
     pub admin_token: Option<String>,
@@ -279,13 +282,7 @@ impl Config {
         let data_dir = PathBuf::from(vars.get("DATA_DIR").unwrap_or_else(|| "./data".into()));
         let database = database(&vars, &data_dir)?;
         let redis_url = vars.get("REDIS_URL");
-        if let Some(url) = &redis_url
-            && !url.starts_with("redis://")
-        {
-            // TLS to Redis (rediss://) is not built in; Redis is expected on the
-            // private network next to the instances.
-            return Err(invalid("REDIS_URL", "must start with redis://"));
-        }
+        let redis_tls = redis_tls(&vars, redis_url.as_deref())?;
         let cors_origins = match vars.get("CORS_ORIGINS") {
             None => CorsOrigins::Any,
             Some(raw) => {
@@ -327,6 +324,7 @@ impl Config {
             data_dir,
             database,
             redis_url,
+            redis_tls,
             jwt_secret,
             admin_token,
             cors_origins,
@@ -382,6 +380,25 @@ impl Config {
         self.trust_proxy.then_some(&self.trusted_proxies)
     }
 
+    /// Where the data lives, for the start-up line: the SQLite file, or the
+    /// PostgreSQL server and database without credentials.
+    pub fn database_location(&self) -> String {
+        match &self.database {
+            Database::Sqlite(url) => url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .to_owned(),
+            Database::Postgres(url) => without_credentials(url),
+        }
+    }
+
+    /// The Redis server without credentials, or `none` (embedded mode).
+    pub fn redis_location(&self) -> String {
+        self.redis_url
+            .as_deref()
+            .map_or_else(|| "none".to_owned(), without_credentials)
+    }
+
     /// True when running as part of a cluster (PostgreSQL store).
     pub fn is_cluster(&self) -> bool {
         matches!(self.database, Database::Postgres(_))
@@ -420,6 +437,65 @@ fn secret<F: Fn(&str) -> Option<String>>(
         ));
     }
     Ok(Some(value))
+}
+
+/// A URL's scheme, hosts and path, never its user, password or query.
+fn without_credentials(raw: &str) -> String {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return "(unparsable URL)".to_owned();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    // The credentials end at the last '@' before the path.
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    format!("{scheme}://{hosts}{path}")
+}
+
+/// `REDIS_URL`'s scheme and the TLS files that go with `rediss://`.
+fn redis_tls<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<F>,
+    url: Option<&str>,
+) -> Result<RedisTlsFiles, ConfigError> {
+    let files = RedisTlsFiles {
+        ca_cert: vars.get("REDIS_CA_CERT").map(PathBuf::from),
+        client_cert: vars.get("REDIS_CLIENT_CERT").map(PathBuf::from),
+        client_key: vars.get("REDIS_CLIENT_KEY").map(PathBuf::from),
+    };
+    let tls = match url {
+        None => false,
+        Some(url) if url.starts_with("rediss://") => true,
+        Some(url) if url.starts_with("redis://") => false,
+        Some(_) => {
+            return Err(invalid(
+                "REDIS_URL",
+                "must start with redis:// (plain) or rediss:// (TLS)",
+            ));
+        }
+    };
+    // A certificate setting on a plain connection would be silently ignored,
+    // which reads like TLS is on when it is not.
+    if !tls && files != RedisTlsFiles::default() {
+        let name = match (&files.ca_cert, &files.client_cert) {
+            (Some(_), _) => "REDIS_CA_CERT",
+            (None, Some(_)) => "REDIS_CLIENT_CERT",
+            (None, None) => "REDIS_CLIENT_KEY",
+        };
+        return Err(invalid(name, "needs a rediss:// REDIS_URL"));
+    }
+    if files.client_cert.is_some() != files.client_key.is_some() {
+        let missing = if files.client_cert.is_some() {
+            "REDIS_CLIENT_KEY"
+        } else {
+            "REDIS_CLIENT_CERT"
+        };
+        return Err(invalid(
+            missing,
+            "REDIS_CLIENT_CERT and REDIS_CLIENT_KEY must be set together",
+        ));
+    }
+    Ok(files)
 }
 
 fn database<F: Fn(&str) -> Option<String>>(
@@ -468,6 +544,9 @@ fn database<F: Fn(&str) -> Option<String>>(
             .map_err(|_| invalid("DB_HOST", "cannot build a database URL from it"))?
             .push(&name);
         url.query_pairs_mut().append_pair("sslmode", &ssl);
+        if let Some(root_cert) = vars.get("DB_SSL_ROOT_CERT") {
+            url.query_pairs_mut().append_pair("sslrootcert", &root_cert);
+        }
         return Ok(Database::Postgres(url.to_string()));
     }
     Ok(Database::Sqlite(format!(
@@ -528,6 +607,49 @@ mod tests {
             Database::Postgres("postgres://app:p%40ss%20word@db:5432/rooms?sslmode=prefer".into())
         );
         assert!(c.is_cluster());
+    }
+
+    #[test]
+    fn db_ssl_root_cert_joins_the_url() {
+        let c = config(&[
+            ("DB_HOST", "db.internal"),
+            ("DB_SSL_MODE", "verify-full"),
+            ("DB_SSL_ROOT_CERT", "/etc/croupier/certs/db ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.database,
+            Database::Postgres(
+                "postgres://postgres@db.internal:5432/croupier?sslmode=verify-full\
+                 &sslrootcert=%2Fetc%2Fcroupier%2Fcerts%2Fdb+ca.pem"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn rediss_takes_certificates_and_redis_refuses_them() {
+        let c = config(&[
+            ("REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_CA_CERT", "/certs/ca.pem"),
+            ("REDIS_CLIENT_CERT", "/certs/client.pem"),
+            ("REDIS_CLIENT_KEY", "/certs/client.key"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis_tls.ca_cert, Some(PathBuf::from("/certs/ca.pem")));
+        assert_eq!(c.redis_location(), "rediss://cache:6380");
+        let err = config(&[
+            ("REDIS_URL", "redis://cache:6379"),
+            ("REDIS_CA_CERT", "/certs/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.name, "REDIS_CA_CERT");
+        let err = config(&[
+            ("REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_CLIENT_CERT", "/certs/client.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.name, "REDIS_CLIENT_KEY");
     }
 
     #[test]
@@ -605,6 +727,23 @@ mod tests {
         let err =
             config(&[("WS_MAX_CONNECTIONS", "50"), ("HTTP_MAX_CONNECTIONS", "50")]).unwrap_err();
         assert_eq!(err.name, "HTTP_MAX_CONNECTIONS");
+    }
+
+    #[test]
+    fn locations_never_show_credentials() {
+        let c = config(&[
+            (
+                "DATABASE_URL",
+                "postgres://app:s3cret@db1:5432,db2:5432/rooms?sslmode=require&password=x",
+            ),
+            ("REDIS_URL", "redis://:hunter2@cache:6379/0"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_location(), "postgres://db1:5432,db2:5432/rooms");
+        assert_eq!(c.redis_location(), "redis://cache:6379/0");
+        let c = config(&[("DATA_DIR", "/var/lib/croupier")]).unwrap();
+        assert_eq!(c.database_location(), "/var/lib/croupier/croupier.db");
+        assert_eq!(c.redis_location(), "none");
     }
 
     #[test]

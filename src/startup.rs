@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{self, Auth, Hasher};
 use crate::bus::memory::MemoryBroker;
-use crate::bus::redis::RedisBus;
+use crate::bus::redis::{RedisBus, RedisBusOptions};
 use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
 use crate::domain::RoomKey;
@@ -146,7 +146,12 @@ impl Application {
         };
         let (bus, store): (DynBus, DynStore) = match &config.redis_url {
             Some(url) => {
-                let bus = RedisBus::connect(url, &config.instance_id, handler).await?;
+                let options = RedisBusOptions {
+                    tls: config.redis_tls.clone(),
+                    ..RedisBusOptions::default()
+                };
+                let bus =
+                    RedisBus::connect_with(url, &config.instance_id, handler, options).await?;
                 // Hot rooms are read from Redis; every write goes through to it.
                 let cached = CachedStore::new(
                     store,
@@ -248,7 +253,14 @@ impl Application {
 
         let router = crate::http::router(state.clone());
         lifecycle.set_ready(true);
-        tracing::info!(address = %listener.local_addr()?, instance = %state.config.instance_id, store = state.store().backend(), "serving");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            instance = %state.config.instance_id,
+            store = state.store().backend(),
+            database = %state.config.database_location(),
+            redis = %state.config.redis_location(),
+            "serving"
+        );
         let config = &state.config;
         tracing::debug!(
             trusted_proxies = ?config.proxy_trust(),

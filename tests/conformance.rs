@@ -506,6 +506,100 @@ async fn admin_api_sees_and_disconnects_connections() {
 }
 
 #[tokio::test]
+async fn admin_sessions_list_rooms_with_members_but_nothing_stored() {
+    let s = TestServer::start(&[("INSTANCE_ID", "conformance-1")]).await;
+    s.put("/api/roulette/stored", &json!({"history": [7]}))
+        .await;
+    // A join does not create a room: this one exists only through its members.
+    let mut first = s.ws().await;
+    first
+        .send(json!({"type": "join", "key": "waiting", "version": 0}))
+        .await;
+    first.recv().await;
+    let mut second = s.ws().await;
+    second.send(json!({"type": "join", "key": "waiting"})).await;
+    second.recv().await;
+    assert_eq!(
+        s.get("/api/roulette/waiting").await,
+        (200, json!({"key": "waiting", "history": [], "version": 0}))
+    );
+
+    let waiting = eventually(
+        Duration::from_secs(5),
+        "the member-only room in /api/admin/sessions",
+        || async {
+            let (status, body) = s.admin_get("/api/admin/sessions").await;
+            assert_eq!(status, 200, "{body}");
+            let room = body.as_array()?.iter().find(|r| r["key"] == "waiting")?;
+            (room["activeConnections"] == 2).then(|| room.clone())
+        },
+    )
+    .await;
+    assert_shape(
+        &waiting,
+        &json!({
+            "key": "waiting", "createdAt": "<rfc3339>", "lastActivity": "<rfc3339>", "historyLength": 0,
+            "activeConnections": 2, "totalConnections": 2, "protected": false,
+            "connections": "<array>",
+        }),
+        "admin sessions: room with members and nothing stored",
+    );
+    // Its times come from its members: the earliest connection, the latest activity.
+    let connections = waiting["connections"].as_array().expect("connections");
+    let earliest = connections
+        .iter()
+        .map(|c| parse_time(&c["connectedAt"]))
+        .min();
+    let latest = connections
+        .iter()
+        .map(|c| parse_time(&c["lastActivity"]))
+        .max();
+    assert_eq!(
+        Some(parse_time(&waiting["createdAt"])),
+        earliest,
+        "{waiting}"
+    );
+    assert_eq!(
+        Some(parse_time(&waiting["lastActivity"])),
+        latest,
+        "{waiting}"
+    );
+
+    let (_, body) = s.admin_get("/api/admin/sessions").await;
+    let keys: Vec<&str> = body
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["key"].as_str())
+        .collect();
+    assert_eq!(keys.len(), 2, "each room once: {body}");
+    assert!(keys.contains(&"stored"), "{body}");
+    let (status, body) = s.admin_get("/api/admin/sessions/waiting/history").await;
+    assert_eq!(status, 404, "nothing stored yet: {body}");
+
+    // Once its members leave, the room is gone from the listing.
+    first.close().await;
+    second.close().await;
+    eventually(
+        Duration::from_secs(5),
+        "the member-only room leaves the listing",
+        || async {
+            let (_, body) = s.admin_get("/api/admin/sessions").await;
+            (!body.as_array()?.iter().any(|r| r["key"] == "waiting")).then_some(())
+        },
+    )
+    .await;
+}
+
+/// An RFC 3339 time from a JSON string (replies may differ in precision).
+fn parse_time(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    let text = value.as_str().expect("a time string");
+    chrono::DateTime::parse_from_rfc3339(text)
+        .expect("RFC 3339")
+        .to_utc()
+}
+
+#[tokio::test]
 async fn admin_api_is_absent_without_admin_token() {
     // An empty ADMIN_TOKEN means "unset" (config.rs).
     let s = TestServer::start(&[("ADMIN_TOKEN", "")]).await;

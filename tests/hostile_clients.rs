@@ -382,6 +382,7 @@ async fn clients_that_never_read_are_bounded_by_bytes() {
         assert_eq!(status, 200, "save {n}");
     }
     let peak = server.rss_kib();
+    eprintln!("five clients that never read: RSS {idle} KiB before, {peak} KiB after 400 events");
     assert!(
         peak < idle + 64 * 1024,
         "RSS {idle} KiB → {peak} KiB with five clients that never read"
@@ -488,6 +489,7 @@ async fn listings_with_histories_are_bounded() {
         assert_eq!(reply["total"], 300);
     }
     let after = server.rss_kib();
+    eprintln!("listing 300 rooms of 10,000 numbers: RSS {before} KiB before, {after} KiB after");
     assert!(
         after < before + 64 * 1024,
         "RSS {before} KiB → {after} KiB after paging every history"

@@ -49,6 +49,15 @@ fn with_id(mut m: Mutation, id: &str) -> Mutation {
     m
 }
 
+/// A migrated SQLite store in `dir`.
+async fn migrated_sqlite(dir: &tempfile::TempDir) -> SqliteStore {
+    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
+        .await
+        .unwrap();
+    sqlite.migrate().await.unwrap();
+    sqlite
+}
+
 fn options() -> PgOptions {
     PgOptions {
         max_connections: 20,
@@ -322,10 +331,7 @@ async fn postgres_accepts_and_rejects_exactly_what_sqlite_does() {
     let pg = TestPostgres::start_new().await;
     let postgres = migrated_store(&pg).await;
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
-        .await
-        .unwrap();
-    sqlite.migrate().await.unwrap();
+    let sqlite = migrated_sqlite(&dir).await;
 
     let keys = [key("a"), key("b b"), key("ключ")];
     let mut rng = XorShift(0x5eed_cafe_f00d);
@@ -393,10 +399,7 @@ async fn two_instances_appending_agree_with_sqlite() {
     let pg = TestPostgres::start_new().await;
     let instances = [migrated_store(&pg).await, migrated_store(&pg).await];
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
-        .await
-        .unwrap();
-    sqlite.migrate().await.unwrap();
+    let sqlite = migrated_sqlite(&dir).await;
 
     let keys = [key("a"), key("b")];
     let mut rng = XorShift(0x0dd_ba11_5eed);
@@ -654,10 +657,7 @@ async fn grouped_adds_match_one_by_one_application() {
     let pg = TestPostgres::start_new().await;
     let postgres = Arc::new(migrated_store(&pg).await);
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
-        .await
-        .unwrap();
-    sqlite.migrate().await.unwrap();
+    let sqlite = migrated_sqlite(&dir).await;
     let room = key("grouped");
 
     let add = |value: u8, id: Option<&str>, max: usize| {
@@ -1357,10 +1357,7 @@ async fn a_protected_room_refuses_writers_without_a_token_in_both_backends() {
     let pg = TestPostgres::start_new().await;
     let postgres = migrated_store(&pg).await;
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("croupier.db"))
-        .await
-        .unwrap();
-    sqlite.migrate().await.unwrap();
+    let sqlite = migrated_sqlite(&dir).await;
     let stores: [(&str, &dyn Store); 2] = [("postgres", &postgres), ("sqlite", &sqlite)];
     for (name, store) in stores {
         let open = key("open-table");

@@ -3,7 +3,7 @@
 //! Each scenario subcommand is bounded in count and in time, stops by itself,
 //! talks only to loopback addresses, and prints one JSON line on stdout
 //! (progress goes to stderr). `report` turns the collected lines into the
-//! budget table of ARCHITECTURE.md ("Performance budgets").
+//! performance budget table (README, "Performance").
 
 mod fanout;
 mod floor;

@@ -1,6 +1,6 @@
 //! The budget table. Reads the JSON lines the scenarios printed (each tagged
 //! with a `label` by scripts/bench.sh), compares them with the budgets of
-//! ARCHITECTURE.md, prints one table and writes the same as JSON.
+//! README ("Performance"), prints one table and writes the same as JSON.
 //!
 //! Two kinds of rows: *correctness* (nothing lost, no errors, every requested
 //! connection established), which fail the run in every mode; and *budgets*

@@ -2,7 +2,7 @@
 //! disconnects. Requires `Authorization: Bearer $ADMIN_TOKEN`; without a configured
 //! token the whole API answers 404, as if it did not exist.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
@@ -15,11 +15,11 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{ApiPath, bearer};
-use super::openapi::ErrorBody;
+use super::openapi::{AdminRefusals, ErrorBody};
 use crate::bus::{ConnectionInfo, ControlMessage};
 use crate::domain::{History, RoomKey};
 use crate::state::AppState;
-use crate::store::{MigrationInfo, Page};
+use crate::store::{MigrationInfo, Page, RoomSummary};
 
 /// Proof that the request carried the admin token.
 pub struct Admin;
@@ -95,6 +95,46 @@ struct AdminRoom<'a> {
     connections: Vec<AdminConnection<'a>>,
 }
 
+impl<'a> AdminRoom<'a> {
+    /// A room as its live members describe it: created when the first of them
+    /// connected, active when the last of them was, nothing stored.
+    fn new(key: &'a str, connections: &[&'a ConnectionInfo], joins: u64) -> Self {
+        let now = Utc::now();
+        AdminRoom {
+            key,
+            created_at: connections
+                .iter()
+                .map(|c| c.connected_at)
+                .min()
+                .unwrap_or(now),
+            last_activity: connections
+                .iter()
+                .map(|c| c.last_activity)
+                .max()
+                .unwrap_or(now),
+            history_length: 0,
+            active_connections: connections.len(),
+            total_connections: joins,
+            protected: false,
+            connections: connections
+                .iter()
+                .map(|c| AdminConnection::of(c, key))
+                .collect(),
+        }
+    }
+
+    /// The same room with what the store knows about it.
+    fn stored(self, room: &RoomSummary) -> Self {
+        AdminRoom {
+            created_at: room.created_at,
+            last_activity: room.updated_at,
+            history_length: room.history_length,
+            protected: room.protected,
+            ..self
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AdminStats {
@@ -149,13 +189,11 @@ fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Rooms with their live connections on every instance", body = Vec<AdminRoom>),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (rooms, _) = state
+    let (mut rooms, _) = state
         .store()
         .list_rooms(Page {
             limit: 1000,
@@ -165,27 +203,58 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Respons
         .await?;
     let (presence, joins) = cluster_connections(&state).await?;
     let live = by_room(&presence);
-    let list: Vec<AdminRoom> = rooms
+    let beyond = stored_beyond_page(&state, &live, &rooms).await?;
+    rooms.extend(beyond);
+    let stored: HashSet<&str> = rooms.iter().map(|r| r.key.as_str()).collect();
+    let joined = |key: &str| joins.get(key).copied().unwrap_or_default();
+    let mut list: Vec<AdminRoom> = rooms
         .iter()
         .map(|r| {
             let key = r.key.as_str();
             let connections = live.get(key).map(Vec::as_slice).unwrap_or_default();
-            AdminRoom {
-                key,
-                created_at: r.created_at,
-                last_activity: r.updated_at,
-                history_length: r.history_length,
-                active_connections: connections.len(),
-                total_connections: joins.get(key).copied().unwrap_or_default(),
-                protected: r.protected,
-                connections: connections
-                    .iter()
-                    .map(|c| AdminConnection::of(c, key))
-                    .collect(),
-            }
+            AdminRoom::new(key, connections, joined(key)).stored(r)
         })
         .collect();
+    // A `join` does not create a room, so people can sit in a room that has
+    // nothing stored yet. They are listed too, or an operator could neither see
+    // nor disconnect them; the room's times come from its members.
+    list.extend(
+        live.iter()
+            .filter(|(key, _)| !stored.contains(*key))
+            .map(|(&key, connections)| AdminRoom::new(key, connections, joined(key))),
+    );
+    list.sort_by_key(|room| std::cmp::Reverse(room.last_activity));
     Ok(Json(list).into_response())
+}
+
+/// Stored rooms with live members that fell outside the listing's page (the
+/// page holds the most recently written rooms; people can sit quietly in an old
+/// one). One lookup per such room, and there are at most as many as live rooms.
+async fn stored_beyond_page(
+    state: &AppState,
+    live: &HashMap<&str, Vec<&ConnectionInfo>>,
+    page: &[RoomSummary],
+) -> Result<Vec<RoomSummary>, ApiError> {
+    let listed: HashSet<&str> = page.iter().map(|r| r.key.as_str()).collect();
+    let mut found = Vec::new();
+    for key in live.keys().filter(|k| !listed.contains(*k)) {
+        // Presence holds only keys that were parsed at a join.
+        let Ok(key) = RoomKey::parse(key) else {
+            continue;
+        };
+        if let Some(room) = state.store().room(&key).await? {
+            found.push(RoomSummary {
+                id: room.id,
+                history_length: room.history.len(),
+                created_at: room.created_at,
+                updated_at: room.updated_at,
+                protected: room.protected,
+                history: None,
+                key: room.key,
+            });
+        }
+    }
+    Ok(found)
 }
 
 /// `GET /api/admin/stats`
@@ -196,9 +265,7 @@ pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Respons
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Cluster-wide totals", body = AdminStats),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database or bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
@@ -223,9 +290,7 @@ pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<Admin
     responses(
         (status = 200, description = "The room's history, protected or not", body = History),
         (status = 400, description = "Invalid key", body = ErrorBody),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "No such room, or the admin API is disabled", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn history(
@@ -247,9 +312,7 @@ pub async fn history(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "The instance holding it closes it (1000)", body = Disconnected),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "No instance holds that connection, or the admin API is disabled", body = ErrorBody),
-        (status = 503, description = "Bus unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn disconnect(
@@ -283,9 +346,7 @@ pub async fn disconnect(
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "Applied and pending schema migrations (read-only)", body = Migrations),
-        (status = 401, description = "Wrong admin token", body = ErrorBody),
-        (status = 404, description = "The admin API is disabled (no ADMIN_TOKEN)", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        AdminRefusals,
     )
 )]
 pub async fn migrations(

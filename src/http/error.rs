@@ -64,6 +64,26 @@ impl ApiError {
         }
     }
 
+    /// A short name of the refusal for the request log line (the reply
+    /// itself carries only the status and a sentence).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::TooManyRequests | ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Busy => "busy",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::UriTooLong => "uri_too_long",
+            ApiError::HeadersTooLarge => "headers_too_large",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest(message.into())
     }
@@ -81,9 +101,14 @@ impl ApiError {
     }
 }
 
+/// Attached to an error reply so that the request log line can name it.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status_code(), Json(self.body())).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code()));
         let retry_after = match self {
             ApiError::RateLimited(seconds) => Some(HeaderValue::from(seconds)),
             // Queued work drains within about a second.

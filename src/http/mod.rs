@@ -1,9 +1,11 @@
 //! The HTTP surface: the `/api` routes, operational endpoints, the WebSocket
 //! upgrade, and the middleware every request passes (request id, one log line,
 //! metrics by route template, CORS, body limit, head limits and body deadline,
-//! panic → JSON 500). `server` is the listener that serves it.
+//! panic → JSON 500), and the operator's page under `/admin/`. `server` is the
+//! listener that serves it.
 
 mod admin;
+mod admin_page;
 pub mod error;
 pub mod extract;
 pub mod forwarded;
@@ -34,7 +36,7 @@ use utoipa_axum::routes;
 
 use crate::config::CorsOrigins;
 use crate::state::AppState;
-use error::ApiError;
+use error::{ApiError, ErrorCode};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -73,6 +75,8 @@ pub fn router(state: AppState) -> Router {
     let (routes, document) = routes(state.config.metrics_bind.is_none()).split_for_parts();
     let document = openapi::Rendered(document.to_json().unwrap_or_default().into());
     routes
+        // The operator's page is HTML, not part of the JSON API's document.
+        .merge(admin_page::routes())
         .layer(Extension(document))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -143,12 +147,19 @@ fn make_span(req: &Request<Body>) -> Span {
     tracing::info_span!("request", method = %req.method(), route = %route_of(req), request_id = %request_id)
 }
 
+/// One line per request: status, latency in milliseconds (three decimals)
+/// and, for a refusal, its error code.
 fn log_response<B>(res: &Response<B>, latency: Duration, _: &Span) {
-    tracing::info!(
-        status = res.status().as_u16(),
-        latency_ms = latency.as_secs_f64() * 1e3,
-        "request"
-    );
+    let latency_ms = format_args!("{:.3}", latency.as_secs_f64() * 1e3);
+    match res.extensions().get::<ErrorCode>() {
+        Some(ErrorCode(code)) => tracing::info!(
+            status = res.status().as_u16(),
+            error = code,
+            latency_ms = %latency_ms,
+            "request"
+        ),
+        None => tracing::info!(status = res.status().as_u16(), latency_ms = %latency_ms, "request"),
+    }
 }
 
 /// Counts requests and their durations by method, route template and status.

@@ -20,7 +20,7 @@ use utoipa::openapi::schema::{
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi as Document, RefOr};
-use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::domain::{History, MAX_KEY_CHARS, Number, RoomKey};
 
@@ -50,6 +50,47 @@ pub struct ErrorBody<'a> {
     /// A sentence for people; branch on the status code.
     #[schema(value_type = String)]
     pub error: Cow<'a, str>,
+}
+
+/// The refusals every write can meet: `POST /api/roulette/save`,
+/// `PUT /api/roulette/{key}` and `POST /api/rooms/auth`. `ApiError` produces
+/// them; this type only documents them.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum WriteRefusals {
+    /// Invalid body, key, value or id; a full room
+    #[response(status = 400)]
+    BadRequest(ErrorBody<'static>),
+    /// Protected room without a valid token, or a wrong room password
+    #[response(status = 401)]
+    Unauthorized(ErrorBody<'static>),
+    /// Body over MAX_BODY_BYTES
+    #[response(status = 413)]
+    TooLarge(ErrorBody<'static>),
+    /// Body not sent as application/json
+    #[response(status = 415)]
+    NotJson(ErrorBody<'static>),
+    /// The client's quota is used up
+    #[response(status = 429, headers(("Retry-After" = u64, description = "Seconds to wait")))]
+    RateLimited(ErrorBody<'static>),
+    /// Database unavailable (nothing was stored), or too many password checks waiting
+    #[response(status = 503)]
+    Unavailable(ErrorBody<'static>),
+}
+
+/// The refusals of the admin API.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum AdminRefusals {
+    /// Wrong admin token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody<'static>),
+    /// The admin API is disabled (no ADMIN_TOKEN), or what was asked for does not exist
+    #[response(status = 404)]
+    NotFound(ErrorBody<'static>),
+    /// Database or bus unavailable
+    #[response(status = 503)]
+    Unavailable(ErrorBody<'static>),
 }
 
 /// Room tokens and the admin token are both bearer tokens.

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{ClientIp, JsonObject};
-use super::openapi::ErrorBody;
+use super::openapi::WriteRefusals;
 use crate::auth::MAX_PASSWORD_BYTES;
 use crate::domain::RoomKey;
 use crate::state::AppState;
@@ -45,12 +45,7 @@ pub struct TokenReply {
     request_body = AuthRequest,
     responses(
         (status = 200, description = "A room token, valid 24 h for this room", body = TokenReply),
-        (status = 400, description = "Invalid body, key or password", body = ErrorBody),
-        (status = 401, description = "Wrong password for a protected room", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
-        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
-        (status = 429, description = "Too many attempts from this address", body = ErrorBody),
-        (status = 503, description = "Database unavailable, or too many password checks waiting", body = ErrorBody),
+        WriteRefusals,
     )
 )]
 pub async fn authenticate(

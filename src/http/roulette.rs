@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, BearerToken, ClientIp, JsonObject};
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, WriteRefusals};
 use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
 use crate::hub::RoomBody;
 use crate::rooms::Writer;
@@ -144,13 +144,7 @@ pub async fn get_room(
     security((), ("room_token" = [])),
     responses(
         (status = 200, description = "Appended (the room is created if missing)", body = Saved),
-        (status = 400, description = "Invalid body, key, number or id; the room is full", body = ErrorBody),
-        (status = 401, description = "Protected room without a valid token", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
-        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
-        (status = 429, description = "The client's write or new-room quota is used up", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "Database unavailable; nothing was stored", body = ErrorBody),
+        WriteRefusals,
     )
 )]
 pub async fn save(
@@ -184,13 +178,7 @@ pub async fn save(
     security((), ("room_token" = [])),
     responses(
         (status = 200, description = "Replaced (the room is created if missing)", body = Saved),
-        (status = 400, description = "Invalid body, key, history or id", body = ErrorBody),
-        (status = 401, description = "Protected room without a valid token", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES", body = ErrorBody),
-        (status = 415, description = "Body not sent as application/json", body = ErrorBody),
-        (status = 429, description = "The client's write or new-room quota is used up", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "Database unavailable; nothing was stored", body = ErrorBody),
+        WriteRefusals,
     )
 )]
 pub async fn replace(

@@ -415,6 +415,8 @@ impl Store for SqliteStore {
         let mut conn = self.writer.acquire().await?;
         conn.ensure_migrations_table().await?;
         let applied = conn.list_applied_migrations().await?;
+        // The writer pool has one connection, and the migrator needs it.
+        drop(conn);
         let target = super::rollback_target(&applied, steps)?;
         MIGRATOR
             .undo(&self.writer, target)

@@ -121,41 +121,50 @@ pub(super) fn run(
         let overflowed = overflow.cancelled();
         tokio::pin!(shutdown, kicked, overflowed);
 
-        let close: Option<(u16, &'static str)> = loop {
+        // Messages in and frames out, for the line logged at the end.
+        let (mut received, mut sent) = (0u64, 0u64);
+        let ending = loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break Some((close::GOING_AWAY, "server shutting down")),
-                _ = &mut kicked => break Some((close::NORMAL, "disconnected by an administrator")),
-                _ = &mut overflowed => break Some((close::TRY_AGAIN_LATER, "too slow; reconnect and resume")),
+                _ = &mut shutdown => break Ending::Server(close::GOING_AWAY, "server shutting down"),
+                _ = &mut kicked => break Ending::Server(close::NORMAL, "disconnected by an administrator"),
+                _ = &mut overflowed => break Ending::Server(close::TRY_AGAIN_LATER, "too slow; reconnect and resume"),
                 Some(outbound) = queue.recv() => match outbound {
                     Outbound::Frame(frame) => {
                         if !send_within(&mut sink, Message::Text(frame), idle_timeout).await {
-                            break None;
+                            break Ending::Lost;
                         }
+                        sent += 1;
                     }
                     Outbound::Removed(key) => Box::pin(session.forget(&key)).await,
                 },
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_seen = Instant::now();
+                        received += 1;
                         Box::pin(session.on_text(&text)).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
                         last_seen = Instant::now();
+                        received += 1;
                         if session.admit() {
                             session.reply_error(&WsError::new("invalid_json", "binary frames are not supported; send JSON text"));
                         }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
-                    Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Err(err)) => break violation(&err),
+                    Some(Ok(Message::Close(frame))) => break Ending::Client(frame.map(|f| f.code)),
+                    None => break Ending::Lost,
+                    Some(Err(err)) => break match violation(&err) {
+                        Some((code, reason)) => Ending::Server(code, reason),
+                        None => Ending::Lost,
+                    },
                 },
                 _ = ticker.tick() => {
                     if last_seen.elapsed() > idle_timeout {
-                        break Some((close::GOING_AWAY, "idle timeout"));
+                        break Ending::Server(close::GOING_AWAY, "idle timeout");
                     }
                     if !send_within(&mut sink, Message::Ping(Default::default()), idle_timeout).await {
-                        break None;
+                        break Ending::Lost;
                     }
                     session.info.last_activity = Utc::now();
                     Box::pin(session.publish_presence()).await;
@@ -163,15 +172,26 @@ pub(super) fn run(
             }
         };
 
-        if let Some((code, reason)) = close {
+        if let Ending::Server(code, reason) = ending {
             Box::pin(close_socket(sink, code, reason, idle_timeout)).await;
         }
+        session.log_end(&ending, received, sent);
         Box::pin(session.end(&registration.id)).await;
         drop(slots);
     }
     // Entered only while the task is polled, so its events carry the connection
     // and nothing else on the same thread does.
     .instrument(span)
+}
+
+/// Why a connection ended.
+enum Ending {
+    /// The server closed it with this code and reason.
+    Server(u16, &'static str),
+    /// The client closed it (with its code, if it gave one).
+    Client(Option<u16>),
+    /// The connection broke or stopped taking writes: no close handshake.
+    Lost,
 }
 
 /// Sends a close frame and waits for the peer's, bounded like every write: a
@@ -534,6 +554,27 @@ impl Session {
         if self.rooms.len() != before {
             self.publish_presence().await;
         }
+    }
+
+    /// The one line an operator reads about a connection that ended.
+    fn log_end(&self, ending: &Ending, received: u64, sent: u64) {
+        let (by, code, reason) = match ending {
+            Ending::Server(code, reason) => ("server", Some(*code), *reason),
+            Ending::Client(code) => ("client", *code, "closed by the client"),
+            Ending::Lost => ("network", None, "connection lost"),
+        };
+        let seconds = (Utc::now() - self.info.connected_at).num_milliseconds() as f64 / 1e3;
+        tracing::info!(
+            closed_by = by,
+            code = code.map(i64::from).unwrap_or(1006),
+            reason,
+            rooms = %self.info.rooms.join(","),
+            client = %self.client,
+            duration_s = %format_args!("{seconds:.1}"),
+            messages_in = received,
+            frames_out = sent,
+            "websocket closed"
+        );
     }
 
     /// Leaves every room and forgets the connection here and in the bus.

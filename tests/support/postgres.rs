@@ -12,6 +12,11 @@
 //! `useradd` if the package did not create it), and the temporary directory is
 //! handed over to that user.
 //!
+//! [`TestPostgres::start_tls`] starts the same server accepting TLS only:
+//! `ssl=on` with the given certificate, and a `pg_hba.conf` whose TCP lines
+//! are all `hostssl`, so a plain connection is refused. The tooling (readiness
+//! check) keeps using the Unix socket.
+//!
 //! [`TestPostgres::stop`] and [`TestPostgres::start`] shut the server down and
 //! bring it back on the same data directory and port, for outage tests;
 //! [`TestPostgres::stop_immediately`] simulates a crash (no checkpoint, WAL
@@ -31,6 +36,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use super::process::{free_port, signal_group, signal_process, stop_group};
+use super::tls::CertPair;
 
 /// The superuser role `initdb` creates; trust authentication, no password.
 const SUPERUSER: &str = "postgres";
@@ -53,6 +59,8 @@ pub struct TestPostgres {
     port: u16,
     account: Option<Account>,
     server: Option<Child>,
+    /// TLS only, with the certificate copied into the directory.
+    tls: bool,
 }
 
 impl TestPostgres {
@@ -61,6 +69,16 @@ impl TestPostgres {
     /// Panics (failing the test) if the PostgreSQL server binaries are missing or
     /// the server does not come up.
     pub async fn start_new() -> TestPostgres {
+        Self::start_with(None).await
+    }
+
+    /// Like [`TestPostgres::start_new`], but serving TLS only, with `server`'s
+    /// certificate and key.
+    pub async fn start_tls(server: &CertPair) -> TestPostgres {
+        Self::start_with(Some(server)).await
+    }
+
+    async fn start_with(tls: Option<&CertPair>) -> TestPostgres {
         let bin = find_bin_dir().unwrap_or_else(|| {
             panic!(
                 "PostgreSQL server binaries not found: looked for initdb and postgres in \
@@ -94,8 +112,12 @@ impl TestPostgres {
             port: 0,
             account,
             server: None,
+            tls: tls.is_some(),
         };
         pg.initdb().await;
+        if let Some(pair) = tls {
+            pg.install_tls(pair);
+        }
         // A free port can be taken by someone else before the server binds it;
         // try a few before giving up.
         let mut last_error = String::new();
@@ -217,6 +239,27 @@ impl TestPostgres {
         );
     }
 
+    /// Copies the certificate and key where the server account can read them
+    /// (PostgreSQL insists on an owner-only key) and allows TCP over TLS only.
+    fn install_tls(&self, pair: &CertPair) {
+        let data = self.data_dir();
+        for (from, to) in [(&pair.cert, "server.crt"), (&pair.key, "server.key")] {
+            let target = data.join(to);
+            fs::copy(from, &target).expect("copying the server certificate");
+            std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("restricting the server key");
+            if let Some(account) = self.account {
+                std::os::unix::fs::chown(&target, Some(account.uid), Some(account.gid))
+                    .expect("handing the certificate to the postgres user");
+            }
+        }
+        // No plain `host` line: a connection without TLS matches nothing and is refused.
+        let hba = "local all all trust\n\
+                   hostssl all all 127.0.0.1/32 trust\n\
+                   hostssl all all ::1/128 trust\n";
+        fs::write(data.join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
+    }
+
     /// Spawns `postgres` and waits until it accepts connections.
     async fn launch(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
@@ -248,6 +291,19 @@ impl TestPostgres {
                 "-c",
                 "log_min_messages=warning",
             ])
+            .args(if self.tls {
+                // Relative to the data directory.
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

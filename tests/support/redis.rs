@@ -9,6 +9,10 @@
 //! old data on purpose. Dropping the value kills the server and deletes its
 //! directory.
 //!
+//! [`TestRedis::start_tls`] starts a TLS-only server instead (`--port 0`,
+//! `--tls-port`), optionally requiring client certificates from its CA; its
+//! readiness is an accepted TCP connection, since `PING` would need TLS.
+//!
 //! A missing binary is a test failure with a clear message, never a silent skip:
 //! a Redis test that did not run must not look like one that passed.
 
@@ -24,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::process::{free_port, listens_on, signal_group};
+use super::tls::CertPair;
 
 const DEFAULT_BIN: &str = "/usr/bin/redis-server";
 /// How long a starting server may take to answer `PING`.
@@ -35,6 +40,17 @@ pub struct TestRedis {
     dir: TempDir,
     port: u16,
     server: Option<Child>,
+    tls: Option<RedisTls>,
+}
+
+/// How a TLS-only test server is set up.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    pub server: CertPair,
+    /// The CA that client certificates must come from.
+    pub ca: PathBuf,
+    /// `--tls-auth-clients yes`: refuse clients without such a certificate.
+    pub require_client_cert: bool,
 }
 
 impl TestRedis {
@@ -42,6 +58,15 @@ impl TestRedis {
     ///
     /// Panics (failing the test) if `redis-server` is missing or does not come up.
     pub async fn start_new() -> TestRedis {
+        Self::start_with(None).await
+    }
+
+    /// Starts a fresh server that speaks TLS only.
+    pub async fn start_tls(tls: RedisTls) -> TestRedis {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<RedisTls>) -> TestRedis {
         let bin = redis_binary();
         let mut dir = tempfile::Builder::new()
             .prefix("croupier-redis-")
@@ -55,6 +80,7 @@ impl TestRedis {
                 dir,
                 port: free_port(),
                 server: None,
+                tls: tls.clone(),
             };
             if redis.try_start().await.is_ok() {
                 return redis;
@@ -67,9 +93,14 @@ impl TestRedis {
         );
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -114,9 +145,26 @@ impl TestRedis {
     /// holds itself: another test's Redis on the same port would answer too.
     async fn try_start(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("redis.log");
-        let child = Command::new(&self.bin)
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = Command::new(&self.bin);
+        match &self.tls {
+            None => {
+                command.arg("--port").arg(self.port.to_string());
+            }
+            Some(tls) => {
+                let auth = if tls.require_client_cert { "yes" } else { "no" };
+                command
+                    .args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.server.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.server.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", auth]);
+            }
+        }
+        let child = command
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -141,7 +189,11 @@ impl TestRedis {
         self.server = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if listens_on(pid, self.port) && ping(self.port).await {
+            let ready = match self.tls {
+                None => ping(self.port).await,
+                Some(_) => accepts(self.port).await,
+            };
+            if ready && listens_on(pid, self.port) {
                 return Ok(());
             }
             let exited = self
@@ -201,6 +253,15 @@ async fn ping(port: u16) -> bool {
         .ok()
         .flatten()
         .is_some()
+}
+
+/// A TCP connection is accepted (a TLS server listens only once it is ready).
+async fn accepts(port: u16) -> bool {
+    let connect = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), connect).await,
+        Ok(Ok(_))
+    )
 }
 
 fn read_log(dir: &Path) -> String {

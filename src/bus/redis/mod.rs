@@ -27,6 +27,11 @@
 //! `committedAt` RFC 3339 with nanoseconds. `origin` is the publishing instance; an
 //! instance ignores its own events because it already delivered them locally.
 //!
+//! TLS: a `rediss://` URL connects with rustls, trusting `REDIS_CA_CERT` (or
+//! the public roots) and presenting a client certificate when one is
+//! configured ([`RedisTlsFiles`]). A certificate problem ends start-up at once
+//! with one line; only an unreachable server is waited for.
+//!
 //! The channel names and the JSON wire format live in `wire`; the background
 //! tasks (dispatching messages, following reconnects, announcing lost publishes)
 //! in `tasks`. This file holds the bus itself, its connections and the [`Bus`]
@@ -46,12 +51,14 @@ use anyhow::Context;
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
+use fred::types::config::TlsHostMapping;
 use tokio::task::JoinHandle;
 
 use super::{
     Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, InboundHandler, PRESENCE_TTL,
 };
 use crate::domain::{RoomEvent, RoomKey};
+use crate::tls::{self, RedisTlsFiles};
 use tasks::{Role, dispatch, retry_announcement, watch_connection};
 use wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, encode_event, room_channel};
 
@@ -81,6 +88,8 @@ pub struct RedisBusOptions {
     ///
     /// [`Inbound::Resync`]: crate::bus::Inbound::Resync
     pub message_buffer: usize,
+    /// Certificates for a `rediss://` URL; ignored for `redis://`.
+    pub tls: RedisTlsFiles,
 }
 
 impl Default for RedisBusOptions {
@@ -93,6 +102,7 @@ impl Default for RedisBusOptions {
             reconnect_max_delay: Duration::from_secs(5),
             presence_ttl: PRESENCE_TTL,
             message_buffer: 1024,
+            tls: RedisTlsFiles::default(),
         }
     }
 }
@@ -111,7 +121,22 @@ pub async fn connect_client(url: &str, options: &RedisBusOptions) -> anyhow::Res
 }
 
 fn builder(url: &str, options: &RedisBusOptions) -> anyhow::Result<Builder> {
-    let config = Config::from_url(url).context("invalid REDIS_URL")?;
+    let config = match url.strip_prefix("rediss://") {
+        // fred would load the system's CA store for `rediss://`, failing on an
+        // image without one; the TLS settings are ours, so parse the URL as
+        // plain and attach them.
+        Some(rest) => {
+            let mut config =
+                Config::from_url(&format!("redis://{rest}")).context("invalid REDIS_URL")?;
+            let client_config = options.tls.client_config()?;
+            config.tls = Some(TlsConfig {
+                connector: TlsConnector::from(client_config),
+                hostnames: TlsHostMapping::None,
+            });
+            config
+        }
+        None => Config::from_url(url).context("invalid REDIS_URL")?,
+    };
     let mut builder = Builder::from_config(config);
     let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
     // max_attempts 0 = retry forever; an outage must never end the process.
@@ -150,6 +175,12 @@ async fn init_with_retry<C: ClientLike>(client: &C, budget: Duration) -> anyhow:
             Err(_) => "connection attempt timed out".to_owned(),
         };
         count_error("connect");
+        // fred keeps only the text of a TLS error. A rejected certificate will
+        // be rejected again: stop now, and do not leave the client retrying.
+        if let Some(reason) = tls::describe_text(&error, "REDIS_CA_CERT") {
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
+            anyhow::bail!("connecting to Redis over TLS: {reason}");
+        }
         let now = Instant::now();
         if now >= deadline {
             anyhow::bail!(

@@ -1,17 +1,24 @@
 //! Connecting to PostgreSQL: the connection settings ([`PgOptions`]),
 //! [`PostgresStore::connect`] with its start-up wait for the server, and the
 //! separate connection that migrations use.
+//!
+//! TLS follows libpq's URL parameters, which sqlx parses: `sslmode`
+//! (`disable` … `verify-full`) and `sslrootcert` (a PEM bundle, trusted in
+//! addition to the public roots compiled into sqlx). The start-up wait retries
+//! only what waiting can fix; a certificate problem or a missing `sslrootcert`
+//! file stops start-up at once with one line naming it.
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{Connection, PgConnection};
 
 use super::PostgresStore;
 use crate::store::StoreError;
+use crate::tls;
 
 /// Longest wait between two connection attempts at start-up.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
@@ -53,6 +60,7 @@ impl PostgresStore {
         let admin = PgConnectOptions::from_str(url)
             .context("invalid PostgreSQL URL")?
             .application_name("croupier");
+        check_tls_settings(url, &admin)?;
         let timeout_ms = options.statement_timeout.as_millis();
         let connect = admin.clone().options([
             ("statement_timeout", format!("{timeout_ms}ms")),
@@ -111,10 +119,15 @@ async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> any
                 let _ = conn.close().await;
                 return Ok(());
             }
-            Ok(Err(err)) => match StoreError::from_sqlx(err) {
-                StoreError::Unavailable(msg) => last_error = msg,
-                other => anyhow::bail!("connecting to PostgreSQL: {other}"),
-            },
+            Ok(Err(err)) => {
+                if let Some(reason) = tls_failure(&err, connect.get_ssl_mode()) {
+                    anyhow::bail!("connecting to PostgreSQL over TLS: {reason}");
+                }
+                match StoreError::from_sqlx(err) {
+                    StoreError::Unavailable(msg) => last_error = msg,
+                    other => anyhow::bail!("connecting to PostgreSQL: {other}"),
+                }
+            }
             Err(_) => {
                 last_error = format!("no answer within {:?}", options.acquire_timeout);
             }
@@ -134,4 +147,60 @@ async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> any
         backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
     }
     anyhow::bail!("PostgreSQL still unreachable after {attempts} attempt(s): {last_error}")
+}
+
+/// Refuses TLS settings that cannot work, before the first attempt: a named
+/// `sslrootcert` that is missing or holds no certificate (sqlx would report an
+/// I/O error on every attempt, which reads like an outage). Also warns when the
+/// server's identity is not checked, since only `verify-full` stops an
+/// attacker who can redirect the connection.
+fn check_tls_settings(url: &str, options: &PgConnectOptions) -> anyhow::Result<()> {
+    let mode = options.get_ssl_mode();
+    let encrypts = !matches!(mode, PgSslMode::Disable | PgSslMode::Allow);
+    if encrypts && let Some(path) = root_cert_file(url) {
+        tls::read_certificates(&path, "sslrootcert")?;
+    }
+    if !matches!(mode, PgSslMode::VerifyFull) {
+        tracing::warn!(
+            sslmode = ?mode,
+            "the PostgreSQL server's identity is not verified (and with disable, allow or \
+             prefer the connection may be plain text); use sslmode=verify-full in production"
+        );
+    }
+    Ok(())
+}
+
+/// The `sslrootcert` file named in the URL (or by `PGSSLROOTCERT`, which sqlx
+/// also reads). Inline PEM (sqlx accepts that too) has no file to check.
+fn root_cert_file(url: &str) -> Option<std::path::PathBuf> {
+    let from_url = url::Url::parse(url).ok().and_then(|url| {
+        url.query_pairs()
+            .find(|(k, _)| k == "sslrootcert" || k == "ssl-root-cert")
+            .map(|(_, v)| v.into_owned())
+    });
+    let value = from_url.or_else(|| std::env::var("PGSSLROOTCERT").ok())?;
+    let value = value.trim();
+    (!value.is_empty() && !value.starts_with("-----BEGIN")).then(|| value.into())
+}
+
+/// Why a connection attempt failed at TLS, if it did: a rejected certificate,
+/// a server without TLS under `sslmode=require` or stricter, an unreadable
+/// certificate file. None of these heal by waiting.
+fn tls_failure(err: &sqlx::Error, mode: PgSslMode) -> Option<String> {
+    let rustls = match err {
+        sqlx::Error::Tls(inner) => match tls::rustls_error(inner.as_ref()) {
+            Some(rustls) => rustls,
+            None => return Some(inner.to_string()),
+        },
+        sqlx::Error::Io(io) => tls::rustls_error(io)?,
+        _ => return None,
+    };
+    let mut reason = tls::describe(rustls, "sslrootcert");
+    if matches!(mode, PgSslMode::VerifyCa) && tls::is_name_mismatch(rustls) {
+        // sqlx 0.8.6 skips the name check of verify-ca only for rustls's old
+        // error variant, not the one rustls 0.23.24+ reports (sqlx issue
+        // #3793, fixed after 0.8.6): verify-ca currently checks the name too.
+        reason.push_str(" (sqlx 0.8 checks the host name under verify-ca as well)");
+    }
+    Some(reason)
 }
