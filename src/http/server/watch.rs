@@ -20,6 +20,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -45,6 +46,10 @@ enum Phase {
 pub(super) struct Clock {
     /// A std mutex: one connection's task is its only user, never across `.await`.
     state: Mutex<(Phase, Instant)>,
+    /// Set once the connection upgraded (it never goes back): from then on the
+    /// socket passes every read and write straight through, without the lock,
+    /// because a WebSocket's frames are the hot path of fan-out.
+    upgraded: AtomicBool,
     header: Duration,
     idle: Duration,
 }
@@ -53,6 +58,7 @@ impl Clock {
     pub(super) fn new(header: Duration, idle: Duration) -> Arc<Self> {
         Arc::new(Clock {
             state: Mutex::new((Phase::Head, Instant::now())),
+            upgraded: AtomicBool::new(false),
             header,
             idle,
         })
@@ -80,6 +86,14 @@ impl Clock {
             Phase::Responding
         };
         self.set(&[Phase::Busy], to);
+        if upgraded {
+            self.upgraded.store(true, Ordering::Release);
+        }
+    }
+
+    /// Upgraded: no deadline, no error reply to substitute, nothing to track.
+    fn passthrough(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
     }
 
     /// A response made progress: a slow reader is not a stalled one.
@@ -234,6 +248,9 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.clock.passthrough() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -256,6 +273,9 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.clock.passthrough() {
+            return Pin::new(&mut this.io).poll_write(cx, buf);
+        }
         if let Some(done) = this.poll_substitute(cx, buf, buf.len()) {
             return done;
         }
@@ -269,6 +289,9 @@ impl AsyncWrite for Watched {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.clock.passthrough() {
+            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        }
         let first = bufs
             .iter()
             .find(|b| !b.is_empty())
@@ -287,6 +310,9 @@ impl AsyncWrite for Watched {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.clock.passthrough() {
+            return Pin::new(&mut this.io).poll_flush(cx);
+        }
         ready!(Pin::new(&mut this.io).poll_flush(cx))?;
         // hyper flushes once a response is out: the connection is idle now.
         // hyper may not read again until the client sends something, so the
