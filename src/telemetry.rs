@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::registry::Registry;
 use tracing_subscriber::util::SubscriberInitExt;
 
 const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,fred=warn";
@@ -32,10 +33,15 @@ pub fn init_tracing() {
     };
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    // The builder caps events at INFO by default, below any filter: lift the cap
-    // so `RUST_LOG` alone decides (`debug`, `trace`).
+    // The builder caps events at INFO by default, below any filter: the cap
+    // must be the filter's own most verbose level, so that `RUST_LOG` alone
+    // decides (`debug`, `trace`). Not simply TRACE: the cap is also the global
+    // level every disabled `trace!`/`debug!` (and `log` record of tungstenite,
+    // once per frame) is checked against before any filter runs, and a TRACE
+    // cap sends each of them through the dispatcher.
+    let most_verbose = Layer::<Registry>::max_level_hint(&filter).unwrap_or(LevelFilter::TRACE);
     let builder = tracing_subscriber::fmt()
-        .with_max_level(LevelFilter::TRACE)
+        .with_max_level(most_verbose)
         .with_target(false)
         .with_ansi(ansi);
     let installed = if json {
