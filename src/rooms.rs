@@ -39,6 +39,17 @@ pub struct Writer<'a> {
     pub joined_with_token: bool,
 }
 
+impl<'a> Writer<'a> {
+    /// An HTTP request: its client and the bearer token it carried, if any.
+    pub fn request(client: IpAddr, token: Option<&'a str>) -> Self {
+        Writer {
+            client,
+            token,
+            joined_with_token: false,
+        }
+    }
+}
+
 /// How long a mutation waits for its event to be published before answering.
 const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 

@@ -156,11 +156,7 @@ pub async fn save(
     let key = RoomKey::from_json(body.field("key")?)?;
     let number = Number::from_json(body.field("number")?)?;
     let id = mutation_id(&body)?;
-    let writer = Writer {
-        client,
-        token: token.as_deref(),
-        joined_with_token: false,
-    };
+    let writer = Writer::request(client, token.as_deref());
     let applied = state
         .rooms
         .mutate(writer, key, Change::Added(number), id)
@@ -191,11 +187,7 @@ pub async fn replace(
     let key = RoomKey::parse(&raw_key)?;
     let history = History::from_json(body.field("history")?, state.config.max_history)?;
     let id = mutation_id(&body)?;
-    let writer = Writer {
-        client,
-        token: token.as_deref(),
-        joined_with_token: false,
-    };
+    let writer = Writer::request(client, token.as_deref());
     let applied = state
         .rooms
         .mutate(writer, key, Change::Replaced(history), id)

@@ -239,19 +239,7 @@ impl RedisAdmin {
 
 /// Local ports of the TCP sockets process `pid` holds (from `/proc`).
 fn local_tcp_ports(pid: u32) -> std::collections::HashSet<u16> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("reading the instance's descriptors")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_string_lossy().into_owned();
-            Some(
-                target
-                    .strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .to_owned(),
-            )
-        })
-        .collect();
+    let inodes = super::process::socket_inodes(pid);
     let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
     table
         .lines()

@@ -119,7 +119,7 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
 }
 
 /// The inodes of the sockets process `pid` holds.
-fn socket_inodes(pid: u32) -> HashSet<String> {
+pub fn socket_inodes(pid: u32) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return HashSet::new();
     };
