@@ -27,7 +27,7 @@ pub const EVENT_RETENTION_COUNT: i64 = 1000;
 /// ...and every event younger than this.
 pub const EVENT_RETENTION_AGE: Duration = Duration::from_secs(600);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or timed out; nothing was committed.
     #[error("database unavailable: {0}")]
@@ -121,6 +121,53 @@ pub struct Applied {
     pub duplicate: bool,
 }
 
+/// Where a caller's copy of a room stands, so the store can tell it what
+/// other writers committed since.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Position {
+    /// `None`: as far as the caller knows, the room does not exist yet.
+    pub epoch: Option<Arc<str>>,
+    pub version: Version,
+}
+
+/// A room's identity and head, without its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub id: i64,
+    pub epoch: Arc<str>,
+    pub version: Version,
+    pub history_length: usize,
+    pub protected: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What one mutation of a batch came to.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Committed as this event.
+    Applied(RoomEvent),
+    /// Its mutation id was applied before, within [`MUTATION_ID_WINDOW`]: the
+    /// event that first attempt produced. Nothing changed.
+    Duplicate(RoomEvent),
+    /// Refused by the room's rules (index, length, protection); nothing changed.
+    Refused(StoreError),
+}
+
+/// What the store did with one batch of mutations to one room.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Events other writers committed after the caller's `known` position and
+    /// before this batch, oldest first. `None` when they cannot all be given
+    /// (another epoch, or the log no longer holds them): the caller reloads
+    /// the room with [`Store::room`].
+    pub missed: Option<Vec<RoomEvent>>,
+    /// One per mutation, in the order given.
+    pub outcomes: Vec<Outcome>,
+    /// The room after the batch; `None` if it still does not exist.
+    pub head: Option<Head>,
+}
+
 /// One row of `GET /api/roulette/sessions`.
 #[derive(Debug, Clone)]
 pub struct RoomSummary {
@@ -176,6 +223,68 @@ pub trait Store: Send + Sync + 'static {
     /// targets a missing one, and appends it to the event log with the room's next
     /// version. A repeated mutation id within [`MUTATION_ID_WINDOW`] changes nothing.
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError>;
+
+    /// Applies mutations to one room, in order, in one transaction: the room's
+    /// lock is taken and the commit flushed once for all of them. Each mutation
+    /// gets the outcome it would have had alone (its own version and event, or
+    /// its refusal). An error means nothing of the batch was committed.
+    ///
+    /// `known` is where the caller's copy of the room stands; the reply says
+    /// what other writers committed after it (see [`Batch::missed`]).
+    async fn apply_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+    ) -> Result<Batch, StoreError> {
+        // Provisional: one transaction per mutation, until each backend has
+        // its own batched path.
+        let before = self.room(key).await?;
+        let missed = match &before {
+            Some(room) if known.epoch.as_deref() == Some(&*room.epoch) => {
+                if room.version == known.version {
+                    Some(Vec::new())
+                } else {
+                    self.events_since(key, known.version).await?
+                }
+            }
+            None if known.epoch.is_none() => Some(Vec::new()),
+            _ => None,
+        };
+        let mut outcomes = Vec::with_capacity(mutations.len());
+        let mut last = before;
+        for mutation in mutations {
+            match self.apply(mutation.clone()).await {
+                Ok(applied) => {
+                    outcomes.push(if applied.duplicate {
+                        Outcome::Duplicate(applied.event)
+                    } else {
+                        Outcome::Applied(applied.event)
+                    });
+                    last = Some(applied.room);
+                }
+                Err(err @ StoreError::Unavailable(_)) | Err(err @ StoreError::Internal(_))
+                    if outcomes.is_empty() =>
+                {
+                    return Err(err);
+                }
+                Err(err) => outcomes.push(Outcome::Refused(err)),
+            }
+        }
+        Ok(Batch {
+            missed,
+            outcomes,
+            head: last.map(|room| Head {
+                id: room.id,
+                epoch: room.epoch,
+                version: room.version,
+                history_length: room.history.len(),
+                protected: room.protected,
+                created_at: room.created_at,
+                updated_at: room.updated_at,
+            }),
+        })
+    }
 
     /// Events with versions after `after`, oldest first, if the log still holds
     /// every one of them; `None` when some were pruned (the caller sends a full sync).
