@@ -12,6 +12,7 @@ pub mod domain;
 pub mod files;
 pub mod http;
 pub mod hub;
+pub mod protocol;
 pub mod quota;
 pub mod rooms;
 pub mod startup;

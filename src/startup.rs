@@ -21,6 +21,7 @@ use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
 use crate::config::{Config, Database};
 use crate::domain::RoomKey;
 use crate::files;
+use crate::hub::registry::Connections;
 use crate::hub::{Hub, HubConfig};
 use crate::quota::Quotas;
 use crate::rooms::Rooms;
@@ -30,7 +31,6 @@ use crate::store::postgres::{PgOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{DynStore, ensure_current_schema};
 use crate::telemetry;
-use crate::ws::registry::Connections;
 
 /// Opens the configured store without touching its schema.
 pub async fn open_store(config: &Config) -> anyhow::Result<DynStore> {

@@ -11,9 +11,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::hub::registry::{ClientSlots, Connections};
 use crate::rooms::Rooms;
 use crate::store::Store;
-use crate::ws::registry::{ClientSlots, Connections};
 
 /// Readiness and shutdown, shared by the server, its probes and every socket.
 #[derive(Default)]

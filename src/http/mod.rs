@@ -15,6 +15,7 @@ mod ops;
 mod rooms_auth;
 mod roulette;
 pub mod server;
+mod websocket;
 
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ fn routes(metrics_here: bool) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::disconnect))
         .routes(routes!(admin::migrations))
         .routes(routes!(openapi::document))
-        .routes(routes!(crate::ws::upgrade))
+        .routes(routes!(websocket::upgrade))
         .routes(routes!(ops::health))
         .routes(routes!(ops::livez))
         .routes(routes!(ops::readyz));

@@ -10,6 +10,7 @@
 //! anything later (architecture invariant 3).
 
 mod outbox;
+pub mod registry;
 mod room;
 mod view;
 
@@ -23,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bus::DynBus;
 use crate::domain::Room;
 use crate::domain::{RoomEvent, RoomKey, Version};
+use crate::protocol::frames::Dialect;
 use crate::store::{DynStore, StoreError};
-use crate::ws::frames::Dialect;
 pub use outbox::{Inbox, Outbound, Outbox, channel as outbox};
 use view::View;
 pub use view::{RoomBody, Snapshot};

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RoomKey;
-use crate::ws::frames::Frame;
+use crate::protocol::frames::Frame;
 
 /// What a connection's task takes from its queue.
 #[derive(Debug)]

@@ -13,8 +13,8 @@ use tokio::time::{Duration, Instant};
 use super::view::{Snapshot, View};
 use super::{Command, Greeting, Hub, Member};
 use crate::domain::{History, RoomEvent, RoomKey, Version};
+use crate::protocol::frames::{self, Dialect, Frame};
 use crate::store::StoreError;
-use crate::ws::frames::{self, Dialect, Frame};
 
 /// How long events that arrived ahead of a gap wait for the missing ones
 /// before the room task reads them from the store's event log.

@@ -16,13 +16,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::Peer;
-use super::frames::{self, Dialect, Frame};
-use super::messages::{self, ClientMessage, WsError};
-use super::registry::ClientSlot;
 use crate::auth::TokenError;
 use crate::bus::ConnectionInfo;
 use crate::domain::{Change, MutationId, RoomKey};
+use crate::hub::registry::ClientSlot;
 use crate::hub::{self, Greeting, Member, Outbound, Outbox};
+use crate::protocol::frames::{self, Dialect, Frame};
+use crate::protocol::messages::{self, ClientMessage, WsError};
 use crate::rooms::{AccessError, Writer};
 use crate::state::AppState;
 use crate::store::StoreError;
@@ -68,7 +68,7 @@ struct Session {
 /// - the awaits that run only now and then (handling a client message, presence
 ///   updates, the close) are boxed: they nest store, hub and bus futures larger
 ///   than all the rest, and a boxed future takes memory only while it runs.
-pub(super) fn run(
+pub fn run(
     socket: WebSocket,
     state: AppState,
     peer: Peer,
