@@ -17,7 +17,9 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, Auth, Hasher};
 use crate::bus::memory::MemoryBroker;
 use crate::bus::redis::{RedisBus, RedisBusOptions};
-use crate::bus::{ControlMessage, DynBroker, DynControlPlane, Inbound, InboundHandler};
+use crate::bus::{
+    Broker, ControlMessage, ControlPlane, DynBroker, DynControlPlane, Inbound, InboundHandler,
+};
 use crate::config::{Config, Database};
 use crate::domain::RoomKey;
 use crate::files;
@@ -144,10 +146,7 @@ impl Application {
                 }
             })
         };
-        // One set of connections serves both halves of the bus: the hub gets
-        // the room events, rooms and the admin API the presence and control.
-        let (bus, control, store): (DynBroker, DynControlPlane, DynStore) = match &config.redis_url
-        {
+        let (halves, store): (_, DynStore) = match &config.redis_url {
             Some(url) => {
                 let options = RedisBusOptions {
                     tls: config.redis_tls.clone(),
@@ -162,14 +161,14 @@ impl Application {
                     config.cache_ttl,
                     config.cache_max_history,
                 );
-                let bus = Arc::new(bus);
-                (bus.clone(), bus, Arc::new(cached))
+                (both_halves(bus), Arc::new(cached))
             }
-            None => {
-                let bus = Arc::new(broker.connect(&config.instance_id, handler));
-                (bus.clone(), bus, store)
-            }
+            None => (
+                both_halves(broker.connect(&config.instance_id, handler)),
+                store,
+            ),
         };
+        let (bus, control) = halves;
 
         let hub = Hub::new(
             store.clone(),
@@ -305,6 +304,13 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Both seams of one bus, over its one set of connections: the hub gets the
+/// room events; rooms, sessions and the admin API the presence and control.
+fn both_halves<B: Broker + ControlPlane>(bus: B) -> (DynBroker, DynControlPlane) {
+    let bus = Arc::new(bus);
+    (bus.clone(), bus)
 }
 
 /// Serves `/metrics` alone on its own listener until the instance drains.
