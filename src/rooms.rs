@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{Auth, TokenError};
-use crate::bus::{ControlMessage, DynBus};
-use crate::domain::{Change, MutationId, RoomKey};
-use crate::hub::{Hub, Snapshot};
+use crate::bus::{ControlMessage, DynBroker, DynControlPlane};
+use crate::domain::{Change, MutationId, Room, RoomKey};
+use crate::hub::{Greeting, Hub, Member, Snapshot};
 use crate::quota::{Quotas, RateLimited};
-use crate::store::{Applied, DynStore, Mutation, RoomAuth, StoreError};
+use crate::store::{
+    Applied, DynStore, Mutation, Page, RoomAuth, RoomSummary, StoreError, StoreStats,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -53,17 +55,55 @@ impl<'a> Writer<'a> {
 /// How long a mutation waits for its event to be published before answering.
 const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
+/// The one door to rooms for the HTTP API and the WebSocket sessions: they
+/// read, change, join and leave rooms only through it, never through the
+/// hub, the bus or the store behind it.
 #[derive(Clone)]
 pub struct Rooms {
-    pub store: DynStore,
-    pub bus: DynBus,
-    pub hub: Hub,
-    pub auth: Arc<Auth>,
-    pub quotas: Arc<Quotas>,
-    pub max_history: usize,
+    store: DynStore,
+    /// Room events to the other instances.
+    bus: DynBroker,
+    /// Announcing a room's change of access to every instance.
+    control: DynControlPlane,
+    hub: Hub,
+    auth: Arc<Auth>,
+    quotas: Arc<Quotas>,
+    max_history: usize,
 }
 
 impl Rooms {
+    /// Puts the room operations together over this instance's hub and the
+    /// cluster's store and bus.
+    pub fn new(
+        store: DynStore,
+        hub: Hub,
+        bus: DynBroker,
+        control: DynControlPlane,
+        auth: Arc<Auth>,
+        quotas: Arc<Quotas>,
+        max_history: usize,
+    ) -> Self {
+        Rooms {
+            store,
+            bus,
+            control,
+            hub,
+            auth,
+            quotas,
+            max_history,
+        }
+    }
+
+    /// Room tokens and passwords.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// Forgets clients whose quotas no longer restrict them (periodic upkeep).
+    pub fn prune_quotas(&self) {
+        self.quotas.prune();
+    }
+
     /// Reads a room, enforcing its token if it is protected. `Ok(None)`: never created.
     ///
     /// A room this instance follows is answered from the hub's snapshot; any
@@ -187,12 +227,51 @@ impl Rooms {
             let message = ControlMessage::Protected {
                 key: key.to_string(),
             };
-            if let Err(err) = self.bus.control(message).await {
+            if let Err(err) = self.control.control(message).await {
                 // Members elsewhere stay joined until they write (the store
                 // refuses them) or reconnect.
                 tracing::warn!(room = %key, error = %err, "cannot announce a protected room");
             }
         }
         Ok(created)
+    }
+
+    /// Makes a connection a member of a room and sends it its greeting. Returns
+    /// once the room counts it, so every event committed afterwards reaches it.
+    /// A room protected since the caller's token check refuses with
+    /// [`StoreError::AuthRequired`].
+    pub async fn join(
+        &self,
+        key: &RoomKey,
+        member: Member,
+        greeting: Greeting,
+    ) -> Result<(), StoreError> {
+        self.hub.join(key, member, greeting).await
+    }
+
+    /// Ends a connection's membership of a room (nothing if it had none).
+    pub fn leave(&self, key: &RoomKey, conn_id: u64) {
+        self.hub.leave(key, conn_id);
+    }
+
+    /// The room's protection as stored: whether it exists and its password hash.
+    pub async fn access(&self, key: &RoomKey) -> Result<Option<RoomAuth>, StoreError> {
+        self.store.room_auth(key).await
+    }
+
+    /// One page of stored rooms, most recently changed first, and how many there are.
+    pub async fn list(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError> {
+        self.store.list_rooms(page).await
+    }
+
+    /// The room as the store holds it, protected or not: for the operator's
+    /// API, which is authorised as a whole rather than per room.
+    pub async fn read_unchecked(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        self.store.room(key).await
+    }
+
+    /// Totals over every stored room.
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.store.stats().await
     }
 }

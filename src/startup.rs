@@ -17,7 +17,9 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, Auth, Hasher};
 use crate::bus::memory::MemoryBroker;
 use crate::bus::redis::{RedisBus, RedisBusOptions};
-use crate::bus::{ControlMessage, DynBus, Inbound, InboundHandler};
+use crate::bus::{
+    Broker, ControlMessage, ControlPlane, DynBroker, DynControlPlane, Inbound, InboundHandler,
+};
 use crate::config::{Config, Database};
 use crate::domain::RoomKey;
 use crate::files;
@@ -25,7 +27,7 @@ use crate::hub::registry::Connections;
 use crate::hub::{Hub, HubConfig};
 use crate::quota::Quotas;
 use crate::rooms::Rooms;
-use crate::state::{AppState, Lifecycle, Shared};
+use crate::state::{AppState, DatabaseOps, Lifecycle, Shared};
 use crate::store::cached::CachedStore;
 use crate::store::postgres::{PgOptions, PostgresStore};
 use crate::store::sqlite::SqliteStore;
@@ -144,7 +146,7 @@ impl Application {
                 }
             })
         };
-        let (bus, store): (DynBus, DynStore) = match &config.redis_url {
+        let (halves, store): (_, DynStore) = match &config.redis_url {
             Some(url) => {
                 let options = RedisBusOptions {
                     tls: config.redis_tls.clone(),
@@ -159,13 +161,14 @@ impl Application {
                     config.cache_ttl,
                     config.cache_max_history,
                 );
-                (Arc::new(bus), Arc::new(cached))
+                (both_halves(bus), Arc::new(cached))
             }
             None => (
-                Arc::new(broker.connect(&config.instance_id, handler)),
+                both_halves(broker.connect(&config.instance_id, handler)),
                 store,
             ),
         };
+        let (bus, control) = halves;
 
         let hub = Hub::new(
             store.clone(),
@@ -183,17 +186,20 @@ impl Application {
             NonZeroU32::new(config.auth_attempts_per_minute).unwrap_or(NonZeroU32::MIN);
         let rate_clock = DefaultClock::default();
         let state = AppState::new(Shared {
-            rooms: Rooms {
-                store,
-                bus,
+            rooms: Rooms::new(
+                store.clone(),
                 hub,
-                auth: Auth::new(
+                bus,
+                control.clone(),
+                Auth::new(
                     secret.as_bytes(),
                     Hasher::start(config.hashing.threads, config.hashing.queue)?,
                 ),
-                quotas: Arc::new(Quotas::new(config.quotas, rate_clock.clone())),
-                max_history: config.max_history,
-            },
+                Arc::new(Quotas::new(config.quotas, rate_clock.clone())),
+                config.max_history,
+            ),
+            cluster: control,
+            database: DatabaseOps::new(store),
             connections,
             metrics,
             lifecycle: Arc::new(Lifecycle::default()),
@@ -256,7 +262,7 @@ impl Application {
         tracing::info!(
             address = %listener.local_addr()?,
             instance = %state.config.instance_id,
-            store = state.store().backend(),
+            store = state.database.backend(),
             database = %state.config.database_location(),
             redis = %state.config.redis_location(),
             "serving"
@@ -300,6 +306,13 @@ impl Application {
     }
 }
 
+/// Both seams of one bus, over its one set of connections: the hub gets the
+/// room events; rooms, sessions and the admin API the presence and control.
+fn both_halves<B: Broker + ControlPlane>(bus: B) -> (DynBroker, DynControlPlane) {
+    let bus = Arc::new(bus);
+    (bus.clone(), bus)
+}
+
 /// Serves `/metrics` alone on its own listener until the instance drains.
 fn serve_metrics(listener: TcpListener, state: &AppState) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "serving /metrics");
@@ -334,9 +347,9 @@ fn forget_idle_clients(limiter: &DefaultKeyedRateLimiter<IpAddr>) {
 /// Background upkeep: the database health gauge, event-log pruning, and
 /// forgetting idle clients (auth limiter, write and room quotas).
 fn spawn_maintenance(state: &AppState) {
-    let store = state.rooms.store.clone();
+    let database = state.database.clone();
     let limiter = state.auth_limiter.clone();
-    let quotas = state.rooms.quotas.clone();
+    let rooms = state.rooms.clone();
     let stop = state.lifecycle.shutdown.clone();
     tokio::spawn(async move {
         let mut check = tokio::time::interval(Duration::from_secs(5));
@@ -346,17 +359,17 @@ fn spawn_maintenance(state: &AppState) {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = check.tick() => {
-                    let up = if store.ping().await.is_ok() { 1.0 } else { 0.0 };
+                    let up = if database.ping().await.is_ok() { 1.0 } else { 0.0 };
                     metrics::gauge!("croupier_dependency_up", "dependency" => "database").set(up);
                 }
-                _ = prune.tick() => match store.prune_events().await {
+                _ = prune.tick() => match database.prune_events().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "pruned event log"),
                     Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
                 },
                 _ = prune_limiter.tick() => {
                     forget_idle_clients(&limiter);
-                    quotas.prune();
+                    rooms.prune_quotas();
                 }
             }
         }

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use governor::DefaultKeyedRateLimiter;
 use governor::clock::DefaultClock;
@@ -10,10 +11,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::DynControlPlane;
 use crate::config::Config;
 use crate::hub::registry::{ClientSlots, Connections};
 use crate::rooms::Rooms;
-use crate::store::Store;
+use crate::store::{DynStore, MigrationInfo, StoreError};
 
 /// Readiness and shutdown, shared by the server, its probes and every socket.
 #[derive(Default)]
@@ -55,7 +57,13 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub config: Arc<Config>,
+    /// Everything about rooms: reads, changes, joins, protection.
     pub rooms: Rooms,
+    /// Connections and instances: presence, join counts, admin control
+    /// messages and the bus's health.
+    pub cluster: DynControlPlane,
+    /// The store as operations see it; rooms are reached through `rooms`.
+    pub database: DatabaseOps,
     pub connections: Connections,
     pub metrics: PrometheusHandle,
     pub lifecycle: Arc<Lifecycle>,
@@ -72,8 +80,34 @@ pub struct Shared {
     pub rate_clock: DefaultClock,
 }
 
-impl Shared {
-    pub fn store(&self) -> &dyn Store {
-        self.rooms.store.as_ref()
+/// The store's operational side: health, schema and housekeeping. It
+/// deliberately offers nothing about rooms, so that handlers read and change
+/// rooms through [`Rooms`], whose checks and fan-out they cannot skip.
+#[derive(Clone)]
+pub struct DatabaseOps(DynStore);
+
+impl DatabaseOps {
+    pub fn new(store: DynStore) -> Self {
+        DatabaseOps(store)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+
+    /// A round trip to the database; its latency when it answers.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        self.0.ping().await
+    }
+
+    /// Applied and pending schema migrations.
+    pub async fn migration_status(&self) -> Result<Vec<MigrationInfo>, StoreError> {
+        self.0.migration_status().await
+    }
+
+    /// Drops event-log entries past their retention; how many went.
+    pub async fn prune_events(&self) -> Result<u64, StoreError> {
+        self.0.prune_events().await
     }
 }

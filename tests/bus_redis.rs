@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use croupier::bus::redis::{RedisBus, RedisBusOptions, connect_client};
-use croupier::bus::{Bus, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler};
+use croupier::bus::{
+    Broker, BusHealth, ConnectionInfo, ControlMessage, ControlPlane, Inbound, InboundHandler,
+};
 use croupier::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey};
 use croupier::store::cached::CachedStore;
 use croupier::store::sqlite::SqliteStore;
@@ -112,7 +114,7 @@ fn event(room: &str, version: u64, change: Change) -> RoomEvent {
         epoch: "epoch-1".into(),
         version,
         change,
-        mutation_id: Some(MutationId::new(format!("m{version}"))),
+        mutation_id: Some(MutationId::parse(format!("m{version}")).unwrap()),
         committed_at: Utc::now(),
     }
 }

@@ -45,7 +45,7 @@ fn mutation(room: &RoomKey, change: Change) -> Mutation {
 }
 
 fn with_id(mut m: Mutation, id: &str) -> Mutation {
-    m.mutation_id = Some(MutationId::new(id.to_owned()));
+    m.mutation_id = Some(MutationId::parse(id).unwrap());
     m
 }
 
@@ -357,7 +357,7 @@ async fn postgres_accepts_and_rejects_exactly_what_sqlite_does() {
             ..mutation(room, change)
         };
         if rng.below(3) == 0 {
-            m.mutation_id = Some(MutationId::new(format!("id-{}", rng.below(12))));
+            m.mutation_id = Some(MutationId::parse(format!("id-{}", rng.below(12))).unwrap());
         }
         let from_sqlite = outcome(sqlite.apply(m.clone()).await);
         let from_postgres = outcome(postgres.apply(m.clone()).await);
@@ -416,7 +416,7 @@ async fn two_instances_appending_agree_with_sqlite() {
             ..mutation(room, change)
         };
         if rng.below(4) == 0 {
-            m.mutation_id = Some(MutationId::new(format!("id-{}", rng.below(30))));
+            m.mutation_id = Some(MutationId::parse(format!("id-{}", rng.below(30))).unwrap());
         }
         let instance = &instances[rng.below(2) as usize];
         let from_sqlite = outcome(sqlite.apply(m.clone()).await);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use croupier::bus::redis::{RedisBus, RedisBusOptions};
-use croupier::bus::{Bus, BusHealth, InboundHandler};
+use croupier::bus::{BusHealth, ControlPlane, InboundHandler};
 use croupier::tls::RedisTlsFiles;
 use serde_json::json;
 use support::app::{TestServer, free_port};

@@ -5,7 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use super::{Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, Inbound, InboundHandler};
+use super::{
+    Broker, BusError, BusHealth, ConnectionInfo, ControlMessage, ControlPlane, Inbound,
+    InboundHandler,
+};
 use crate::domain::{RoomEvent, RoomKey};
 use async_trait::async_trait;
 
@@ -56,7 +59,7 @@ impl MemoryBroker {
     }
 }
 
-/// One instance's connection to a [`MemoryBroker`].
+/// One instance's connection to a [`MemoryBroker`]; both halves of the bus.
 pub struct MemoryBus {
     broker: MemoryBroker,
     instance: String,
@@ -71,7 +74,7 @@ impl Drop for MemoryBus {
 }
 
 #[async_trait]
-impl Bus for MemoryBus {
+impl Broker for MemoryBus {
     async fn publish(&self, event: &RoomEvent) -> Result<(), BusError> {
         let handlers: Vec<InboundHandler> = {
             let state = self.broker.lock();
@@ -104,7 +107,10 @@ impl Bus for MemoryBus {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl ControlPlane for MemoryBus {
     async fn control(&self, message: ControlMessage) -> Result<(), BusError> {
         let handlers: Vec<InboundHandler> = self
             .broker

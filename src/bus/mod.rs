@@ -1,11 +1,16 @@
 //! The bus seam: how instances tell each other about committed room events,
 //! share presence (who is connected where) and pass admin control messages.
 //!
-//! Two backends implement [`Bus`]: [`memory::MemoryBus`] connects instances in
-//! one process (the embedded default has exactly one), [`redis::RedisBus`] connects
-//! instances through Redis pub/sub (cluster mode). Every instance also delivers
-//! its own events to its local members directly, so the bus only has to carry
-//! events to *other* instances; receivers order and de-duplicate by version.
+//! The seam is split by what its callers need, as centrifuge splits its
+//! `Broker` from its `PresenceManager`: [`Broker`] carries room events (the
+//! hub publishes and subscribes), [`ControlPlane`] carries everything about
+//! connections and instances (presence, join counts, control messages,
+//! health). Two backends implement both over one set of connections:
+//! [`memory::MemoryBus`] connects instances in one process (the embedded
+//! default has exactly one), [`redis::RedisBus`] connects instances through
+//! Redis pub/sub (cluster mode). Every instance also delivers its own events
+//! to its local members directly, so the bus only has to carry events to
+//! *other* instances; receivers order and de-duplicate by version.
 
 pub mod memory;
 pub mod redis;
@@ -81,8 +86,14 @@ pub enum BusHealth {
     Down,
 }
 
+/// Room events between instances: what the hub needs to follow its rooms.
+///
+/// Like centrifuge's `Broker`, it knows nothing about connections: a room
+/// task subscribes while it has members and publishes what its writers
+/// committed; events from other instances arrive through the
+/// [`InboundHandler`] given to the implementation when it connected.
 #[async_trait]
-pub trait Bus: Send + Sync + 'static {
+pub trait Broker: Send + Sync + 'static {
     /// Sends a committed event to the other instances that have members in its room.
     async fn publish(&self, event: &RoomEvent) -> Result<(), BusError>;
 
@@ -92,6 +103,20 @@ pub trait Bus: Send + Sync + 'static {
     /// Stops receiving events for a room (called after its last local member left).
     async fn unsubscribe(&self, key: &RoomKey) -> Result<(), BusError>;
 
+    /// Whether events from other instances are arriving right now (the
+    /// subscription is connected). Without it, local room state may lag behind.
+    fn delivering(&self) -> bool {
+        true
+    }
+}
+
+/// Connections and instances rather than rooms: the cluster-wide presence
+/// table and join counts that the admin API shows, the control messages
+/// every instance acts on, and the bus's health. Like centrifuge's
+/// `PresenceManager`, it is a separate seam from [`Broker`], so that the hub
+/// cannot reach it and the admin API cannot publish room events.
+#[async_trait]
+pub trait ControlPlane: Send + Sync + 'static {
     /// Broadcasts a control message to every instance, this one included.
     async fn control(&self, message: ControlMessage) -> Result<(), BusError>;
 
@@ -111,16 +136,16 @@ pub trait Bus: Send + Sync + 'static {
     /// Joins counted per room key.
     async fn join_counts(&self) -> Result<HashMap<String, u64>, BusError>;
 
+    /// Whether the bus's external dependency answers, for `/health`.
     async fn health(&self) -> BusHealth;
-
-    /// Whether events from other instances are arriving right now (the
-    /// subscription is connected). Without it, local room state may lag behind.
-    fn delivering(&self) -> bool {
-        true
-    }
 }
 
-pub type DynBus = Arc<dyn Bus>;
+/// The room-event half of a bus, shared by the hub and its room tasks.
+pub type DynBroker = Arc<dyn Broker>;
+
+/// The presence and control half of a bus, shared by rooms, sessions and
+/// the admin and health endpoints.
+pub type DynControlPlane = Arc<dyn ControlPlane>;
 
 /// How long a presence entry lives without a refresh.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30);

@@ -23,6 +23,8 @@ pub enum DomainError {
     InvalidHistory,
     #[error("history may hold at most {max} numbers")]
     HistoryTooLong { max: usize },
+    #[error("id must be a non-empty string of at most 64 characters")]
+    InvalidMutationId,
 }
 
 /// One pocket of the wheel: 0..=36, or the American double zero.
@@ -254,24 +256,32 @@ impl History {
 pub type Version = u64;
 
 /// A client-chosen mutation id (up to 64 characters) that makes retries safe.
+///
+/// Only [`MutationId::parse`] makes one, so an id read back from the store or
+/// the bus obeys the same rules as one a client sent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct MutationId(String);
 
 impl MutationId {
+    /// The longest id, in characters (not bytes: clients count characters).
     pub const MAX_LEN: usize = 64;
 
-    pub fn from_json(value: &Value) -> Result<Self, &'static str> {
-        match value {
-            Value::String(s) if !s.is_empty() && s.chars().count() <= Self::MAX_LEN => {
-                Ok(MutationId(s.clone()))
-            }
-            _ => Err("id must be a non-empty string of at most 64 characters"),
+    /// Accepts a non-empty string of at most [`Self::MAX_LEN`] characters.
+    pub fn parse(raw: impl Into<String>) -> Result<Self, DomainError> {
+        let raw = raw.into();
+        if raw.is_empty() || raw.chars().count() > Self::MAX_LEN {
+            return Err(DomainError::InvalidMutationId);
         }
+        Ok(MutationId(raw))
     }
 
-    pub fn new(raw: String) -> Self {
-        MutationId(raw)
+    /// Parses the `id` of a client's change: it must be a JSON string.
+    pub fn from_json(value: &Value) -> Result<Self, DomainError> {
+        match value {
+            Value::String(s) => Self::parse(s.as_str()),
+            _ => Err(DomainError::InvalidMutationId),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -420,5 +430,22 @@ mod tests {
         );
         let h = History::from_json(&json!([5, "00"]), 10).unwrap();
         assert_eq!(History::from_stored(&h.to_json_string()).unwrap(), h);
+    }
+
+    #[test]
+    fn mutation_ids_are_one_to_sixty_four_characters() {
+        for ok in ["a", "m-1", &"x".repeat(64), &"é".repeat(64)] {
+            assert_eq!(MutationId::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in ["", &"x".repeat(65), &"é".repeat(65)] {
+            assert_eq!(MutationId::parse(bad), Err(DomainError::InvalidMutationId));
+        }
+        assert!(MutationId::from_json(&json!("id-7")).is_ok());
+        for bad in [json!(7), json!(null), json!(["a"]), json!("")] {
+            assert_eq!(
+                MutationId::from_json(&bad),
+                Err(DomainError::InvalidMutationId)
+            );
+        }
     }
 }

@@ -164,9 +164,8 @@ pub struct Migrations {
 async fn cluster_connections(
     state: &AppState,
 ) -> Result<(Vec<ConnectionInfo>, HashMap<String, u64>), ApiError> {
-    let bus = &state.rooms.bus;
-    let presence = bus.presence().await.map_err(bus_unavailable)?;
-    let joins = bus.join_counts().await.map_err(bus_unavailable)?;
+    let presence = state.cluster.presence().await.map_err(bus_unavailable)?;
+    let joins = state.cluster.join_counts().await.map_err(bus_unavailable)?;
     Ok((presence, joins))
 }
 
@@ -194,8 +193,8 @@ fn by_room(connections: &[ConnectionInfo]) -> HashMap<&str, Vec<&ConnectionInfo>
 )]
 pub async fn sessions(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
     let (mut rooms, _) = state
-        .store()
-        .list_rooms(Page {
+        .rooms
+        .list(Page {
             limit: 1000,
             offset: 0,
             include_history: false,
@@ -242,7 +241,7 @@ async fn stored_beyond_page(
         let Ok(key) = RoomKey::parse(key) else {
             continue;
         };
-        if let Some(room) = state.store().room(&key).await? {
+        if let Some(room) = state.rooms.read_unchecked(&key).await? {
             found.push(RoomSummary {
                 id: room.id,
                 history_length: room.history.len(),
@@ -269,7 +268,7 @@ async fn stored_beyond_page(
     )
 )]
 pub async fn stats(_: Admin, State(state): State<AppState>) -> Result<Json<AdminStats>, ApiError> {
-    let totals = state.store().stats().await?;
+    let totals = state.rooms.stats().await?;
     let (presence, joins) = cluster_connections(&state).await?;
     Ok(Json(AdminStats {
         total_sessions: totals.rooms,
@@ -299,7 +298,11 @@ pub async fn history(
     ApiPath(raw_key): ApiPath<String>,
 ) -> Result<Json<History>, ApiError> {
     let key = RoomKey::parse(&raw_key)?;
-    let room = state.store().room(&key).await?.ok_or(ApiError::NotFound)?;
+    let room = state
+        .rooms
+        .read_unchecked(&key)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(room.history))
 }
 
@@ -320,13 +323,12 @@ pub async fn disconnect(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Disconnected>, ApiError> {
-    let presence = state.rooms.bus.presence().await.map_err(bus_unavailable)?;
+    let presence = state.cluster.presence().await.map_err(bus_unavailable)?;
     if !presence.iter().any(|c| c.id == id) {
         return Err(ApiError::NotFound);
     }
     state
-        .rooms
-        .bus
+        .cluster
         .control(ControlMessage::Disconnect {
             connection_id: id.clone(),
         })
@@ -353,10 +355,10 @@ pub async fn migrations(
     _: Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Migrations>, ApiError> {
-    let all = state.store().migration_status().await?;
+    let all = state.database.migration_status().await?;
     let (applied, pending): (Vec<_>, Vec<_>) = all.into_iter().partition(|m| m.applied);
     Ok(Json(Migrations {
-        backend: state.store().backend(),
+        backend: state.database.backend(),
         applied,
         pending,
     }))

@@ -89,11 +89,11 @@ pub struct Probe {
     )
 )]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let database = match state.store().ping().await {
+    let database = match state.database.ping().await {
         Ok(latency) => Check::up(latency),
         Err(err) => Check::down(Some(err.to_string())),
     };
-    let redis = match state.rooms.bus.health().await {
+    let redis = match state.cluster.health().await {
         BusHealth::Disabled => BusCheck::Disabled("disabled"),
         BusHealth::Up(latency) => BusCheck::Checked(Check::up(latency)),
         BusHealth::Down => BusCheck::Checked(Check::down(None)),
@@ -142,7 +142,7 @@ pub async fn livez() -> Json<Probe> {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Probe>) {
     let (status, reason) = if !state.lifecycle.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "not accepting traffic")
-    } else if state.store().ping().await.is_err() {
+    } else if state.database.ping().await.is_err() {
         (StatusCode::SERVICE_UNAVAILABLE, "database unreachable")
     } else {
         (StatusCode::OK, "ready")

@@ -68,7 +68,7 @@ pub async fn authenticate(
         }
         Some(_) => return Err(ApiError::bad_request("password must be a string")),
     };
-    let auth = &state.rooms.auth;
+    let auth = state.rooms.auth();
     let protected = match find_or_create(&state, &key, &password).await? {
         Room::Created { protected } => protected,
         Room::Existing(None) => false,
@@ -96,13 +96,14 @@ enum Room {
 /// Looks the room up, creating it (protected iff `password` is not empty) when
 /// it does not exist yet.
 async fn find_or_create(state: &AppState, key: &RoomKey, password: &str) -> Result<Room, ApiError> {
-    if let Some(room) = state.store().room_auth(key).await? {
+    if let Some(room) = state.rooms.access(key).await? {
         return Ok(Room::Existing(room.password_hash));
     }
+    let auth = state.rooms.auth();
     let hash = if password.is_empty() {
         None
     } else {
-        Some(state.rooms.auth.hash_password(password.to_owned()).await?)
+        Some(auth.hash_password(password.to_owned()).await?)
     };
     let created = state.rooms.create(key, hash.clone()).await?;
     // If another request created the room first, its password state wins.

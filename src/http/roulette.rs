@@ -71,7 +71,7 @@ fn saved(room: &Room) -> Response {
 fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
     body.0
         .get("id")
-        .map(|v| MutationId::from_json(v).map_err(ApiError::bad_request))
+        .map(|v| MutationId::from_json(v).map_err(ApiError::from))
         .transpose()
 }
 
@@ -315,8 +315,8 @@ pub async fn list(
             })?,
     };
     let (rooms, total) = state
-        .store()
-        .list_rooms(Page {
+        .rooms
+        .list(Page {
             limit,
             offset,
             include_history,

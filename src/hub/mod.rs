@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bus::DynBus;
+use crate::bus::DynBroker;
 use crate::domain::Room;
 use crate::domain::{RoomEvent, RoomKey, Version};
 use crate::protocol::frames::Dialect;
@@ -118,7 +118,7 @@ struct RoomEntry {
 struct HubInner {
     rooms: Mutex<HashMap<RoomKey, RoomEntry>>,
     store: DynStore,
-    bus: DynBus,
+    bus: DynBroker,
     config: HubConfig,
     generations: AtomicU64,
 }
@@ -130,7 +130,7 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: DynStore, bus: DynBus, config: HubConfig) -> Self {
+    pub fn new(store: DynStore, bus: DynBroker, config: HubConfig) -> Self {
         Hub {
             inner: Arc::new(HubInner {
                 rooms: Mutex::new(HashMap::new()),

@@ -29,6 +29,7 @@ impl From<DomainError> for WsError {
             DomainError::InvalidKey(_) => "invalid_key",
             DomainError::InvalidHistory => "invalid_history",
             DomainError::HistoryTooLong { .. } => "history_too_long",
+            DomainError::InvalidMutationId => "invalid_id",
         };
         WsError::new(code, err.to_string())
     }
@@ -148,9 +149,7 @@ impl Fields<'_> {
     fn id(&self) -> Result<Option<MutationId>, WsError> {
         match self.0.get("id") {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => MutationId::from_json(v)
-                .map(Some)
-                .map_err(|m| WsError::new("invalid_id", m)),
+            Some(v) => Ok(Some(MutationId::from_json(v)?)),
         }
     }
 

@@ -469,14 +469,14 @@ impl Session {
             }
             Err(err) => return Err(access_error(err)),
         }
-        let with_token = token.is_some() && self.state.rooms.auth.verify(token, &key).is_ok();
+        let with_token = token.is_some() && self.state.rooms.auth().verify(token, &key).is_ok();
         let member = Member {
             conn_id: self.number,
             dialect,
             authorized: with_token,
             outbox: self.out.clone(),
         };
-        match self.state.rooms.hub.join(&key, member, greeting).await {
+        match self.state.rooms.join(&key, member, greeting).await {
             Ok(()) => {}
             // Protected between the check above and the room task's turn.
             Err(StoreError::AuthRequired) => {
@@ -494,7 +494,7 @@ impl Session {
             with_token,
         });
         if !already {
-            if let Err(err) = self.state.rooms.bus.count_join(&key).await {
+            if let Err(err) = self.state.cluster.count_join(&key).await {
                 tracing::debug!(error = %err, "join count failed");
             }
             self.publish_presence().await;
@@ -542,7 +542,7 @@ impl Session {
     /// Leaves a room if this connection is a member.
     async fn leave(&mut self, key: &RoomKey) {
         if self.joined(key).is_some() {
-            self.state.rooms.hub.leave(key, self.number);
+            self.state.rooms.leave(key, self.number);
             self.forget(key).await;
         }
     }
@@ -580,10 +580,10 @@ impl Session {
     /// Leaves every room and forgets the connection here and in the bus.
     async fn end(&self, id: &str) {
         for room in &self.rooms {
-            self.state.rooms.hub.leave(&room.key, self.number);
+            self.state.rooms.leave(&room.key, self.number);
         }
         self.state.connections.unregister(id);
-        if let Err(err) = self.state.rooms.bus.remove_presence(id).await {
+        if let Err(err) = self.state.cluster.remove_presence(id).await {
             tracing::debug!(error = %err, "presence removal failed");
         }
         metrics::gauge!("croupier_ws_connections").decrement(1.0);
@@ -591,7 +591,7 @@ impl Session {
 
     async fn publish_presence(&mut self) {
         self.info.rooms = self.rooms.iter().map(|room| room.key.to_string()).collect();
-        if let Err(err) = self.state.rooms.bus.put_presence(&self.info).await {
+        if let Err(err) = self.state.cluster.put_presence(&self.info).await {
             tracing::debug!(error = %err, "presence update failed");
         }
     }

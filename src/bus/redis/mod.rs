@@ -34,8 +34,8 @@
 //!
 //! The channel names and the JSON wire format live in `wire`; the background
 //! tasks (dispatching messages, following reconnects, announcing lost publishes)
-//! in `tasks`. This file holds the bus itself, its connections and the [`Bus`]
-//! implementation.
+//! in `tasks`. This file holds the bus itself, its connections and the
+//! [`Broker`] and [`ControlPlane`] implementations.
 //!
 //! [`Inbound::Resync`]: crate::bus::Inbound::Resync
 
@@ -55,7 +55,8 @@ use fred::types::config::TlsHostMapping;
 use tokio::task::JoinHandle;
 
 use super::{
-    Bus, BusError, BusHealth, ConnectionInfo, ControlMessage, InboundHandler, PRESENCE_TTL,
+    Broker, BusError, BusHealth, ConnectionInfo, ControlMessage, ControlPlane, InboundHandler,
+    PRESENCE_TTL,
 };
 use crate::domain::{RoomEvent, RoomKey};
 use crate::tls::{self, RedisTlsFiles};
@@ -75,7 +76,7 @@ pub struct RedisBusOptions {
     pub startup_timeout: Duration,
     /// Upper bound for any single command (publish, subscribe, presence...).
     pub command_timeout: Duration,
-    /// Upper bound for the `PING` behind [`Bus::health`].
+    /// Upper bound for the `PING` behind [`ControlPlane::health`].
     pub health_timeout: Duration,
     /// First reconnect delay; doubled on each failed attempt...
     pub reconnect_min_delay: Duration,
@@ -198,7 +199,8 @@ async fn init_with_retry<C: ClientLike>(client: &C, budget: Duration) -> anyhow:
     }
 }
 
-/// The Redis implementation of [`Bus`]. Dropping it closes its connections.
+/// The Redis implementation of [`Broker`] and [`ControlPlane`], over one
+/// set of connections. Dropping it closes them.
 pub struct RedisBus {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
@@ -377,7 +379,7 @@ fn observe<T>(op: &'static str, result: Result<T, Error>) -> Result<T, BusError>
 }
 
 #[async_trait]
-impl Bus for RedisBus {
+impl Broker for RedisBus {
     fn delivering(&self) -> bool {
         self.shared.subscriber_up.load(Ordering::SeqCst)
     }
@@ -420,7 +422,10 @@ impl Bus for RedisBus {
         let result = self.shared.subscriber.unsubscribe(room_channel(key)).await;
         observe("unsubscribe", result)
     }
+}
 
+#[async_trait]
+impl ControlPlane for RedisBus {
     async fn control(&self, message: ControlMessage) -> Result<(), BusError> {
         let payload =
             serde_json::to_string(&message).map_err(|e| BusError::Protocol(e.to_string()))?;

@@ -71,9 +71,9 @@ pub(super) fn decode_event(payload: &[u8]) -> Result<(String, RoomEvent), String
     };
     let mutation_id = wire
         .mutation_id
-        .map(|id| MutationId::from_json(&serde_json::Value::String(id)))
+        .map(MutationId::parse)
         .transpose()
-        .map_err(str::to_owned)?;
+        .map_err(|e| e.to_string())?;
     let committed_at = DateTime::parse_from_rfc3339(&wire.committed_at)
         .map_err(|e| format!("committedAt: {e}"))?
         .with_timezone(&Utc);
@@ -98,7 +98,7 @@ mod tests {
             epoch: "e1".into(),
             version: 7,
             change,
-            mutation_id: Some(MutationId::new("m-1".into())),
+            mutation_id: Some(MutationId::parse("m-1").unwrap()),
             committed_at: DateTime::parse_from_rfc3339("2024-05-01T10:00:00.123456789Z")
                 .unwrap()
                 .with_timezone(&Utc),

@@ -233,7 +233,10 @@ fn event_from_row(key: &RoomKey, epoch: &str, row: &PgRow) -> Result<RoomEvent, 
         epoch: epoch.into(),
         version: version as Version,
         change: decode_change(&kind, &payload)?,
-        mutation_id: mutation_id.map(MutationId::new),
+        mutation_id: mutation_id
+            .map(MutationId::parse)
+            .transpose()
+            .map_err(|err| StoreError::Internal(format!("invalid stored mutation id: {err}")))?,
         committed_at: row.try_get("created_at")?,
     })
 }
