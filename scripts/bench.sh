@@ -299,9 +299,6 @@ URL3="http://127.0.0.1:${NODE_PORTS[2]}"
 # does it: listen ports rewritten to free loopback ports, upstream.conf pointed
 # at the instances, a throwaway certificate for the TLS server block.
 mkdir -p "$WORK/nginx/certs"
-for port in "${NODE_PORTS[@]}"; do
-    echo "server 127.0.0.1:$port max_fails=3 fail_timeout=5s;"
-done >"$WORK/nginx/upstream.conf"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
     -keyout "$WORK/nginx/certs/tls.key" -out "$WORK/nginx/certs/tls.crt" >/dev/null 2>&1 ||
     die "openssl could not make a certificate"
@@ -319,6 +316,9 @@ for _ in 1 2 3 4 5; do
             -e "s/listen 443 ssl default_server;/listen 127.0.0.1:$https_port ssl default_server;/" \
             "$conf" >"$WORK/nginx/$(basename "$conf")"
     done
+    for port in "${NODE_PORTS[@]}"; do
+        echo "server 127.0.0.1:$port max_fails=3 fail_timeout=5s;"
+    done >"$WORK/nginx/upstream.conf"
     setsid /usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
         </dev/null >/dev/null 2>"$WORK/nginx.log" &
     NGINX_PID=$!
