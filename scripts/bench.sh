@@ -21,7 +21,8 @@
 #                                    during the direct GET and one-instance fan-out
 #                                    scenarios (target/bench/perf-*.txt)
 #
-# It starts its own cluster on free loopback ports in temporary directories:
+# It starts its own cluster on loopback in temporary directories (instances on
+# port 0, the others on free ports retried when taken, see scripts/lib/ports.sh):
 # PostgreSQL (initdb, fsync on; as the `postgres` user when run as root), Redis,
 # `croupier migrate`, three release instances sharing them, and Nginx with the
 # repository's nginx/ configuration over them. Every scenario is a subcommand of
@@ -177,25 +178,28 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_ports() { "$BENCH" free-ports --count "$1"; }
+# The instances bind port 0 and report the port they got; PostgreSQL, Redis and
+# Nginx cannot, so each gets a port from free_port and is started again on
+# another one when it did not get it (scripts/lib/ports.sh).
+# shellcheck source-path=SCRIPTDIR source=lib/ports.sh
+source "$ROOT/scripts/lib/ports.sh"
 
-wait_tcp() { # port seconds
-    local i
-    for ((i = 0; i < $2 * 10; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+# Waits up to `seconds` for process `pid` to listen on `port`s; 1 if it exited
+# or the time ran out.
+wait_listening() { # pid seconds port...
+    local pid=$1 seconds=$2 i port ok
+    shift 2
+    for ((i = 0; i < seconds * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        ok=1
+        for port in "$@"; do listens "$pid" "$port" || ok=0; done
+        [ "$ok" = 1 ] && return 0
         sleep 0.1
     done
     return 1
 }
 
-mapfile -t PORTS < <(free_ports 6)
-PG_PORT=${PORTS[0]}
-REDIS_PORT=${PORTS[1]}
-NODE_PORTS=("${PORTS[2]}" "${PORTS[3]}" "${PORTS[4]}")
-NGINX_PORT=${PORTS[5]}
-
 # ---------------------------------------------------------------- PostgreSQL
-log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
 PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/croupier-bench-pg.XXXXXX")
 mkdir -p "$PG_DIR/socket"
 if [ "$(id -u)" -eq 0 ]; then
@@ -208,21 +212,45 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 (cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust --encoding=UTF8 --locale=C \
     --no-sync) >"$WORK/initdb.log" 2>&1 || die "initdb failed: $(cat "$WORK/initdb.log")"
-PG_OPTS="-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR/socket"
-PG_OPTS+=" -c fsync=on -c synchronous_commit=on -c full_page_writes=on"
-PG_OPTS+=" -c max_connections=300 -c shared_buffers=128MB -c logging_collector=off"
-(cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -o "$PG_OPTS" \
-    -w -t 60 start) >/dev/null || die "PostgreSQL did not start: $(tail -n 20 "$PG_DIR/server.log" 2>/dev/null)"
+# A port someone else took first makes the server exit ("could not bind"), and
+# pg_ctl report a failure: then another port.
+PG_PORT=""
+for _ in 1 2 3 4 5; do
+    free_port || die "no free port for PostgreSQL"
+    log "starting PostgreSQL on 127.0.0.1:$FREE_PORT"
+    PG_OPTS="-p $FREE_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR/socket"
+    PG_OPTS+=" -c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+    PG_OPTS+=" -c max_connections=300 -c shared_buffers=128MB -c logging_collector=off"
+    if (cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -o "$PG_OPTS" \
+        -w -t 60 start) >/dev/null && listens "$(head -n 1 "$PG_DIR/data/postmaster.pid")" "$FREE_PORT"; then
+        PG_PORT=$FREE_PORT
+        break
+    fi
+    log "PostgreSQL did not get port $FREE_PORT; trying another"
+    (cd / && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w -t 30 stop) >/dev/null 2>&1 || true
+done
+[ -n "$PG_PORT" ] || die "PostgreSQL did not start: $(tail -n 20 "$PG_DIR/server.log" 2>/dev/null)"
 "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres croupier
 DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/croupier"
 
 # ---------------------------------------------------------------- Redis
-log "starting Redis on 127.0.0.1:$REDIS_PORT"
 mkdir -p "$WORK/redis"
-setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-    --dir "$WORK/redis" --logfile "$WORK/redis.log" </dev/null >/dev/null 2>&1 &
-REDIS_PID=$!
-wait_tcp "$REDIS_PORT" 20 || die "Redis did not start"
+REDIS_PORT=""
+for _ in 1 2 3 4 5; do
+    free_port || die "no free port for Redis"
+    log "starting Redis on 127.0.0.1:$FREE_PORT"
+    setsid redis-server --port "$FREE_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+        --dir "$WORK/redis" --logfile "$WORK/redis.log" </dev/null >/dev/null 2>&1 &
+    REDIS_PID=$!
+    if wait_listening "$REDIS_PID" 20 "$FREE_PORT"; then
+        REDIS_PORT=$FREE_PORT
+        break
+    fi
+    log "Redis did not get port $FREE_PORT; trying another"
+    stop_pid "$REDIS_PID" 5
+    REDIS_PID=""
+done
+[ -n "$REDIS_PORT" ] || die "Redis did not start"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 # ---------------------------------------------------------------- instances
@@ -234,17 +262,29 @@ WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))
 MARKER=()
 if [ -n "${CROUPIER_TEST_RUN:-}" ]; then MARKER=("CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN"); fi
 for i in 1 2 3; do
-    port=${NODE_PORTS[$((i - 1))]}
     mkdir -p "$WORK/node-$i"
     # A clean environment in its own directory (so no .env is read): what the
     # benchmark measures is exactly this configuration. RUST_LOG=warn: at the
-    # default `info` every request writes a log line.
-    (cd "$WORK/node-$i" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" BIND=127.0.0.1 PORT="$port" DATA_DIR="$WORK/node-$i" \
+    # default `info` every request writes a log line; the start-up's own INFO
+    # lines stay, for the port each instance got on port 0.
+    (cd "$WORK/node-$i" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" BIND=127.0.0.1 PORT=0 DATA_DIR="$WORK/node-$i" \
         DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
         TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
         WS_MAX_PER_CLIENT="$WS_MAX" WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
-        RUST_LOG=warn "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
+        RUST_LOG=warn,croupier::startup=info "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
     NODE_PIDS+=($!)
+done
+NODE_PORTS=()
+for i in 1 2 3; do
+    port=""
+    for ((t = 0; t < 600; t++)); do
+        port=$(bound_port "$WORK/node-$i.log")
+        [ -n "$port" ] && break
+        kill -0 "${NODE_PIDS[$((i - 1))]}" 2>/dev/null || die "instance $i exited during start-up"
+        sleep 0.1
+    done
+    [ -n "$port" ] || die "instance $i did not bind within 60 s"
+    NODE_PORTS+=("$port")
 done
 for i in 1 2 3; do
     "$BENCH" ready --url "http://127.0.0.1:${NODE_PORTS[$((i - 1))]}" --timeout 60 || die "instance $i did not become ready"
@@ -259,23 +299,38 @@ URL3="http://127.0.0.1:${NODE_PORTS[2]}"
 # does it: listen ports rewritten to free loopback ports, upstream.conf pointed
 # at the instances, a throwaway certificate for the TLS server block.
 mkdir -p "$WORK/nginx/certs"
-for conf in nginx/*.conf; do
-    sed -e "s/listen 80 default_server;/listen 127.0.0.1:$NGINX_PORT default_server;/" \
-        -e "s/listen 443 ssl default_server;/listen 127.0.0.1:$(free_ports 1) ssl default_server;/" \
-        "$conf" >"$WORK/nginx/$(basename "$conf")"
-done
-for port in "${NODE_PORTS[@]}"; do
-    echo "server 127.0.0.1:$port max_fails=3 fail_timeout=5s;"
-done >"$WORK/nginx/upstream.conf"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
     -keyout "$WORK/nginx/certs/tls.key" -out "$WORK/nginx/certs/tls.crt" >/dev/null 2>&1 ||
     die "openssl could not make a certificate"
 NGINX_GLOBALS="daemon off;"
 # As root, workers would switch to `nobody`, which cannot read the private prefix.
 [ "$(id -u)" -eq 0 ] && NGINX_GLOBALS="daemon off; user root;"
-setsid /usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
-    </dev/null >/dev/null 2>"$WORK/nginx.log" &
-NGINX_PID=$!
+NGINX_PORT=""
+for _ in 1 2 3 4 5; do
+    free_port || die "no free port for Nginx"
+    http_port=$FREE_PORT
+    free_port || die "no free port for Nginx"
+    https_port=$FREE_PORT
+    for conf in nginx/*.conf; do
+        sed -e "s/listen 80 default_server;/listen 127.0.0.1:$http_port default_server;/" \
+            -e "s/listen 443 ssl default_server;/listen 127.0.0.1:$https_port ssl default_server;/" \
+            "$conf" >"$WORK/nginx/$(basename "$conf")"
+    done
+    for port in "${NODE_PORTS[@]}"; do
+        echo "server 127.0.0.1:$port max_fails=3 fail_timeout=5s;"
+    done >"$WORK/nginx/upstream.conf"
+    setsid /usr/sbin/nginx -p "$WORK/nginx/" -e stderr -c "$WORK/nginx/nginx.conf" -g "$NGINX_GLOBALS" \
+        </dev/null >/dev/null 2>"$WORK/nginx.log" &
+    NGINX_PID=$!
+    if wait_listening "$NGINX_PID" 20 "$http_port" "$https_port"; then
+        NGINX_PORT=$http_port
+        break
+    fi
+    log "Nginx did not get ports $http_port and $https_port; trying others"
+    stop_pid "$NGINX_PID" 5
+    NGINX_PID=""
+done
+[ -n "$NGINX_PORT" ] || die "Nginx did not start: $(tail -n 5 "$WORK/nginx.log")"
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"
 "$BENCH" ready --url "$NGINX_URL" --timeout 20 || die "Nginx did not start"
 

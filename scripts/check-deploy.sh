@@ -701,10 +701,26 @@ check_backup_restore() {
     mkdir -p "$pg/backups"
     chmod 0755 "$WORK"
     [ "$(id -u)" -ne 0 ] || chown -R "$PG_USER" "$pg"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     pg_as "$bindir/initdb" -D "$PG_DATA" -U postgres -A trust --no-sync >/dev/null
-    pg_as "$PG_CTL" -D "$PG_DATA" -w -l "$pg/server.log" \
-        -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$pg -c fsync=off" start >/dev/null
+    # PostgreSQL cannot bind port 0: a port from free_port, and another one
+    # when someone took it first (the server then exits and pg_ctl fails).
+    # shellcheck source-path=SCRIPTDIR source=lib/ports.sh
+    source "$ROOT/scripts/lib/ports.sh"
+    port=""
+    for _ in 1 2 3 4 5; do
+        free_port
+        if pg_as "$PG_CTL" -D "$PG_DATA" -w -l "$pg/server.log" \
+            -o "-c listen_addresses=127.0.0.1 -c port=$FREE_PORT -c unix_socket_directories=$pg -c fsync=off" \
+            start >/dev/null && listens "$(head -n 1 "$PG_DATA/postmaster.pid")" "$FREE_PORT"; then
+            port=$FREE_PORT
+            break
+        fi
+        pg_as "$PG_CTL" -D "$PG_DATA" -m immediate -w stop >/dev/null 2>&1 || true
+    done
+    [ -n "$port" ] || {
+        echo "the scratch PostgreSQL did not start: $(tail -n 5 "$pg/server.log")"
+        exit 1
+    }
 
     export PGHOST=127.0.0.1 PGPORT=$port PGUSER=postgres PGDATABASE=croupier_check
     "$bindir/createdb" croupier_check

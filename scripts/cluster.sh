@@ -83,49 +83,9 @@ PG_BIN=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d | so
 
 # --- Ports ----------------------------------------------------------------------
 
-port_in_use() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-# The kernel hands out ports of its ephemeral range to every outgoing
-# connection: a port probed free there is easily taken before a server binds
-# it. Ports are chosen outside it, and every bind is still checked.
-read -r ephemeral_low ephemeral_high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null \
-    || { ephemeral_low=32768; ephemeral_high=60999; }
-
-taken_ports=" "
-# Sets FREE_PORT to a port outside the ephemeral range that nobody listens on
-# and that this script has not handed out yet (not a command substitution:
-# `taken_ports` must persist).
-free_port() {
-    local port attempt
-    for attempt in $(seq 1 500); do
-        port=$((10000 + (RANDOM * 32768 + RANDOM) % 55536))
-        if [ "$port" -ge "$ephemeral_low" ] && [ "$port" -le "$ephemeral_high" ]; then
-            continue
-        fi
-        if [[ $taken_ports != *" $port "* ]] && ! port_in_use "$port"; then
-            taken_ports+="$port "
-            FREE_PORT=$port
-            return 0
-        fi
-    done
-    die "no free port outside the ephemeral range $ephemeral_low-$ephemeral_high after $attempt attempts"
-}
-
-# Whether process `pid` holds a socket listening on 127.0.0.1:`port` (or on
-# every address): a connection that succeeds may reach another program that
-# took the port our server failed to bind.
-listens() {
-    local pid=$1 hex inode
-    hex=$(printf '%04X' "$2")
-    while read -r inode; do
-        if find "/proc/$pid/fd" -lname "socket:\[$inode\]" 2>/dev/null | grep -q .; then
-            return 0
-        fi
-    done < <(awk -v p=":$hex" '$4 == "0A" && ($2 == "0100007F" p || $2 == "00000000" p) { print $10 }' /proc/net/tcp)
-    return 1
-}
+# Port helpers shared with scripts/bench.sh: free_port, listens, bound_port.
+# shellcheck source-path=SCRIPTDIR source=lib/ports.sh
+source "$ROOT/scripts/lib/ports.sh"
 
 # Whether GET `path` on 127.0.0.1:`port` answers 200 (no curl needed).
 http_ok() (
@@ -261,7 +221,7 @@ pg_isready_here() {
     "$PG_BIN/pg_isready" -q -h "$TMP/pg/socket" -p "$PG_PORT" -U postgres -d postgres
 }
 for attempt in 1 2 3 4 5; do
-    free_port
+    free_port || die "no free port"
     PG_PORT=$FREE_PORT
     echo "cluster: starting PostgreSQL on port $PG_PORT"
     # Every server runs in its own session (setsid): Ctrl-C reaches only this
@@ -292,7 +252,7 @@ redis_up() (
     read -r -t 1 reply <&3 && [ "${reply%$'\r'}" = "+PONG" ]
 )
 for attempt in 1 2 3 4 5; do
-    free_port
+    free_port || die "no free port"
     REDIS_PORT=$FREE_PORT
     echo "cluster: starting Redis on port $REDIS_PORT"
     setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
@@ -328,12 +288,6 @@ if [ -n "${CROUPIER_TEST_RUN:-}" ]; then app_env+=("CROUPIER_TEST_RUN=$CROUPIER_
 echo "cluster: migrating the schema"
 (cd "$TMP" && "${app_env[@]}" "$BIN" migrate >"$TMP/logs/migrate.log" 2>&1) \
     || die "croupier migrate failed: $(cat "$TMP/logs/migrate.log")"
-
-# The port an instance reports in its `serving` line (text or JSON logs).
-bound_port() {
-    sed -n -e 's/.*serving address=127\.0\.0\.1:\([0-9]*\).*/\1/p' \
-        -e '/"message":"serving"/s/.*"address":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$1" | head -n 1
-}
 
 has_bound() { [ -n "$(bound_port "$1")" ]; }
 
@@ -373,8 +327,8 @@ nginx_up() {
 requested_http=$http_port
 requested_https=$https_port
 for attempt in 1 2 3 4 5; do
-    if [ "$requested_http" = 0 ]; then free_port; http_port=$FREE_PORT; fi
-    if [ "$requested_https" = 0 ]; then free_port; https_port=$FREE_PORT; fi
+    if [ "$requested_http" = 0 ]; then free_port || die "no free port"; http_port=$FREE_PORT; fi
+    if [ "$requested_https" = 0 ]; then free_port || die "no free port"; https_port=$FREE_PORT; fi
     for file in "$ROOT"/nginx/*.conf; do
         [ "$(basename "$file")" = upstream.conf ] && continue
         sed -e "s/listen 80 default_server;/listen 127.0.0.1:$http_port default_server;/" \

@@ -9,8 +9,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use governor::clock::DefaultClock;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -334,7 +336,11 @@ const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Drops limiter entries that no longer restrict anyone and gives the table's
 /// memory back. Without it every address ever seen (a spoofing or IPv6-rotating
 /// client brings hundreds of thousands) keeps an entry for the life of the process.
-fn forget_idle_clients(limiter: &DefaultKeyedRateLimiter<IpAddr>) {
+///
+/// Generic over the clock so that tests can drive it with governor's fake one.
+fn forget_idle_clients<C: Clock>(
+    limiter: &RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
+) {
     let before = limiter.len();
     limiter.retain_recent();
     limiter.shrink_to_fit();
@@ -420,13 +426,18 @@ mod tests {
     #[test]
     fn the_auth_limiter_forgets_expired_clients() {
         let per_second = NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN);
-        let limiter = RateLimiter::keyed(Quota::per_second(per_second));
+        // governor keeps its own time, apart from tokio's: its fake clock moves
+        // only when told to.
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limiter = RateLimiter::dashmap_with_clock(Quota::per_second(per_second), clock.clone());
         for n in 0..1000u32 {
             let _ = limiter.check_key(&IpAddr::from(n.to_be_bytes()));
         }
         assert_eq!(limiter.len(), 1000);
+        forget_idle_clients(&limiter);
+        assert_eq!(limiter.len(), 1000, "every client is still restricted");
         // One attempt at 1000/s stops restricting its client after 1 ms.
-        std::thread::sleep(Duration::from_millis(20));
+        clock.advance(Duration::from_millis(20));
         forget_idle_clients(&limiter);
         assert_eq!(limiter.len(), 0);
     }

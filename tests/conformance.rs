@@ -12,106 +12,11 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::app::{ADMIN_TOKEN, TestServer, WsClient, assert_shape, encode, eventually};
-
-const QUIET: Duration = Duration::from_millis(300);
-
-/// The Session object: all eight fields, never a password or hash.
-fn session(key: &str, history: Value, version: u64, protected: bool) -> Value {
-    json!({
-        "id": "<int>", "key": key, "history": history,
-        "created_at": "<rfc3339>", "updated_at": "<rfc3339>",
-        "version": version, "epoch": "<string>", "protected": protected,
-    })
-}
-
-/// `{"success": true, "data": Session}`.
-fn saved(key: &str, history: Value, version: u64, protected: bool) -> Value {
-    json!({"success": true, "data": session(key, history, version, protected)})
-}
-
-/// The one error body of the HTTP API.
-fn error_body() -> Value {
-    json!({"success": false, "error": "<string>"})
-}
-
-/// `GET /api/roulette/{key}` of an existing room.
-fn room_reply(key: &str, history: Value, version: u64) -> Value {
-    json!({"key": key, "history": history, "version": version, "epoch": "<string>"})
-}
-
-/// `GET /api/roulette/{key}` of a room that was never created.
-fn unknown_room(key: &str) -> Value {
-    json!({"key": key, "history": [], "version": 0})
-}
-
-fn room_path(key: &str) -> String {
-    format!("/api/roulette/{}", encode(key))
-}
-
-/// Receives one frame and compares it with `template`.
-async fn expect_frame(ws: &mut WsClient, template: &Value, context: &str) -> Value {
-    let frame = ws.recv().await;
-    assert_shape(&frame, template, context);
-    frame
-}
-
-/// One HTTP exchange of a table: request, status and whole reply.
-struct HttpRow {
-    what: &'static str,
-    method: Method,
-    path: String,
-    token: Option<String>,
-    body: Option<Value>,
-    status: u16,
-    reply: Value,
-}
-
-fn row(
-    what: &'static str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-    status: u16,
-    reply: Value,
-) -> HttpRow {
-    HttpRow {
-        what,
-        method,
-        path: path.to_owned(),
-        token: None,
-        body,
-        status,
-        reply,
-    }
-}
-
-impl HttpRow {
-    fn with_token(mut self, token: &str) -> Self {
-        self.token = Some(token.to_owned());
-        self
-    }
-}
-
-/// Runs the rows in order on one server; returns every reply.
-async fn run_rows(s: &TestServer, rows: Vec<HttpRow>) -> Vec<Value> {
-    let mut replies = Vec::new();
-    for r in rows {
-        let (status, body) = s
-            .call(
-                r.method.clone(),
-                &r.path,
-                r.token.as_deref(),
-                r.body.as_ref(),
-            )
-            .await;
-        let context = format!("{} ({} {} {:?})", r.what, r.method, r.path, r.body);
-        assert_eq!(status, r.status, "{context}: status; body {body}");
-        assert_shape(&body, &r.reply, &context);
-        replies.push(body);
-    }
-    replies
-}
+use support::app::{ADMIN_TOKEN, TestServer, assert_shape, encode, eventually};
+use support::contract::{
+    DialectRow, Dialects, QUIET, Sender, error_body, expect_frame, room_path, room_reply, row,
+    run_rows, saved, unknown_room,
+};
 
 // ---------------------------------------------------------------------------
 // HTTP API
@@ -857,46 +762,17 @@ async fn join_and_get_history_in_each_dialect() {
     assert_eq!(list["total"], 1, "{list}");
 }
 
-/// Who sends a table row's mutation.
-#[derive(Debug, Clone, Copy)]
-enum Sender {
-    V2,
-    V1,
-    Seed,
-    HttpSave,
-    HttpPut,
-}
-
 #[tokio::test]
 async fn every_dialect_sees_every_mutation() {
     let s = TestServer::start(&[]).await;
     let (_, put) = s.put("/api/roulette/t", &json!({"history": []})).await;
     let epoch = put["data"]["epoch"].clone();
 
-    let mut v2 = s.ws().await;
-    v2.send(json!({"type": "join", "key": "t", "version": 0}))
-        .await;
-    expect_frame(&mut v2, &json!({"type": "sync", "key": "t", "history": [], "full": true, "version": 1, "epoch": epoch}), "v2 join").await;
-    let mut v1 = s.ws().await;
-    v1.send(json!({"type": "join", "key": "t"})).await;
-    expect_frame(
-        &mut v1,
-        &json!({"type": "sync", "key": "t", "history": []}),
-        "v1 join",
-    )
-    .await;
-    let mut seed = s.ws().await;
-    seed.send(json!({"type": "getHistory", "key": "t"})).await;
-    expect_frame(
-        &mut seed,
-        &json!({"type": "historyUpdate", "key": "t", "history": []}),
-        "seed getHistory",
-    )
-    .await;
+    let mut members = Dialects::join(&s, "t", &epoch).await;
 
     // (sender, message, what v2 sees, what v1 sees, what seed sees)
     #[rustfmt::skip]
-    let table: Vec<(Sender, Value, Value, Value, Value)> = vec![
+    let table: Vec<DialectRow> = vec![
         (
             Sender::V2,
             json!({"type": "add", "number": 17}),
@@ -989,28 +865,7 @@ async fn every_dialect_sees_every_mutation() {
             json!({"type": "historyUpdated", "key": "t", "history": []}),
         ),
     ];
-    for (step, (sender, message, want_v2, want_v1, want_seed)) in table.into_iter().enumerate() {
-        let context = |who: &str| format!("step {step} ({sender:?} sends {message}): {who}");
-        match sender {
-            Sender::V2 => v2.send(message.clone()).await,
-            Sender::V1 => v1.send(message.clone()).await,
-            Sender::Seed => seed.send(message.clone()).await,
-            Sender::HttpSave => {
-                let (status, body) = s.post("/api/roulette/save", &message).await;
-                assert_eq!(status, 200, "{}: {body}", context("http"));
-            }
-            Sender::HttpPut => {
-                let (status, body) = s.put("/api/roulette/t", &message).await;
-                assert_eq!(status, 200, "{}: {body}", context("http"));
-            }
-        }
-        expect_frame(&mut v2, &want_v2, &context("v2 member")).await;
-        expect_frame(&mut v1, &want_v1, &context("v1 member")).await;
-        expect_frame(&mut seed, &want_seed, &context("seed member")).await;
-    }
-    for ws in [&mut v2, &mut v1, &mut seed] {
-        ws.expect_silence(QUIET).await;
-    }
+    members.run(&s, table).await;
     assert_eq!(s.room("t").await, (json!([]), 14));
 }
 

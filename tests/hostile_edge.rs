@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::app::{TestServer, decode, encode, free_port};
+use support::app::{TestServer, decode, encode};
 use support::nginx::TestNginx;
 
 const AUTH: &str = "/api/rooms/auth";
@@ -263,7 +263,7 @@ fn run_to_exit(env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("BIND", "127.0.0.1")
-        .env("PORT", free_port().to_string())
+        .env("PORT", "0")
         .env("DATA_DIR", dir.path())
         .envs(env.iter().copied())
         .current_dir(dir.path())
@@ -338,7 +338,7 @@ fn rust_log_debug_prints_debug_lines() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_croupier"))
         .env_clear()
         .env("BIND", "127.0.0.1")
-        .env("PORT", free_port().to_string())
+        .env("PORT", "0")
         .env("DATA_DIR", dir.path())
         .env("RUST_LOG", "debug")
         .current_dir(dir.path())
@@ -442,9 +442,10 @@ async fn invisible_and_reordering_keys_are_refused() {
 
 #[tokio::test]
 async fn metrics_bind_moves_metrics_off_the_public_port() {
-    let metrics_port = free_port();
-    let bind = format!("127.0.0.1:{metrics_port}");
-    let s = TestServer::start(&[("METRICS_BIND", &bind)]).await;
+    let s = TestServer::start(&[("METRICS_BIND", "127.0.0.1:0")]).await;
+    let bind = s
+        .logged_address("serving /metrics")
+        .expect("the metrics listener logs its address");
     let (status, _) = s.get("/metrics").await;
     assert_eq!(status, 404, "/metrics on the main port");
     let reply = s

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::app::{TestServer, WsClient};
+use support::app::{TestServer, WsClient, eventually};
 use tokio::io::AsyncWriteExt;
 
 const GRACE_SECS: u64 = 5;
@@ -190,7 +190,11 @@ async fn a_stuck_client_cannot_hold_the_exit_past_the_grace_period() {
     let mut deaf = s.ws().await;
     deaf.send(json!({"type": "join", "key": "deaf", "version": 0}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(Duration::from_secs(5), "the deaf client joined", || async {
+        let (_, stats) = s.admin_get("/api/admin/stats").await;
+        (stats["activeSessions"] == 1).then_some(())
+    })
+    .await;
 
     let signalled = Instant::now();
     s.signal_term();

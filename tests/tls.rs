@@ -18,7 +18,7 @@ use croupier::bus::redis::{RedisBus, RedisBusOptions};
 use croupier::bus::{BusHealth, ControlPlane, InboundHandler};
 use croupier::tls::RedisTlsFiles;
 use serde_json::json;
-use support::app::{TestServer, free_port};
+use support::app::TestServer;
 use support::ops::psql;
 use support::postgres::TestPostgres;
 use support::redis::{RedisTls, TestRedis};
@@ -54,7 +54,7 @@ fn croupier(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
         .env("RUST_LOG", "warn")
         .env("DB_CONNECT_ATTEMPTS", CONNECT_ATTEMPTS)
         .env("BIND", "127.0.0.1")
-        .env("PORT", free_port().to_string())
+        .env("PORT", "0")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

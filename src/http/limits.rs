@@ -111,3 +111,63 @@ impl HttpBody for DeadlineBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn with_deadline(inner: Body, limit: Duration) -> (DeadlineBody, Arc<AtomicBool>) {
+        let expired = Arc::new(AtomicBool::new(false));
+        let body = DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            expired: expired.clone(),
+        };
+        (body, expired)
+    }
+
+    async fn next_frame(body: &mut DeadlineBody) -> Option<Result<Frame<Bytes>, axum::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    /// One byte a second never lets the deadline restart: on tokio's paused
+    /// clock the ten seconds pass at once, and exactly.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_body_fails_at_its_deadline() {
+        let trickle = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), ()))
+        });
+        let started = Instant::now();
+        let (mut body, expired) =
+            with_deadline(Body::from_stream(trickle), Duration::from_secs(10));
+        let mut bytes = 0;
+        let error = loop {
+            match next_frame(&mut body).await {
+                Some(Ok(_)) => bytes += 1,
+                Some(Err(error)) => break error,
+                None => panic!("the trickle ended"),
+            }
+        };
+        assert_eq!(bytes, 9, "one byte a second until the deadline");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(expired.load(Ordering::Relaxed));
+        assert_eq!(error.to_string(), ApiError::RequestTimeout.to_string());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_in_time_passes_untouched() {
+        let (mut body, expired) = with_deadline(Body::from("[1, 2]"), Duration::from_secs(10));
+        let frame = next_frame(&mut body)
+            .await
+            .expect("a frame")
+            .expect("no error");
+        assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"[1, 2]")));
+        assert!(next_frame(&mut body).await.is_none());
+        assert!(!expired.load(Ordering::Relaxed));
+    }
+}

@@ -21,6 +21,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// Kept here for the tests that import it from this module.
+pub use super::wait::eventually;
+
 /// At least 32 bytes and no placeholder text: the server refuses weaker tokens.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
@@ -102,6 +105,13 @@ impl TestServer {
     /// one, for servers that something else (Nginx) reaches by port.
     pub fn keep_port_on_restart(&mut self) {
         self.keep_port = true;
+    }
+
+    /// The address a listener bound, from the server's start-up log line
+    /// `message` (e.g. `serving /metrics` for a `METRICS_BIND` on port 0).
+    pub fn logged_address(&self, message: &str) -> Option<SocketAddr> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().find_map(|line| logged_address(line, message))
     }
 
     /// The last lines the server wrote, for failure messages.
@@ -384,9 +394,14 @@ fn drain(
 
 /// The `address` of a JSON `serving` log line.
 fn serving_address(line: &str) -> Option<SocketAddr> {
+    logged_address(line, "serving")
+}
+
+/// The `address` field of a JSON log line whose message is `message`.
+fn logged_address(line: &str, message: &str) -> Option<SocketAddr> {
     let value: Value = serde_json::from_str(line).ok()?;
     let fields = &value["fields"];
-    if fields["message"] != "serving" {
+    if fields["message"] != message {
         return None;
     }
     fields["address"].as_str()?.parse().ok()
@@ -758,22 +773,6 @@ pub fn shape_mismatch(actual: &Value, template: &Value) -> Option<String> {
 pub fn assert_shape(actual: &Value, template: &Value, context: &str) {
     if let Some(problem) = shape_mismatch(actual, template) {
         panic!("{context}: {problem}\n  actual:   {actual}\n  template: {template}");
-    }
-}
-
-/// Retries `check` every 50 ms until it returns `Some`, or panics after `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

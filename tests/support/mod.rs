@@ -1,11 +1,16 @@
 //! Test support shared by the integration tests: real servers only (the
-//! croupier binary, PostgreSQL, Redis), each on free loopback ports in
-//! temporary directories, stopped when dropped.
+//! croupier binary, PostgreSQL, Redis, Nginx, Prometheus), each on loopback in
+//! a temporary directory and stopped when dropped (`app`, `cluster`, ...); the
+//! contract tables (`contract`), the background room members of the cluster
+//! tests (`members`), and the polling helper that replaces fixed sleeps
+//! (`wait`).
 #![allow(dead_code)]
 
 pub mod app;
 pub mod cluster;
+pub mod contract;
 pub mod exposition;
+pub mod members;
 pub mod nginx;
 pub mod ops;
 pub mod postgres;
@@ -13,3 +18,4 @@ pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod tls;
+pub mod wait;

@@ -7,8 +7,9 @@
 //! first (so that it shuts down the way it is built to), then kills whatever is
 //! left of the group.
 //!
-//! Ports for servers that cannot bind port 0 and report what they got
-//! (PostgreSQL, Redis, Nginx, Prometheus) are chosen outside the kernel's
+//! Servers that can bind port 0 do (the croupier binary reports the address
+//! it got; Prometheus's is read back with [`listening_ports`]). Ports for
+//! servers that cannot (PostgreSQL, Redis, Nginx) are chosen outside the kernel's
 //! ephemeral range: the kernel hands out ports from that range to every
 //! outgoing connection and every `bind(0)`, so a port probed free there is
 //! easily gone by the time the server binds it. Outside it, only another
@@ -94,28 +95,33 @@ pub fn free_port() -> u16 {
 /// on every address). A successful connection alone proves nothing: another
 /// test's server may own the port our server failed to bind.
 pub fn listens_on(pid: u32, port: u16) -> bool {
+    listening_ports(pid).contains(&port)
+}
+
+/// The ports on which process `pid` holds TCP sockets listening on 127.0.0.1
+/// or on every address: how the port of a server told to bind port 0 is read
+/// back when it does not report it.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
     let inodes = socket_inodes(pid);
     if inodes.is_empty() {
-        return false;
+        return Vec::new();
     }
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
+        return Vec::new();
     };
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9))
-        else {
-            return false;
-        };
-        let Some((address, local_port)) = local.split_once(':') else {
-            return false;
-        };
-        // 0A is LISTEN; addresses are little-endian hex (0100007F = 127.0.0.1).
-        *state == "0A"
-            && matches!(address, "0100007F" | "00000000")
-            && u16::from_str_radix(local_port, 16) == Ok(port)
-            && inodes.contains(*inode)
-    })
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (address, port) = fields.get(1)?.split_once(':')?;
+            // 0A is LISTEN; addresses are little-endian hex (0100007F = 127.0.0.1).
+            let listening = *fields.get(3)? == "0A"
+                && matches!(address, "0100007F" | "00000000")
+                && inodes.contains(*fields.get(9)?);
+            listening.then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect()
 }
 
 /// The inodes of the sockets process `pid` holds.

@@ -1,5 +1,5 @@
 //! A real Prometheus server (the Debian `prometheus` package) for integration
-//! tests: started in a temporary directory on a free loopback port with a
+//! tests: started in a temporary directory on loopback port 0 with a
 //! generated configuration, queried through its HTTP API, killed with its process
 //! group when dropped.
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::process::{free_port, listens_on, signal_group};
+use super::process::{listening_ports, signal_group};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,7 +38,7 @@ impl TestPrometheus {
             "{PROMETHEUS} not found: install the Debian package `prometheus` (apt-get install -y prometheus); \
              the observability tests need a real Prometheus and are never skipped"
         );
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("croupier-prometheus-")
             .tempdir()
             .expect("temp dir");
@@ -61,57 +61,54 @@ impl TestPrometheus {
         std::fs::write(&config_path, config).expect("writing prometheus.yml");
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("prometheus log");
 
-        let mut last_error = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let child = Command::new(PROMETHEUS)
-                .arg(format!("--config.file={}", config_path.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--log.level=warn")
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log handle"))
-                .stderr(log.try_clone().expect("log handle"))
-                .process_group(0)
-                .spawn()
-                .expect("starting prometheus");
-            let mut prometheus = TestPrometheus {
-                child: Some(child),
-                port,
-                dir,
-                http: reqwest::Client::builder()
-                    .no_proxy()
-                    .build()
-                    .expect("http client"),
-            };
-            match prometheus.wait_ready().await {
-                Ok(()) => return prometheus,
-                Err(e) => {
-                    last_error = e;
-                    prometheus.kill();
-                    dir = std::mem::replace(
-                        &mut prometheus.dir,
-                        tempfile::tempdir().expect("temp dir"),
-                    );
-                }
-            }
+        // Port 0: the kernel picks a free port while binding, so nothing can
+        // take it in between; the port is then read back from the socket the
+        // process holds.
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .arg("--log.level=warn")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log.try_clone().expect("log handle"))
+            .process_group(0)
+            .spawn()
+            .expect("starting prometheus");
+        let mut prometheus = TestPrometheus {
+            child: Some(child),
+            port: 0,
+            dir,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("http client"),
+        };
+        if let Err(e) = prometheus.wait_ready().await {
+            panic!("prometheus did not start: {e}");
         }
-        panic!("prometheus did not start: {last_error}");
+        prometheus
     }
 
+    /// Waits until the process listens (and takes its port from the socket),
+    /// then until it reports ready; an early exit or a timeout is an error
+    /// carrying its log.
     async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            // Ready, and on a socket of its own: another test's Prometheus may
-            // hold the port this one failed to bind.
             let pid = self.child.as_ref().map_or(0, Child::id);
-            if let Ok(r) = self.http.get(self.url("/-/ready")).send().await
+            if self.port == 0
+                && let Some(port) = listening_ports(pid).into_iter().next()
+            {
+                self.port = port;
+            }
+            if self.port != 0
+                && let Ok(r) = self.http.get(self.url("/-/ready")).send().await
                 && r.status().is_success()
-                && listens_on(pid, self.port)
             {
                 return Ok(());
             }

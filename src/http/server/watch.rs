@@ -328,3 +328,59 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which timeout applies in each phase, and from when, on tokio's paused
+    /// clock: the phases last minutes here and the test takes none.
+    #[tokio::test(start_paused = true)]
+    async fn each_phase_runs_its_own_timeout() {
+        let (header, idle) = (Duration::from_secs(10), Duration::from_secs(75));
+        let accepted = Instant::now();
+        let clock = Clock::new(header, idle);
+        assert_eq!(
+            clock.deadline(),
+            Some(accepted + header),
+            "waiting for a head"
+        );
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        clock.request_started();
+        assert_eq!(clock.deadline(), None, "a request in its handler");
+
+        tokio::time::advance(Duration::from_secs(120)).await;
+        clock.response_ready(false);
+        let responding = Instant::now();
+        assert_eq!(
+            clock.deadline(),
+            Some(responding + idle),
+            "writing the response"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        clock.wrote();
+        assert_eq!(
+            clock.deadline(),
+            Some(responding + Duration::from_secs(60) + idle),
+            "a response that makes progress is not stalled"
+        );
+
+        // Flushed: kept alive until the next request's first byte.
+        clock.set(&[Phase::Responding], Phase::Idle);
+        let idle_from = Instant::now();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(clock.deadline(), Some(idle_from + idle), "kept alive");
+        clock.set(&[Phase::Idle], Phase::Head);
+        assert_eq!(
+            clock.deadline(),
+            Some(Instant::now() + header),
+            "the next head"
+        );
+
+        clock.request_started();
+        clock.response_ready(true);
+        assert_eq!(clock.deadline(), None, "upgraded");
+        assert!(clock.passthrough());
+    }
+}
