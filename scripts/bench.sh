@@ -23,7 +23,8 @@
 #
 # It starts its own cluster on free loopback ports in temporary directories:
 # PostgreSQL (initdb, fsync on; as the `postgres` user when run as root), Redis,
-# `croupier migrate`, three release instances sharing them, and Nginx with the
+# `croupier migrate --contract` (a fresh database: nothing of a previous release
+# runs on it), three release instances sharing them, and Nginx with the
 # repository's nginx/ configuration over them. Every scenario is a subcommand of
 # the load generator `croupier-bench` (bench/), bounded in count and time and
 # talking only to 127.0.0.0/8. The table goes to stdout and, with every raw
@@ -226,7 +227,7 @@ wait_tcp "$REDIS_PORT" 20 || die "Redis did not start"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 # ---------------------------------------------------------------- instances
-DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate >/dev/null 2>"$WORK/migrate.log" ||
+DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate --contract >/dev/null 2>"$WORK/migrate.log" ||
     die "croupier migrate failed: $(cat "$WORK/migrate.log")"
 JWT_SECRET="bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))

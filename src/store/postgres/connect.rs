@@ -9,7 +9,6 @@
 //! file stops start-up at once with one line naming it.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -77,18 +76,7 @@ impl PostgresStore {
             // died with a server restart are replaced instead of failing a request.
             .test_before_acquire(true)
             .connect_lazy_with(connect);
-        // Waiting for a connection, then the statement's own limit, then slack.
-        let statement_limit = match options.statement_timeout {
-            Duration::ZERO => Duration::from_secs(60),
-            limit => limit,
-        };
-        let append_timeout = options.acquire_timeout + statement_limit + Duration::from_secs(1);
-        Ok(PostgresStore {
-            pool,
-            appends: Arc::default(),
-            append_timeout,
-            admin,
-        })
+        Ok(PostgresStore { pool, admin })
     }
 
     /// A connection of its own for migrations, which may take longer than a
