@@ -232,6 +232,23 @@ pub(crate) fn complete_log(
     complete.then_some(events)
 }
 
+/// The [`Applied`] of a batch of one mutation, given the room as it stood
+/// after it.
+pub(crate) fn applied_alone(batch: Batch, room: Option<Room>) -> Result<Applied, StoreError> {
+    let (event, duplicate) = match batch.outcomes.into_iter().next() {
+        Some(Outcome::Applied(event)) => (event, false),
+        Some(Outcome::Duplicate(event)) => (event, true),
+        Some(Outcome::Refused(err)) => return Err(err),
+        None => return Err(StoreError::Internal("a batch of one had no outcome".into())),
+    };
+    let room = room.ok_or_else(|| StoreError::Internal("an applied room is missing".into()))?;
+    Ok(Applied {
+        event,
+        room,
+        duplicate,
+    })
+}
+
 /// One row of `GET /api/roulette/sessions`.
 #[derive(Debug, Clone)]
 pub struct RoomSummary {
@@ -286,29 +303,17 @@ pub trait Store: Send + Sync + 'static {
     /// Applies one mutation: [`Store::apply_batch`] with that mutation alone,
     /// then the room as it is afterwards.
     ///
-    /// Kept for callers that still want the whole room back; the room is read
-    /// after the commit, so under concurrent writers it may already include
-    /// later changes. An error or a refusal changes nothing.
+    /// Kept for callers that still want the whole room back. Both backends read
+    /// the room inside the batch's transaction; this default (for wrappers)
+    /// reads it after the commit, so under concurrent writers it may already
+    /// include later changes. An error or a refusal changes nothing.
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
         let key = mutation.key.clone();
         let batch = self
             .apply_batch(&key, &Position::default(), std::slice::from_ref(&mutation))
             .await?;
-        let (event, duplicate) = match batch.outcomes.into_iter().next() {
-            Some(Outcome::Applied(event)) => (event, false),
-            Some(Outcome::Duplicate(event)) => (event, true),
-            Some(Outcome::Refused(err)) => return Err(err),
-            None => return Err(StoreError::Internal("a batch of one had no outcome".into())),
-        };
-        let room = self
-            .room(&key)
-            .await?
-            .ok_or_else(|| StoreError::Internal("an applied room is missing".into()))?;
-        Ok(Applied {
-            event,
-            room,
-            duplicate,
-        })
+        let room = self.room(&key).await?;
+        applied_alone(batch, room)
     }
 
     /// Applies mutations to one room, in order, in one transaction: the room's

@@ -19,10 +19,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{
-    Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW, MigrationInfo,
-    MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store, StoreError,
-    StoreStats, complete_log, decode_change, encode_change, expand_migrator, number_text,
-    plan_missed, stored_key, stored_numbers,
+    Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
+    MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
+    StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, History, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -265,29 +265,27 @@ fn event_from_row(key: &RoomKey, epoch: &str, row: &SqliteRow) -> Result<RoomEve
     })
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
+/// The room with its history, read on `conn` (inside a batch's transaction).
+async fn read_room(conn: &mut SqliteConnection, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+    let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = ?");
+    let row = sqlx::query(&sql)
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| room_from_row(&r).map(|(room, _)| room))
+        .transpose()
+}
 
-    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
-        let _t = DbTimer::new("room");
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = ?");
-        let row = sqlx::query(&sql)
-            .bind(key.as_str())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(|r| room_from_row(&r).map(|(room, _)| room))
-            .transpose()
-    }
-
-    async fn apply_batch(
+impl SqliteStore {
+    /// [`Store::apply_batch`]; `with_room` also reads the room (history
+    /// included) in the same transaction, for [`Store::apply`].
+    async fn run_batch(
         &self,
         key: &RoomKey,
         known: &Position,
         mutations: &[Mutation],
-    ) -> Result<Batch, StoreError> {
+        with_room: bool,
+    ) -> Result<(Batch, Option<Room>), StoreError> {
         let _t = DbTimer::new("apply_batch");
         // The writer pool's single connection is SQLite's write lock for this
         // process: nothing else writes between this load and the commit.
@@ -370,21 +368,28 @@ impl Store for SqliteStore {
 
         let Some(before) = room else {
             tx.rollback().await?;
-            return Ok(Batch {
+            let batch = Batch {
                 missed,
                 outcomes,
                 head: None,
-            });
+            };
+            return Ok((batch, None));
         };
         if head.version == before.version {
             // Nothing applied: nothing to commit (and a room created for this
             // batch is not kept).
+            let room = if with_room && !created {
+                read_room(&mut tx, key).await?
+            } else {
+                None
+            };
             tx.rollback().await?;
-            return Ok(Batch {
+            let batch = Batch {
                 missed,
                 outcomes,
                 head: (!created).then_some(before),
-            });
+            };
+            return Ok((batch, room));
         }
         sqlx::query(
             "UPDATE rooms SET history_length = ?, version = ?, updated_at = ? WHERE id = ?",
@@ -395,8 +400,13 @@ impl Store for SqliteStore {
         .bind(before.id)
         .execute(&mut *tx)
         .await?;
+        let room = if with_room {
+            read_room(&mut tx, key).await?
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(Batch {
+        let batch = Batch {
             missed,
             outcomes,
             head: Some(Head {
@@ -405,7 +415,44 @@ impl Store for SqliteStore {
                 updated_at: now,
                 ..before
             }),
-        })
+        };
+        Ok((batch, room))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let _t = DbTimer::new("room");
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = ?");
+        let row = sqlx::query(&sql)
+            .bind(key.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| room_from_row(&r).map(|(room, _)| room))
+            .transpose()
+    }
+
+    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
+        let key = mutation.key.clone();
+        let one = std::slice::from_ref(&mutation);
+        let (batch, room) = self
+            .run_batch(&key, &Position::default(), one, true)
+            .await?;
+        applied_alone(batch, room)
+    }
+
+    async fn apply_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+    ) -> Result<Batch, StoreError> {
+        Ok(self.run_batch(key, known, mutations, false).await?.0)
     }
 
     async fn events_since(

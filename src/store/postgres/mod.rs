@@ -38,10 +38,10 @@ use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
 
 use super::{
-    Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW, MigrationInfo,
-    MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store, StoreError,
-    StoreStats, complete_log, decode_change, encode_change, expand_migrator, number_text,
-    plan_missed, stored_key, stored_numbers,
+    Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
+    MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
+    StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -292,29 +292,27 @@ async fn append_numbers(
     Ok(())
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
+/// The room with its history, read on `conn` (inside a batch's transaction).
+async fn read_room(conn: &mut PgConnection, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+    let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
+    let row = sqlx::query(&sql)
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| room_from_row(&r).map(|(room, _)| room))
+        .transpose()
+}
 
-    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
-        let _t = DbTimer::new("room");
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
-        let row = sqlx::query(&sql)
-            .bind(key.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| room_from_row(&r).map(|(room, _)| room))
-            .transpose()
-    }
-
-    async fn apply_batch(
+impl PostgresStore {
+    /// [`Store::apply_batch`]; `with_room` also reads the room (history
+    /// included) in the same transaction, for [`Store::apply`].
+    async fn run_batch(
         &self,
         key: &RoomKey,
         known: &Position,
         mutations: &[Mutation],
-    ) -> Result<Batch, StoreError> {
+        with_room: bool,
+    ) -> Result<(Batch, Option<Room>), StoreError> {
         let _t = DbTimer::new("apply_batch");
         let now = commit_time(Utc::now());
         let creates = mutations
@@ -392,20 +390,27 @@ impl Store for PostgresStore {
 
         let Some((before, created)) = locked else {
             tx.rollback().await?;
-            return Ok(Batch {
+            let batch = Batch {
                 missed,
                 outcomes,
                 head: None,
-            });
+            };
+            return Ok((batch, None));
         };
         if applied.is_empty() {
             // Nothing to commit (and a room created for this batch is not kept).
+            let room = if with_room && !created {
+                read_room(&mut tx, key).await?
+            } else {
+                None
+            };
             tx.rollback().await?;
-            return Ok(Batch {
+            let batch = Batch {
                 missed,
                 outcomes,
                 head: (!created).then_some(before),
-            });
+            };
+            return Ok((batch, room));
         }
         // The rows first, the head afterwards: while the schema is only
         // expanded, the head's UPDATE rebuilds `rooms.history` from the rows.
@@ -440,8 +445,13 @@ impl Store for PostgresStore {
         .bind(head.version as i64)
         .execute(&mut *tx)
         .await?;
+        let room = if with_room {
+            read_room(&mut tx, key).await?
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(Batch {
+        let batch = Batch {
             missed,
             outcomes,
             head: Some(Head {
@@ -450,7 +460,44 @@ impl Store for PostgresStore {
                 updated_at: now,
                 ..before
             }),
-        })
+        };
+        Ok((batch, room))
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let _t = DbTimer::new("room");
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
+        let row = sqlx::query(&sql)
+            .bind(key.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| room_from_row(&r).map(|(room, _)| room))
+            .transpose()
+    }
+
+    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
+        let key = mutation.key.clone();
+        let one = std::slice::from_ref(&mutation);
+        let (batch, room) = self
+            .run_batch(&key, &Position::default(), one, true)
+            .await?;
+        applied_alone(batch, room)
+    }
+
+    async fn apply_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+    ) -> Result<Batch, StoreError> {
+        Ok(self.run_batch(key, known, mutations, false).await?.0)
     }
 
     async fn events_since(
