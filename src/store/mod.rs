@@ -199,6 +199,8 @@ pub(crate) enum MissedPlan {
     Read { after: Version, upto: Version },
 }
 
+/// Decides from the heads alone whether the caller is caught up, cannot be
+/// caught up (another epoch, or ahead of the room), or needs the log read.
 pub(crate) fn plan_missed(known: &Position, room: Option<(&str, Version)>) -> MissedPlan {
     match room {
         None if known.epoch.is_none() && known.version == 0 => MissedPlan::Answer(Some(Vec::new())),
