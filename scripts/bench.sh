@@ -24,7 +24,8 @@
 # It starts its own cluster on loopback in temporary directories (instances on
 # port 0, the others on free ports retried when taken, see scripts/lib/ports.sh):
 # PostgreSQL (initdb, fsync on; as the `postgres` user when run as root), Redis,
-# `croupier migrate`, three release instances sharing them, and Nginx with the
+# `croupier migrate --contract` (a fresh database: nothing of a previous release
+# runs on it), three release instances sharing them, and Nginx with the
 # repository's nginx/ configuration over them. Every scenario is a subcommand of
 # the load generator `croupier-bench` (bench/), bounded in count and time and
 # talking only to 127.0.0.0/8. The table goes to stdout and, with every raw
@@ -254,7 +255,7 @@ done
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 
 # ---------------------------------------------------------------- instances
-DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate >/dev/null 2>"$WORK/migrate.log" ||
+DATABASE_URL=$DATABASE_URL RUST_LOG=warn "$BIN" migrate --contract >/dev/null 2>"$WORK/migrate.log" ||
     die "croupier migrate failed: $(cat "$WORK/migrate.log")"
 JWT_SECRET="bench-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))

@@ -22,8 +22,13 @@ struct Cli {
 enum Command {
     /// Serve HTTP and WebSocket traffic (the default).
     Serve,
-    /// Apply pending database migrations.
-    Migrate,
+    /// Apply pending database migrations (the expand steps; see --contract).
+    Migrate {
+        /// Also apply the contract steps, which remove what only the previous
+        /// release uses. Only once no instance of the previous release runs.
+        #[arg(long)]
+        contract: bool,
+    },
     /// Revert the newest N applied migrations.
     Rollback { steps: usize },
     /// List migrations and whether each is applied.
@@ -64,9 +69,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .run_until(shutdown_signal())
                 .await
         }
-        Command::Migrate => {
-            open_store(&config).await?.migrate().await?;
-            println!("migrations applied");
+        Command::Migrate { contract } => {
+            let store = open_store(&config).await?;
+            if contract {
+                store.migrate_contract().await?;
+                println!("migrations applied, contract steps included");
+            } else {
+                store.migrate().await?;
+                println!("migrations applied");
+            }
             Ok(())
         }
         Command::Rollback { steps } => {

@@ -14,7 +14,9 @@ use croupier::domain::{Change, History, MutationId, Number, RoomKey};
 use croupier::store::cached::CachedStore;
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
-use croupier::store::{Applied, DynStore, Mutation, Page, Store, StoreError};
+use croupier::store::{
+    Applied, DynStore, Mutation, Outcome as BatchOutcome, Page, Position, Store, StoreError,
+};
 use fred::prelude::*;
 use sqlx::Row;
 use support::postgres::TestPostgres;
@@ -91,6 +93,14 @@ async fn migrated_store(pg: &TestPostgres) -> PostgresStore {
     store
 }
 
+/// A store on a database migrated completely, contract steps included (as
+/// once no instance of the previous release runs).
+async fn contracted_store(pg: &TestPostgres) -> PostgresStore {
+    let store = migrated_store(pg).await;
+    store.migrate_contract().await.expect("contracting");
+    store
+}
+
 async fn numbers_of(store: &dyn Store, room: &RoomKey) -> Vec<Number> {
     let room = store
         .room(room)
@@ -115,9 +125,19 @@ async fn migrations_apply_roll_back_and_apply_again() {
     assert!(!before.is_empty());
     assert!(before.iter().all(|m| !m.applied), "{before:?}");
 
+    // `migrate` applies the expand steps only; the contract steps wait for
+    // `migrate_contract` and do not stop an instance from serving.
     store.migrate().await.expect("migrating");
-    let after = store.migration_status().await.expect("status");
-    assert!(after.iter().all(|m| m.applied), "{after:?}");
+    let expanded = store.migration_status().await.expect("status");
+    assert!(
+        expanded
+            .iter()
+            .all(|m| m.applied != m.description.starts_with("contract")),
+        "{expanded:?}"
+    );
+    croupier::store::ensure_current_schema(&store)
+        .await
+        .expect("an expanded schema is current");
     store.migrate().await.expect("migrating twice is a no-op");
 
     let table_exists = |name: &'static str| {
@@ -143,6 +163,22 @@ async fn migrations_apply_roll_back_and_apply_again() {
         "histories are lz4-compressed on a server that has lz4"
     );
 
+    store.migrate_contract().await.expect("contracting");
+    let after = store.migration_status().await.expect("status");
+    assert!(after.iter().all(|m| m.applied), "{after:?}");
+    store
+        .migrate()
+        .await
+        .expect("expanding after contract is a no-op");
+    let history_column: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                        WHERE attrelid = 'rooms'::regclass AND attname = 'history' AND NOT attisdropped)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(!history_column, "the contract step drops rooms.history");
+
     assert!(store.rollback(0).await.is_err());
     assert!(store.rollback(after.len() + 1).await.is_err());
     store.rollback(1).await.expect("rolling back");
@@ -152,7 +188,7 @@ async fn migrations_apply_roll_back_and_apply_again() {
         assert!(!table_exists("rooms").await && !table_exists("room_events").await);
     }
 
-    store.migrate().await.expect("migrating again");
+    store.migrate_contract().await.expect("migrating again");
     assert!(
         store
             .migration_status()
@@ -574,12 +610,12 @@ async fn the_append_function_sends_only_what_the_caller_lacks() {
     assert!(store.room(&key("nobody")).await.unwrap().is_none());
 }
 
-/// The second migration only adds `croupier_append_known`: rolling it back
-/// leaves every room and event in place and the previous release's
-/// `croupier_append` working on them, and migrating forward again continues
-/// the same rooms.
+/// The expand step keeps `rooms.history` in step: rolling it back leaves every
+/// room and event in place and the previous releases' append functions working
+/// on them, and migrating forward again copies the histories into rows and
+/// continues the same rooms. The contract step rolls back to the same state.
 #[tokio::test]
-async fn the_append_migration_rolls_back_and_forward_over_live_data() {
+async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
     let pg = TestPostgres::start_new().await;
     let store = migrated_store(&pg).await;
     let room = key("survivor");
@@ -606,16 +642,23 @@ async fn the_append_migration_rolls_back_and_forward_over_live_data() {
             .unwrap()
         }
     };
-    assert!(function_exists("croupier_append_known").await);
+    assert!(function_exists("croupier_history_sync").await);
 
     store.rollback(1).await.expect("rolling back");
     let status = store.migration_status().await.unwrap();
     assert_eq!(
         status.iter().map(|m| m.applied).collect::<Vec<_>>(),
-        [true, false]
+        [true, true, false, false]
     );
-    assert!(!function_exists("croupier_append_known").await);
-    assert_eq!(store.room(&room).await.unwrap().unwrap(), before);
+    assert!(!function_exists("croupier_history_sync").await);
+    assert!(function_exists("croupier_append_known").await);
+    let (stored, version): (String, i64) =
+        sqlx::query_as("SELECT history::text, version FROM rooms WHERE key = $1")
+            .bind(room.as_str())
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!((stored.as_str(), version), ("[10, 30]", 4));
     // The previous release's append still works on the same data.
     let history: String = sqlx::query_scalar(
         "SELECT room_history FROM croupier_append($1, '[36]', '{NULL}', '{100}',
@@ -646,14 +689,27 @@ async fn the_append_migration_rolls_back_and_forward_over_live_data() {
             .map(|events| events.len()),
         Some(6)
     );
+
+    // Contract, and back: the column returns with the rows' history.
+    store.migrate_contract().await.expect("contracting");
+    assert!(!function_exists("croupier_append_known").await);
+    assert_eq!(store.room(&room).await.unwrap().unwrap(), applied.room);
+    store.rollback(1).await.expect("undoing the contract step");
+    let stored: String = sqlx::query_scalar("SELECT history::text FROM rooms WHERE key = $1")
+        .bind(room.as_str())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, r#"[10, 30, 36, "00"]"#);
+    assert!(function_exists("croupier_append_known").await);
+    assert_eq!(store.room(&room).await.unwrap().unwrap(), applied.room);
+    assert_ne!(before, applied.room);
 }
 
-/// Adds that arrive while a call for their room is running are sent together in
-/// the next call. Holding the room's lock from the outside makes that grouping
-/// deterministic, so the outcome can be compared with SQLite applying the same
-/// adds one by one.
+/// A batch gives each mutation the outcome it would have had alone: the same
+/// script as one PostgreSQL batch and as SQLite applying it one by one.
 #[tokio::test]
-async fn grouped_adds_match_one_by_one_application() {
+async fn a_batch_matches_one_by_one_application() {
     let pg = TestPostgres::start_new().await;
     let postgres = Arc::new(migrated_store(&pg).await);
     let dir = tempfile::tempdir().unwrap();
@@ -689,24 +745,19 @@ async fn grouped_adds_match_one_by_one_application() {
         postgres.apply(m).await.unwrap();
     }
 
-    let mut blocker = postgres.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM rooms WHERE key = $1 FOR UPDATE")
-        .bind(room.as_str())
-        .execute(&mut *blocker)
+    let batch = postgres
+        .apply_batch(&room, &Position::default(), &script)
         .await
         .unwrap();
-    let mut tasks = Vec::new();
-    for m in script.clone() {
-        let store = postgres.clone();
-        tasks.push(tokio::spawn(async move { store.apply(m).await }));
-        // Enqueue strictly in script order.
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    blocker.rollback().await.unwrap();
-
-    for (task, m) in tasks.into_iter().zip(script) {
-        let from_postgres = outcome(task.await.unwrap());
-        let from_sqlite = outcome(sqlite.apply(m.clone()).await);
+    assert_eq!(batch.outcomes.len(), script.len());
+    for (got, m) in batch.outcomes.into_iter().zip(script) {
+        let from_postgres = match got {
+            BatchOutcome::Applied(e) => Ok((false, e.version, e.change)),
+            BatchOutcome::Duplicate(e) => Ok((true, e.version, e.change)),
+            BatchOutcome::Refused(err) => Err(format!("{err:?}")),
+        };
+        let from_sqlite = outcome(sqlite.apply(m.clone()).await)
+            .map(|(duplicate, version, change, _, _)| (duplicate, version, change));
         assert_eq!(from_postgres, from_sqlite, "{m:?}");
     }
     let stored = postgres.room(&room).await.unwrap().unwrap();
@@ -715,17 +766,19 @@ async fn grouped_adds_match_one_by_one_application() {
         &[n(1), n(2), n(3), n(4), n(7), n(10), n(12)]
     );
     assert_eq!(stored.version, 7);
+    assert_eq!(
+        sqlite.room(&room).await.unwrap().unwrap().history,
+        stored.history
+    );
 
-    // The adds queued behind the blocked call really went in one call: they share
-    // its commit time, and the blocked add has its own.
+    // One transaction: every event of the batch has the same commit time.
     let events = postgres
         .events_since(&room, 2)
         .await
         .unwrap()
         .expect("complete");
     let times: Vec<_> = events.iter().map(|e| e.committed_at).collect();
-    assert!(times[1..].iter().all(|t| *t == times[1]), "{times:?}");
-    assert_ne!(times[0], times[1]);
+    assert!(times.iter().all(|t| *t == times[0]), "{times:?}");
 }
 
 #[tokio::test]
@@ -858,11 +911,12 @@ async fn concurrent_retries_of_one_mutation_apply_once() {
 async fn concurrent_writers_on_three_pools_get_every_version_once() {
     const WRITERS: usize = 50;
     const ADDS: usize = 40;
+    const BATCH: usize = 8;
     let pg = TestPostgres::start_new().await;
     let mut stores = Vec::new();
     for _ in 0..3 {
         // Three pools, as three instances would have.
-        stores.push(Arc::new(migrated_store(&pg).await));
+        stores.push(Arc::new(contracted_store(&pg).await));
     }
     let room = key("busy table");
 
@@ -873,15 +927,32 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         let room = room.clone();
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::with_capacity(ADDS);
-            for i in 0..ADDS {
-                let number = n(((writer * ADDS + i) % 37) as u8);
-                let applied = store
-                    .apply(mutation(&room, Change::Added(number)))
+            // As a room task sends what queued up meanwhile: several adds
+            // per transaction.
+            for first in (0..ADDS).step_by(BATCH) {
+                let batch: Vec<Mutation> = (first..(first + BATCH).min(ADDS))
+                    .map(|i| {
+                        let number = n(((writer * ADDS + i) % 37) as u8);
+                        mutation(&room, Change::Added(number))
+                    })
+                    .collect();
+                let done = store
+                    .apply_batch(&room, &Position::default(), &batch)
                     .await
-                    .unwrap_or_else(|e| panic!("writer {writer} add {i}: {e}"));
-                assert!(!applied.duplicate);
-                assert_eq!(applied.room.version, applied.event.version);
-                mine.push((applied.event.version, number, applied.room.history));
+                    .unwrap_or_else(|e| panic!("writer {writer} batch at {first}: {e}"));
+                let mut last = 0;
+                for (outcome, m) in done.outcomes.iter().zip(&batch) {
+                    let BatchOutcome::Applied(event) = outcome else {
+                        panic!("writer {writer}: {outcome:?}");
+                    };
+                    assert_eq!(event.change, m.change);
+                    last = event.version;
+                    let Change::Added(number) = m.change else {
+                        unreachable!()
+                    };
+                    mine.push((event.version, number, History::default()));
+                }
+                assert_eq!(done.head.map(|h| h.version), Some(last));
             }
             mine
         }));
@@ -895,10 +966,6 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         );
         acknowledged.extend(mine);
     }
-    let histories: Vec<(u64, History)> = acknowledged
-        .iter_mut()
-        .map(|(version, _, history)| (*version, std::mem::take(history)))
-        .collect();
     let elapsed = started.elapsed();
     let total = WRITERS * ADDS;
     println!(
@@ -922,16 +989,6 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         expected.as_slice(),
         "position i holds version i+1's number"
     );
-    // Each writer was answered with the history its own add produced, whichever
-    // pool sent it and whatever that pool had seen before.
-    for (version, history) in &histories {
-        assert_eq!(
-            history.numbers(),
-            &expected[..*version as usize],
-            "the room answered for version {version}"
-        );
-    }
-
     let events = stores[2]
         .events_since(&room, 0)
         .await

@@ -5,6 +5,8 @@
 //! can therefore assume a `Number` is on the wheel, a `RoomKey` is a valid key and
 //! a `History` respects the configured length limit.
 
+pub mod rules;
+
 use std::fmt;
 use std::sync::Arc;
 

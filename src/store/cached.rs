@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::{
-    Applied, DynStore, MigrationInfo, Mutation, Page, RoomAuth, RoomSummary, Store, StoreError,
-    StoreStats,
+    Applied, Batch, DynStore, MigrationInfo, Mutation, Outcome, Page, Position, RoomAuth,
+    RoomSummary, Store, StoreError, StoreStats,
 };
 use crate::domain::{History, Room, RoomEvent, RoomKey, Version};
 
@@ -609,6 +609,27 @@ impl Store for CachedStore {
         let applied = self.inner.apply(mutation).await?;
         self.write_through(&applied.room).await;
         Ok(applied)
+    }
+
+    async fn apply_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+    ) -> Result<Batch, StoreError> {
+        let batch = self.inner.apply_batch(key, known, mutations).await?;
+        if batch
+            .outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Applied(_)))
+        {
+            // The batch reply has no history to cache: the committed room is
+            // read back and written through like any other state.
+            if let Some(room) = self.inner.room(key).await? {
+                self.write_through(&room).await;
+            }
+        }
+        Ok(batch)
     }
 
     async fn events_since(

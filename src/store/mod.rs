@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::rules::{Decision, Refusal};
 use crate::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version};
 
 /// How long a mutation id is remembered for de-duplicating retries.
@@ -90,6 +91,26 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
         match err {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e),
             other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<Refusal> for StoreError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::AuthRequired => StoreError::AuthRequired,
+            Refusal::IndexOutOfRange { index, len } => StoreError::IndexOutOfRange { index, len },
+            Refusal::HistoryTooLong { max } => StoreError::HistoryTooLong { max },
+        }
+    }
+}
+
+impl From<Decision> for Outcome {
+    fn from(decision: Decision) -> Self {
+        match decision {
+            Decision::Applied(event) => Outcome::Applied(event),
+            Decision::Duplicate(event) => Outcome::Duplicate(event),
+            Decision::Refused(refusal) => Outcome::Refused(refusal.into()),
         }
     }
 }
@@ -171,6 +192,68 @@ pub struct Batch {
     pub head: Option<Head>,
 }
 
+/// Which events after `known` a batch must report as missed, given the room's
+/// epoch and version before the batch (`None`: the room does not exist).
+/// Shared by both backends so they answer alike.
+pub(crate) enum MissedPlan {
+    /// The reply is this (nothing missed, or the caller cannot be caught up).
+    Answer(Option<Vec<RoomEvent>>),
+    /// Read the log for versions `after + 1 ..= upto`; complete or `None`.
+    Read { after: Version, upto: Version },
+}
+
+/// Decides from the heads alone whether the caller is caught up, cannot be
+/// caught up (another epoch, or ahead of the room), or needs the log read.
+pub(crate) fn plan_missed(known: &Position, room: Option<(&str, Version)>) -> MissedPlan {
+    match room {
+        None if known.epoch.is_none() && known.version == 0 => MissedPlan::Answer(Some(Vec::new())),
+        Some((epoch, version)) if known.epoch.as_deref() == Some(epoch) => {
+            if known.version == version {
+                MissedPlan::Answer(Some(Vec::new()))
+            } else if known.version > version {
+                MissedPlan::Answer(None)
+            } else {
+                MissedPlan::Read {
+                    after: known.version,
+                    upto: version,
+                }
+            }
+        }
+        _ => MissedPlan::Answer(None),
+    }
+}
+
+/// The log's events after `after`, if they are exactly `after + 1 ..= upto`.
+pub(crate) fn complete_log(
+    events: Vec<RoomEvent>,
+    after: Version,
+    upto: Version,
+) -> Option<Vec<RoomEvent>> {
+    let complete = events.len() as u64 == upto - after
+        && events
+            .iter()
+            .zip(after + 1..)
+            .all(|(event, version)| event.version == version);
+    complete.then_some(events)
+}
+
+/// The [`Applied`] of a batch of one mutation, given the room as it stood
+/// after it.
+pub(crate) fn applied_alone(batch: Batch, room: Option<Room>) -> Result<Applied, StoreError> {
+    let (event, duplicate) = match batch.outcomes.into_iter().next() {
+        Some(Outcome::Applied(event)) => (event, false),
+        Some(Outcome::Duplicate(event)) => (event, true),
+        Some(Outcome::Refused(err)) => return Err(err),
+        None => return Err(StoreError::Internal("a batch of one had no outcome".into())),
+    };
+    let room = room.ok_or_else(|| StoreError::Internal("an applied room is missing".into()))?;
+    Ok(Applied {
+        event,
+        room,
+        duplicate,
+    })
+}
+
 /// One row of `GET /api/roulette/sessions`.
 #[derive(Debug, Clone)]
 pub struct RoomSummary {
@@ -222,15 +305,28 @@ pub trait Store: Send + Sync + 'static {
     /// The room, or `None` if it was never created.
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError>;
 
-    /// Applies a mutation atomically, creating the room when an add or replace
-    /// targets a missing one, and appends it to the event log with the room's next
-    /// version. A repeated mutation id within [`MUTATION_ID_WINDOW`] changes nothing.
-    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError>;
+    /// Applies one mutation: [`Store::apply_batch`] with that mutation alone,
+    /// then the room as it is afterwards.
+    ///
+    /// Kept for callers that still want the whole room back. Both backends read
+    /// the room inside the batch's transaction; this default (for wrappers)
+    /// reads it after the commit, so under concurrent writers it may already
+    /// include later changes. An error or a refusal changes nothing.
+    async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
+        let key = mutation.key.clone();
+        let batch = self
+            .apply_batch(&key, &Position::default(), std::slice::from_ref(&mutation))
+            .await?;
+        let room = self.room(&key).await?;
+        applied_alone(batch, room)
+    }
 
     /// Applies mutations to one room, in order, in one transaction: the room's
     /// lock is taken and the commit flushed once for all of them. Each mutation
     /// gets the outcome it would have had alone (its own version and event, or
-    /// its refusal). An error means nothing of the batch was committed.
+    /// its refusal), decided by [`crate::domain::rules::decide`]. A missing room
+    /// is created by the first add or replace that applies. An error means
+    /// nothing of the batch was committed.
     ///
     /// `known` is where the caller's copy of the room stands; the reply says
     /// what other writers committed after it (see [`Batch::missed`]).
@@ -239,55 +335,7 @@ pub trait Store: Send + Sync + 'static {
         key: &RoomKey,
         known: &Position,
         mutations: &[Mutation],
-    ) -> Result<Batch, StoreError> {
-        // Provisional: one transaction per mutation, until each backend has
-        // its own batched path.
-        let before = self.room(key).await?;
-        let missed = match &before {
-            Some(room) if known.epoch.as_deref() == Some(&*room.epoch) => {
-                if room.version == known.version {
-                    Some(Vec::new())
-                } else {
-                    self.events_since(key, known.version).await?
-                }
-            }
-            None if known.epoch.is_none() => Some(Vec::new()),
-            _ => None,
-        };
-        let mut outcomes = Vec::with_capacity(mutations.len());
-        let mut last = before;
-        for mutation in mutations {
-            match self.apply(mutation.clone()).await {
-                Ok(applied) => {
-                    outcomes.push(if applied.duplicate {
-                        Outcome::Duplicate(applied.event)
-                    } else {
-                        Outcome::Applied(applied.event)
-                    });
-                    last = Some(applied.room);
-                }
-                Err(err @ StoreError::Unavailable(_)) | Err(err @ StoreError::Internal(_))
-                    if outcomes.is_empty() =>
-                {
-                    return Err(err);
-                }
-                Err(err) => outcomes.push(Outcome::Refused(err)),
-            }
-        }
-        Ok(Batch {
-            missed,
-            outcomes,
-            head: last.map(|room| Head {
-                id: room.id,
-                epoch: room.epoch,
-                version: room.version,
-                history_length: room.history.len(),
-                protected: room.protected,
-                created_at: room.created_at,
-                updated_at: room.updated_at,
-            }),
-        })
-    }
+    ) -> Result<Batch, StoreError>;
 
     /// Events with versions after `after`, oldest first, if the log still holds
     /// every one of them; `None` when some were pruned (the caller sends a full sync).
@@ -324,46 +372,25 @@ pub trait Store: Send + Sync + 'static {
     /// Every known migration and whether it is applied.
     async fn migration_status(&self) -> Result<Vec<MigrationInfo>, StoreError>;
 
-    /// Applies pending migrations.
+    /// Applies pending expand migrations: everything except the contract
+    /// steps (see [`is_contract`]), so instances of the previous release keep
+    /// working during a rolling upgrade.
     async fn migrate(&self) -> anyhow::Result<()>;
+
+    /// Applies every pending migration, contract steps included. Only once no
+    /// instance of the previous release runs any more (docs/operations.md).
+    async fn migrate_contract(&self) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "the {} store cannot apply contract migrations here",
+            self.backend()
+        )
+    }
 
     /// Reverts the newest `steps` applied migrations.
     async fn rollback(&self, steps: usize) -> anyhow::Result<()>;
 }
 
 pub type DynStore = Arc<dyn Store>;
-
-/// Works out the new history for a change, enforcing the index and length rules.
-/// Shared by both backends so they reject exactly the same mutations.
-pub fn next_history(current: &History, change: &Change, max: usize) -> Result<History, StoreError> {
-    match change {
-        Change::Added(n) => {
-            if current.len() >= max {
-                return Err(StoreError::HistoryTooLong { max });
-            }
-            let mut numbers: Vec<Number> = current.numbers().to_vec();
-            numbers.push(*n);
-            Ok(History::from_numbers(numbers))
-        }
-        Change::Removed(index) => {
-            if *index >= current.len() {
-                return Err(StoreError::IndexOutOfRange {
-                    index: *index,
-                    len: current.len(),
-                });
-            }
-            let mut numbers = current.numbers().to_vec();
-            numbers.remove(*index);
-            Ok(History::from_numbers(numbers))
-        }
-        Change::Replaced(h) => {
-            if h.len() > max {
-                return Err(StoreError::HistoryTooLong { max });
-            }
-            Ok(h.clone())
-        }
-    }
-}
 
 /// Encodes a change for the event log as (kind, JSON payload).
 pub fn encode_change(change: &Change) -> (&'static str, String) {
@@ -399,9 +426,55 @@ pub fn stored_key(raw: &str) -> Result<RoomKey, StoreError> {
     RoomKey::parse(raw).map_err(|_| StoreError::Internal(format!("invalid stored key {raw:?}")))
 }
 
-/// Parses a history read back from the database.
-pub fn stored_history(raw: &str) -> Result<History, StoreError> {
-    History::from_stored(raw).map_err(|_| StoreError::Internal("corrupt stored history".into()))
+/// How `room_numbers` stores a number: `"0"`..`"36"` or `"00"`.
+pub fn number_text(number: Number) -> String {
+    match number {
+        Number::Single(n) => n.to_string(),
+        Number::DoubleZero => "00".to_owned(),
+    }
+}
+
+/// Parses a history read back from `room_numbers` as one comma-separated
+/// string, oldest first (`None`: no numbers).
+pub fn stored_numbers(raw: Option<&str>) -> Result<History, StoreError> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(History::default());
+    };
+    raw.split(',')
+        .map(|item| match item {
+            "00" => Ok(Number::DoubleZero),
+            _ => item
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= 36)
+                .map(Number::Single)
+                .ok_or_else(|| StoreError::Internal(format!("corrupt stored number {item:?}"))),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(History::from_numbers)
+}
+
+/// Whether a migration is a contract step: it removes what only the previous
+/// release needs, so `croupier migrate` leaves it for `croupier migrate
+/// --contract`. Contract migrations are named `<version>_contract_<what>`.
+pub fn is_contract(description: &str) -> bool {
+    description.starts_with("contract")
+}
+
+/// The expand part of `migrator`: every migration but the contract steps,
+/// tolerating contract steps that are already applied.
+pub fn expand_migrator(migrator: &sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    sqlx::migrate::Migrator {
+        migrations: migrator
+            .iter()
+            .filter(|m| !is_contract(&m.description))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ignore_missing: true,
+        locking: migrator.locking,
+        no_tx: migrator.no_tx,
+    }
 }
 
 /// Lists a migrator's migrations with their applied state.
@@ -447,7 +520,9 @@ pub async fn ensure_current_schema(store: &dyn Store) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("reading the schema version: {e}"))?
         .into_iter()
-        .filter(|m| !m.applied)
+        // A pending contract step is normal while the previous release may
+        // still run; this release works before and after it.
+        .filter(|m| !m.applied && !is_contract(&m.description))
         .collect();
     if let Some(first) = pending.first() {
         anyhow::bail!(

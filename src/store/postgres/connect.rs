@@ -100,16 +100,8 @@ impl PostgresStore {
             })
             .connect_lazy_with(primary.current().connect.clone());
         let watcher = tokio::spawn(failover::watch(pool.clone(), primary.clone()));
-        // Waiting for a connection, then the statement's own limit, then slack.
-        let statement_limit = match options.statement_timeout {
-            Duration::ZERO => Duration::from_secs(60),
-            limit => limit,
-        };
-        let append_timeout = options.acquire_timeout + statement_limit + Duration::from_secs(1);
         Ok(PostgresStore {
             pool,
-            appends: Arc::default(),
-            append_timeout,
             primary,
             _watcher: AbortOnDrop(watcher),
         })

@@ -1,69 +1,70 @@
 //! PostgreSQL backend for cluster mode: every instance shares one database, so
 //! everything that must be consistent across instances is decided by PostgreSQL.
 //!
-//! A room's next version is assigned under the room's row lock, in the same
-//! transaction that applies the mutation and logs the event (invariant 2). The
-//! common case — appending a number — is a single round trip to the
-//! `croupier_append_known` function (see the migrations), so the lock is
-//! held only for the function body and the commit flush. Adds to one room that
-//! arrive while such a call is running are sent together in the next call, which
-//! applies them one after another: a hot room pays one lock hand-over and one
-//! flush per group instead of per add, and its history crosses the wire only when
-//! the instance does not know it yet; the first group of a new room creates it in
-//! the same transaction. Everything else (removals, replacements, an add that
-//! could not even fit an empty room) goes through an explicit transaction that
-//! applies the shared [`next_history`] rules in Rust. Both paths make the same
-//! decisions as the SQLite backend, in the same order: lock, de-duplicate,
-//! validate, write.
+//! A batch of mutations to one room is one transaction: lock the room's row
+//! (writers on other instances queue there), read what the caller missed from
+//! the event log, look up the batch's mutation ids in one query, let the shared
+//! rules ([`crate::domain::rules::decide`]) decide each mutation in order, then
+//! write the batch's row changes, its events and the room's new head, and flush
+//! the commit once (invariant 2). The decisions need only the room's head
+//! (version, length, protection), never its history.
+//!
+//! A history is stored one row per number in `room_numbers`, so an append is
+//! one inserted row whatever the history's length. While the schema is only
+//! expanded (a rolling upgrade from the release that kept `rooms.history`), a
+//! trigger keeps that column in step and appends cost O(history) in the
+//! database; once the contract migration ran they cost O(1) (see the
+//! migrations and docs/operations.md).
 //!
 //! There is no fallback: when the database cannot be reached every operation
 //! fails with [`StoreError::Unavailable`], and the pool reconnects by itself once
 //! the server is back.
 //!
-//! The grouped-append path lives in `append`, connecting (options, start-up
-//! wait, migration connection) in `connect`; this file holds the store itself,
-//! the general transaction path and the rest of the [`Store`] implementation.
+//! Connecting (options, start-up wait, migration connection) lives in
+//! `connect`; this file holds the store and its [`Store`] implementation.
 
-mod append;
 mod connect;
 mod failover;
 
 pub use connect::PgOptions;
 pub use failover::HostList;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use super::{
-    Applied, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, MUTATION_ID_WINDOW, MigrationInfo,
-    Mutation, Page, RoomAuth, RoomSummary, Store, StoreError, StoreStats, decode_change,
-    encode_change, next_history, stored_history, stored_key,
+    Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
+    MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
+    StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers,
 };
+use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
 use crate::telemetry::DbTimer;
-use append::AppendQueues;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-const ROOM_COLUMNS: &str =
-    "id, key, history::text AS history, version, epoch, created_at, updated_at, password_hash";
+/// A room with its history, which is its `room_numbers` rows in `seq` order.
+const ROOM_COLUMNS: &str = "r.id, r.key, r.version, r.epoch, r.created_at, r.updated_at, r.password_hash,
+     (SELECT string_agg(n.number, ',' ORDER BY n.seq) FROM room_numbers n WHERE n.room_id = r.id) AS numbers";
+
+/// A room without its history: what a batch needs.
+const HEAD_COLUMNS: &str = "id, epoch, version, history_length::bigint AS history_length,
+     password_hash IS NOT NULL AS protected, created_at, updated_at";
 
 /// Most event-log rows one pruning statement deletes.
 const PRUNE_SLICE: i64 = 10_000;
 
 pub struct PostgresStore {
     pool: PgPool,
-    appends: Arc<AppendQueues>,
-    /// Client-side bound for one `croupier_append_known` call (see
-    /// `append::flush_appends`).
-    append_timeout: Duration,
     /// The hosts of `DATABASE_URL` and which one is primary now.
     primary: Arc<failover::Primary>,
     /// Follows the primary when it moves; stopped with the store.
@@ -75,145 +76,18 @@ impl PostgresStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-
-    /// The general path: any change, creating the room when an add or replace
-    /// targets a missing one.
-    async fn apply_in_transaction(
-        &self,
-        mutation: Mutation,
-        now: DateTime<Utc>,
-    ) -> Result<Applied, StoreError> {
-        let lock_room = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE key = $1 FOR UPDATE");
-        let mut tx = self.pool.begin().await?;
-        let mut row = sqlx::query(&lock_room)
-            .bind(mutation.key.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if row.is_none() {
-            if let Change::Removed(index) = mutation.change {
-                tx.rollback().await?;
-                return Err(StoreError::IndexOutOfRange { index, len: 0 });
-            }
-            let insert = format!(
-                "INSERT INTO rooms (key, epoch, created_at, updated_at) VALUES ($1, $2, $3, $3)
-                 ON CONFLICT (key) DO NOTHING RETURNING {ROOM_COLUMNS}"
-            );
-            row = sqlx::query(&insert)
-                .bind(mutation.key.as_str())
-                .bind(new_epoch())
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if row.is_none() {
-                // Another writer created it meanwhile; its insert has committed
-                // (ON CONFLICT waited for it), so this statement sees the row.
-                row = sqlx::query(&lock_room)
-                    .bind(mutation.key.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            }
-        }
-        let Some(row) = row else {
-            return Err(StoreError::Internal(
-                "room vanished while being created".into(),
-            ));
-        };
-        let (room, _) = room_from_row(&row)?;
-        if room.protected && !mutation.authorized {
-            tx.rollback().await?;
-            return Err(StoreError::AuthRequired);
-        }
-
-        if let Some(mid) = &mutation.mutation_id {
-            let row = sqlx::query(
-                "SELECT version, kind, payload::text AS payload, mutation_id, created_at
-                 FROM room_events
-                 WHERE room_id = $1 AND mutation_id = $2 AND created_at > $3
-                 ORDER BY version LIMIT 1",
-            )
-            .bind(room.id)
-            .bind(mid.as_str())
-            .bind(now - MUTATION_ID_WINDOW)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = row {
-                let event = event_from_row(&room.key, &room.epoch, &row)?;
-                tx.rollback().await?;
-                return Ok(Applied {
-                    event,
-                    room,
-                    duplicate: true,
-                });
-            }
-        }
-
-        let history = match next_history(&room.history, &mutation.change, mutation.max_history) {
-            Ok(history) => history,
-            Err(err) => {
-                tx.rollback().await?;
-                return Err(err);
-            }
-        };
-        let version = room.version + 1;
-        let (kind, payload) = encode_change(&mutation.change);
-        sqlx::query(
-            "WITH updated AS (
-                 UPDATE rooms SET history = $2::jsonb, history_length = $3, version = $4, updated_at = $5
-                 WHERE id = $1
-             )
-             INSERT INTO room_events (room_id, version, kind, payload, mutation_id, created_at)
-             VALUES ($1, $4, $6, $7::jsonb, $8, $5)",
-        )
-        .bind(room.id)
-        .bind(history.to_json_string())
-        .bind(history.len() as i64)
-        .bind(version as i64)
-        .bind(now)
-        .bind(kind)
-        .bind(payload)
-        .bind(mutation.mutation_id.as_ref().map(MutationId::as_str))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-
-        let event = RoomEvent {
-            key: room.key.clone(),
-            epoch: room.epoch.clone(),
-            version,
-            change: mutation.change,
-            mutation_id: mutation.mutation_id,
-            committed_at: now,
-        };
-        let room = Room {
-            history,
-            version,
-            updated_at: now,
-            ..room
-        };
-        Ok(Applied {
-            event,
-            room,
-            duplicate: false,
-        })
-    }
-}
-
-/// Timestamps are stored with microsecond precision; rounding first keeps what
-/// `apply` returns equal to what later reads return.
-fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
 }
 
 fn room_from_row(row: &PgRow) -> Result<(Room, Option<String>), StoreError> {
     let key: String = row.try_get("key")?;
-    let history: String = row.try_get("history")?;
+    let numbers: Option<String> = row.try_get("numbers")?;
     let version: i64 = row.try_get("version")?;
     let epoch: String = row.try_get("epoch")?;
     let password_hash: Option<String> = row.try_get("password_hash")?;
     let room = Room {
         id: row.try_get("id")?,
         key: stored_key(&key)?,
-        history: stored_history(&history)?,
+        history: stored_numbers(numbers.as_deref())?,
         version: version as Version,
         epoch: epoch.into(),
         created_at: row.try_get("created_at")?,
@@ -221,6 +95,21 @@ fn room_from_row(row: &PgRow) -> Result<(Room, Option<String>), StoreError> {
         protected: password_hash.is_some(),
     };
     Ok((room, password_hash))
+}
+
+fn head_from_row(row: &PgRow) -> Result<Head, StoreError> {
+    let version: i64 = row.try_get("version")?;
+    let length: i64 = row.try_get("history_length")?;
+    let epoch: String = row.try_get("epoch")?;
+    Ok(Head {
+        id: row.try_get("id")?,
+        epoch: epoch.into(),
+        version: version as Version,
+        history_length: length as usize,
+        protected: row.try_get("protected")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }
 
 fn event_from_row(key: &RoomKey, epoch: &str, row: &PgRow) -> Result<RoomEvent, StoreError> {
@@ -241,6 +130,349 @@ fn event_from_row(key: &RoomKey, epoch: &str, row: &PgRow) -> Result<RoomEvent, 
     })
 }
 
+/// Locks the room's row, creating the room first when `create` and it is
+/// missing. Returns its head and whether this transaction created it.
+async fn lock_room(
+    conn: &mut PgConnection,
+    key: &RoomKey,
+    create: bool,
+    now: DateTime<Utc>,
+) -> Result<Option<(Head, bool)>, StoreError> {
+    let lock = format!("SELECT {HEAD_COLUMNS} FROM rooms WHERE key = $1 FOR UPDATE");
+    if let Some(row) = sqlx::query(&lock)
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(Some((head_from_row(&row)?, false)));
+    }
+    if !create {
+        return Ok(None);
+    }
+    let insert = format!(
+        "INSERT INTO rooms (key, epoch, created_at, updated_at) VALUES ($1, $2, $3, $3)
+         ON CONFLICT (key) DO NOTHING RETURNING {HEAD_COLUMNS}"
+    );
+    if let Some(row) = sqlx::query(&insert)
+        .bind(key.as_str())
+        .bind(new_epoch())
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        return Ok(Some((head_from_row(&row)?, true)));
+    }
+    // Another writer created it meanwhile; its insert has committed (ON
+    // CONFLICT waited for it), so this statement's fresh snapshot sees the row.
+    let row = sqlx::query(&lock)
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::Internal("room vanished while being created".into()))?;
+    Ok(Some((head_from_row(&row)?, false)))
+}
+
+/// The room's logged events with versions in `after + 1 ..= upto`, oldest first.
+async fn read_events(
+    conn: &mut PgConnection,
+    key: &RoomKey,
+    room: &Head,
+    after: Version,
+    upto: Version,
+) -> Result<Vec<RoomEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT version, kind, payload::text AS payload, mutation_id, created_at FROM room_events
+         WHERE room_id = $1 AND version > $2 AND version <= $3 ORDER BY version",
+    )
+    .bind(room.id)
+    .bind(after as i64)
+    .bind(upto as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| event_from_row(key, &room.epoch, row))
+        .collect()
+}
+
+/// The first event each of `ids` produced in this room after `since`, in one
+/// query. Runs after the row lock was granted, so it sees every event
+/// committed before.
+async fn find_mutations(
+    conn: &mut PgConnection,
+    key: &RoomKey,
+    room: &Head,
+    ids: Vec<&str>,
+    since: DateTime<Utc>,
+) -> Result<HashMap<MutationId, RoomEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT ON (mutation_id) version, kind, payload::text AS payload, mutation_id, created_at
+         FROM room_events
+         WHERE room_id = $1 AND mutation_id = ANY($2) AND created_at > $3
+         ORDER BY mutation_id, version",
+    )
+    .bind(room.id)
+    .bind(ids)
+    .bind(since)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let event = event_from_row(key, &room.epoch, row)?;
+            let id = event
+                .mutation_id
+                .clone()
+                .ok_or_else(|| StoreError::Internal("event without its mutation id".into()))?;
+            Ok((id, event))
+        })
+        .collect()
+}
+
+/// Writes the row changes of a batch's applied events, in order: consecutive
+/// adds as one insert, a removal as one delete at its offset, a replacement as
+/// a delete of every row followed by the new rows. Only the events from the
+/// last replacement on matter for the rows. `applied` pairs each event with
+/// the history's length before it.
+async fn write_numbers(
+    conn: &mut PgConnection,
+    room_id: i64,
+    applied: &[(RoomEvent, usize)],
+) -> Result<(), StoreError> {
+    let start = applied
+        .iter()
+        .rposition(|(e, _)| matches!(e.change, Change::Replaced(_)))
+        .unwrap_or(0);
+    let mut adds: Vec<String> = Vec::new();
+    for (event, length) in &applied[start..] {
+        match &event.change {
+            Change::Added(number) => adds.push(number_text(*number)),
+            Change::Removed(index) => {
+                append_numbers(conn, room_id, &mut adds).await?;
+                // Counted from the nearer end: removing one of the latest
+                // numbers (the usual correction) skips few rows.
+                let (order, offset) = if *index < length / 2 {
+                    ("ASC", *index)
+                } else {
+                    ("DESC", length.saturating_sub(index + 1))
+                };
+                let sql = format!(
+                    "DELETE FROM room_numbers WHERE room_id = $1 AND seq =
+                       (SELECT seq FROM room_numbers WHERE room_id = $1
+                        ORDER BY seq {order} LIMIT 1 OFFSET $2)"
+                );
+                sqlx::query(&sql)
+                    .bind(room_id)
+                    .bind(offset as i64)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Change::Replaced(history) => {
+                sqlx::query("DELETE FROM room_numbers WHERE room_id = $1")
+                    .bind(room_id)
+                    .execute(&mut *conn)
+                    .await?;
+                adds = history.numbers().iter().map(|n| number_text(*n)).collect();
+            }
+        }
+    }
+    append_numbers(conn, room_id, &mut adds).await
+}
+
+/// Appends `numbers` after the room's last row (one index lookup for the
+/// last `seq`, then one row each), and empties `numbers`.
+async fn append_numbers(
+    conn: &mut PgConnection,
+    room_id: i64,
+    numbers: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    if numbers.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO room_numbers (room_id, seq, number)
+         SELECT $1, last.seq + u.o, u.n
+           FROM (SELECT COALESCE(max(seq), 0) AS seq FROM room_numbers WHERE room_id = $1) last,
+                unnest($2::text[]) WITH ORDINALITY AS u(n, o)",
+    )
+    .bind(room_id)
+    .bind(std::mem::take(numbers))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The room with its history, read on `conn` (inside a batch's transaction).
+async fn read_room(conn: &mut PgConnection, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+    let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
+    let row = sqlx::query(&sql)
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| room_from_row(&r).map(|(room, _)| room))
+        .transpose()
+}
+
+impl PostgresStore {
+    /// [`Store::apply_batch`]; `with_room` also reads the room (history
+    /// included) in the same transaction, for [`Store::apply`].
+    async fn run_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+        with_room: bool,
+    ) -> Result<(Batch, Option<Room>), StoreError> {
+        let _t = DbTimer::new("apply_batch");
+        let now = commit_time(Utc::now());
+        let creates = mutations
+            .iter()
+            .any(|m| matches!(m.change, Change::Added(_) | Change::Replaced(_)));
+        let mut tx = self.pool.begin().await?;
+        // Created up front when a mutation may need it, so events can name its
+        // epoch; rolled back below if no mutation applies after all.
+        let locked = lock_room(&mut tx, key, creates, now).await?;
+        let existing = locked
+            .as_ref()
+            .filter(|(_, created)| !created)
+            .map(|(head, _)| (&*head.epoch, head.version));
+        let missed = match plan_missed(known, existing) {
+            MissedPlan::Answer(answer) => answer,
+            MissedPlan::Read { after, upto } => match &locked {
+                Some((room, _)) => {
+                    let events = read_events(&mut tx, key, room, after, upto).await?;
+                    complete_log(events, after, upto)
+                }
+                None => None,
+            },
+        };
+
+        let mut earlier = HashMap::new();
+        if let Some((room, false)) = &locked {
+            let mut ids: Vec<&str> = mutations
+                .iter()
+                .filter_map(|m| m.mutation_id.as_ref().map(MutationId::as_str))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if !ids.is_empty() {
+                let since = now - MUTATION_ID_WINDOW;
+                earlier = find_mutations(&mut tx, key, room, ids, since).await?;
+            }
+        }
+
+        let stamp = Stamp {
+            key: key.clone(),
+            epoch: locked
+                .as_ref()
+                .map_or_else(|| "".into(), |(r, _)| r.epoch.clone()),
+            committed_at: now,
+        };
+        let mut head = locked
+            .as_ref()
+            .map_or_else(RoomHead::default, |(r, _)| RoomHead {
+                version: r.version,
+                length: r.history_length,
+                protected: r.protected,
+            });
+        let mut outcomes = Vec::with_capacity(mutations.len());
+        let mut applied: Vec<(RoomEvent, usize)> = Vec::new();
+        for mutation in mutations {
+            let proposal = Proposal {
+                change: &mutation.change,
+                mutation_id: mutation.mutation_id.as_ref(),
+                max_history: mutation.max_history,
+                authorized: mutation.authorized,
+            };
+            let found = mutation.mutation_id.as_ref().and_then(|id| earlier.get(id));
+            let decision = decide(&head, &proposal, found, &stamp);
+            if let Decision::Applied(event) = &decision {
+                if let Some(id) = &event.mutation_id {
+                    // A retry later in this batch finds this event, as it
+                    // would find a committed one.
+                    earlier.insert(id.clone(), event.clone());
+                }
+                applied.push((event.clone(), head.length));
+                head = head.after(&event.change);
+            }
+            outcomes.push(Outcome::from(decision));
+        }
+
+        let Some((before, created)) = locked else {
+            tx.rollback().await?;
+            let batch = Batch {
+                missed,
+                outcomes,
+                head: None,
+            };
+            return Ok((batch, None));
+        };
+        if applied.is_empty() {
+            // Nothing to commit (and a room created for this batch is not kept).
+            let room = if with_room && !created {
+                read_room(&mut tx, key).await?
+            } else {
+                None
+            };
+            tx.rollback().await?;
+            let batch = Batch {
+                missed,
+                outcomes,
+                head: (!created).then_some(before),
+            };
+            return Ok((batch, room));
+        }
+        // The rows first, the head afterwards: while the schema is only
+        // expanded, the head's UPDATE rebuilds `rooms.history` from the rows.
+        write_numbers(&mut tx, before.id, &applied).await?;
+        let mut versions = Vec::with_capacity(applied.len());
+        let mut kinds = Vec::with_capacity(applied.len());
+        let mut payloads = Vec::with_capacity(applied.len());
+        let mut ids = Vec::with_capacity(applied.len());
+        for (event, _) in &applied {
+            let (kind, payload) = encode_change(&event.change);
+            versions.push(event.version as i64);
+            kinds.push(kind);
+            payloads.push(payload);
+            ids.push(event.mutation_id.as_ref().map(|m| m.as_str().to_owned()));
+        }
+        sqlx::query(
+            "WITH logged AS (
+                 INSERT INTO room_events (room_id, version, kind, payload, mutation_id, created_at)
+                 SELECT $1, e.version, e.kind, e.payload::jsonb, e.mutation_id, $6
+                   FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[])
+                        AS e(version, kind, payload, mutation_id)
+             )
+             UPDATE rooms SET history_length = $7, version = $8, updated_at = $6 WHERE id = $1",
+        )
+        .bind(before.id)
+        .bind(versions)
+        .bind(kinds)
+        .bind(payloads)
+        .bind(ids)
+        .bind(now)
+        .bind(head.length as i32)
+        .bind(head.version as i64)
+        .execute(&mut *tx)
+        .await?;
+        let room = if with_room {
+            read_room(&mut tx, key).await?
+        } else {
+            None
+        };
+        tx.commit().await?;
+        let batch = Batch {
+            missed,
+            outcomes,
+            head: Some(Head {
+                version: head.version,
+                history_length: head.length,
+                updated_at: now,
+                ..before
+            }),
+        };
+        Ok((batch, room))
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
@@ -249,7 +481,7 @@ impl Store for PostgresStore {
 
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
         let _t = DbTimer::new("room");
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE key = $1");
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
         let row = sqlx::query(&sql)
             .bind(key.as_str())
             .fetch_optional(&self.pool)
@@ -259,22 +491,21 @@ impl Store for PostgresStore {
     }
 
     async fn apply(&self, mutation: Mutation) -> Result<Applied, StoreError> {
-        let _t = DbTimer::new("apply");
-        // Adds take the grouped single-call path, which also creates a missing
-        // room; everything else, and an add that path turned away, the general
-        // transaction.
-        // Adds without a token take that path only for rooms known to be open:
-        // it does not check protection, and a missing room may be created with
-        // a password at any moment.
-        if let Change::Added(number) = mutation.change
-            && (mutation.authorized || self.appends.is_open(&mutation.key))
-            && let Some(applied) = self.append(&mutation, number).await?
-        {
-            return Ok(applied);
-        }
-        let applied = self.apply_in_transaction(mutation, now()).await?;
-        self.appends.learn(&applied.room);
-        Ok(applied)
+        let key = mutation.key.clone();
+        let one = std::slice::from_ref(&mutation);
+        let (batch, room) = self
+            .run_batch(&key, &Position::default(), one, true)
+            .await?;
+        applied_alone(batch, room)
+    }
+
+    async fn apply_batch(
+        &self,
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+    ) -> Result<Batch, StoreError> {
+        Ok(self.run_batch(key, known, mutations, false).await?.0)
     }
 
     async fn events_since(
@@ -320,13 +551,14 @@ impl Store for PostgresStore {
     async fn list_rooms(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError> {
         let _t = DbTimer::new("list_rooms");
         let history_column = if page.include_history {
-            "history::text AS history"
+            "(SELECT string_agg(n.number, ',' ORDER BY n.seq) FROM room_numbers n WHERE n.room_id = r.id)"
         } else {
-            "NULL::text AS history"
+            "NULL::text"
         };
         let sql = format!(
-            "SELECT id, key, history_length, created_at, updated_at, password_hash IS NOT NULL AS protected, {history_column}
-             FROM rooms ORDER BY updated_at DESC, id DESC LIMIT $1 OFFSET $2"
+            "SELECT r.id, r.key, r.history_length, r.created_at, r.updated_at,
+                    r.password_hash IS NOT NULL AS protected, {history_column} AS numbers
+             FROM rooms r ORDER BY r.updated_at DESC, r.id DESC LIMIT $1 OFFSET $2"
         );
         let rows = sqlx::query(&sql)
             .bind(i64::from(page.limit))
@@ -340,7 +572,7 @@ impl Store for PostgresStore {
             .iter()
             .map(|row| {
                 let key: String = row.try_get("key")?;
-                let history: Option<String> = row.try_get("history")?;
+                let numbers: Option<String> = row.try_get("numbers")?;
                 let length: i32 = row.try_get("history_length")?;
                 Ok(RoomSummary {
                     id: row.try_get("id")?,
@@ -349,7 +581,10 @@ impl Store for PostgresStore {
                     created_at: row.try_get("created_at")?,
                     updated_at: row.try_get("updated_at")?,
                     protected: row.try_get("protected")?,
-                    history: history.as_deref().map(stored_history).transpose()?,
+                    history: page
+                        .include_history
+                        .then(|| stored_numbers(numbers.as_deref()))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -358,7 +593,7 @@ impl Store for PostgresStore {
 
     async fn room_auth(&self, key: &RoomKey) -> Result<Option<RoomAuth>, StoreError> {
         let _t = DbTimer::new("room_auth");
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE key = $1");
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
         let row = sqlx::query(&sql)
             .bind(key.as_str())
             .fetch_optional(&self.pool)
@@ -378,7 +613,7 @@ impl Store for PostgresStore {
         password_hash: Option<String>,
     ) -> Result<RoomAuth, StoreError> {
         let _t = DbTimer::new("create_room");
-        let now = now();
+        let now = commit_time(Utc::now());
         // Two statements on purpose: if a concurrent request inserts the same key,
         // ON CONFLICT waits for it to commit and the SELECT (a fresh snapshot)
         // then returns that room with its own password state.
@@ -392,7 +627,7 @@ impl Store for PostgresStore {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE key = $1");
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
         let row = sqlx::query(&sql)
             .bind(key.as_str())
             .fetch_one(&self.pool)
@@ -468,10 +703,20 @@ impl Store for PostgresStore {
     async fn migrate(&self) -> anyhow::Result<()> {
         // The migrator holds an advisory lock, so instances migrating at once are safe.
         let admin = self.admin_pool().await?;
-        let result = MIGRATOR
+        let result = expand_migrator(&MIGRATOR)
             .run(&admin)
             .await
             .context("applying PostgreSQL migrations");
+        admin.close().await;
+        result
+    }
+
+    async fn migrate_contract(&self) -> anyhow::Result<()> {
+        let admin = self.admin_pool().await?;
+        let result = MIGRATOR
+            .run(&admin)
+            .await
+            .context("applying PostgreSQL migrations, contract steps included");
         admin.close().await;
         result
     }
