@@ -6,6 +6,10 @@
 #   nginx -t      nginx/ with a generated certificate and local upstreams
 #   docker-compose config
 #   kubectl kustomize + kubernetes-validate (schema of Kubernetes $K8S_VERSION)
+#                 for both overlays, k8s/ (in-cluster) and k8s/production/;
+#                 the production rendering has no PostgreSQL/Redis workload and
+#                 no Secret, and every Secret key it reads is created by a
+#                 command in docs/operations.md
 #   python3       dashboard JSON structure, Dockerfile parse, metric names
 #   pg_dump / pg_restore round trip of scripts/backup.sh + restore.sh
 #                 (when the PostgreSQL server binaries are installed)
@@ -53,6 +57,8 @@ KNOWN_METRICS=(
     croupier_room_reads_total
     croupier_rooms_active
     croupier_dependency_up
+    croupier_db_primary_reachable
+    croupier_db_failovers_total
     croupier_ws_connections_max
     process_cpu_seconds_total
     process_resident_memory_bytes
@@ -167,7 +173,7 @@ FAILED=0
 SKIPPED=0
 FAILED_NAMES=()
 
-# run_check NAME FUNCTION: runs FUNCTION in a subshell with errexit active,
+# run_check NAME FUNCTION [ARG...]: runs FUNCTION ARG... in a subshell with errexit active,
 # prints PASS/FAIL (with the tail of its output on failure). A function that
 # exits 77 is reported as SKIP with its last output line as the reason.
 run_check() {
@@ -175,7 +181,7 @@ run_check() {
     set +e
     (
         set -euo pipefail
-        "$fn"
+        "$fn" "${@:3}"
     ) >"$out" 2>&1
     rc=$?
     set -e
@@ -357,25 +363,34 @@ check_compose_v2() {
         -f "$ROOT/docker-compose.yml" config -q
 }
 
+# The two kustomize overlays: k8s/ (in-cluster PostgreSQL and Redis, for
+# trying it out) and k8s/production/ (managed services; Secrets created by the
+# operator). Each is rendered to $WORK/<dir with / as ->.yaml.
+K8S_OVERLAYS=(k8s k8s/production)
+
+rendered() { printf '%s/%s.yaml\n' "$WORK" "$(printf '%s' "$1" | tr / -)"; }
+
 check_kustomize() {
-    local kubectl
+    local kubectl dir=$1 out
     kubectl=$(find_kubectl) || {
         echo "no kubectl found and $KUBECTL_PIP_PACKAGE did not provide one"
         exit 1
     }
-    # See k8s/kustomization.yaml for why the load restrictor is lifted.
-    "$kubectl" kustomize "$ROOT/k8s" >"$WORK/k8s.yaml"
-    grep -c '^kind:' "$WORK/k8s.yaml" | sed 's/$/ resources rendered/'
+    out=$(rendered "$dir")
+    "$kubectl" kustomize "$ROOT/$dir" >"$out"
+    grep -c '^kind:' "$out" | sed 's/$/ resources rendered/'
 }
 
 check_k8s_schema() {
-    [ -s "$WORK/k8s.yaml" ] || {
+    local out
+    out=$(rendered "$1")
+    [ -s "$out" ] || {
         echo "nothing rendered by kustomize"
         exit 1
     }
-    "$VENV/bin/kubernetes-validate" --kubernetes-version "$K8S_VERSION" --strict --quiet "$WORK/k8s.yaml"
-    # Cross-references the schema cannot see.
-    "$VENV/bin/python" - "$WORK/k8s.yaml" <<'PY'
+    "$VENV/bin/kubernetes-validate" --kubernetes-version "$K8S_VERSION" --strict --quiet "$out"
+    # Cross-references the schema cannot see; the same for both overlays.
+    "$VENV/bin/python" - "$out" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -387,6 +402,33 @@ dep = by[("Deployment", "croupier")]
 pod = dep["spec"]["template"]["spec"]
 c = pod["containers"][0]
 cm = by[("ConfigMap", "croupier-config")]["data"]
+
+def pod_of(d):
+    spec = d["spec"]
+    if d["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]["spec"]
+
+def env(container):
+    return {e["name"]: e for e in container.get("env") or []}
+
+# Every pod that reads DATABASE_URL gets it from croupier-secrets and has the
+# CA certificates mounted read-only where sslrootcert points.
+db_pods = []
+for d in docs:
+    if d["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob"):
+        for ct in pod_of(d)["containers"]:
+            e = env(ct).get("DATABASE_URL")
+            if e is None:
+                continue
+            db_pods.append(d["metadata"]["name"])
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") != "croupier-secrets" or "value" in e:
+                errors.append(f"{d['kind']}/{d['metadata']['name']}: DATABASE_URL is not read from croupier-secrets")
+            mounts = [m for m in ct.get("volumeMounts") or [] if m["mountPath"] == "/etc/croupier/certs"]
+            if not mounts or not mounts[0].get("readOnly"):
+                errors.append(f"{d['kind']}/{d['metadata']['name']}: no read-only CA mount at /etc/croupier/certs")
+app_env = env(c)
 checks = {
     "3 replicas": dep["spec"]["replicas"] == 3,
     "liveness /livez": c["livenessProbe"]["httpGet"]["path"] == "/livez",
@@ -399,9 +441,170 @@ checks = {
     "HPA targets the Deployment": by[("HorizontalPodAutoscaler", "croupier")]["spec"]["scaleTargetRef"]["name"] == "croupier",
     "PDB minAvailable 2": by[("PodDisruptionBudget", "croupier")]["spec"]["minAvailable"] == 2,
     "dashboard ConfigMap": "croupier.json" in by[("ConfigMap", "croupier-grafana-dashboard")]["data"],
+    "the app, the migration Job and the backup CronJob read DATABASE_URL":
+        sorted(db_pods) == ["croupier", "croupier-backup", "croupier-migrate"],
+    "the app has REDIS_URL (ConfigMap or env)": "REDIS_URL" in cm or "REDIS_URL" in app_env,
 }
 errors += [f"failed: {name}" for name, ok in checks.items() if not ok]
 print("\n".join(errors) if errors else f"{len(docs)} documents cross-checked")
+sys.exit(1 if errors else 0)
+PY
+}
+
+# What only the production overlay promises: no PostgreSQL or Redis of its
+# own, no Secret (the operator creates them out of band), every Secret key it
+# reads created by a `kubectl create secret` command in docs/operations.md,
+# and TLS settings that point at the files it mounts.
+check_k8s_production() {
+    local out
+    out=$(rendered k8s/production)
+    [ -s "$out" ] || {
+        echo "nothing rendered by kustomize"
+        exit 1
+    }
+    "$VENV/bin/python" - "$out" "$ROOT/docs/operations.md" <<'PY'
+import re, shlex, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+errors = []
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Pod", "Job", "CronJob")
+
+def pod_of(d):
+    spec = d.get("spec") or {}
+    if d["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return (spec.get("template") or {}).get("spec") or spec
+
+def name(d):
+    return f"{d['kind']}/{d['metadata']['name']}"
+
+# No PostgreSQL or Redis server in the cluster. The backup CronJob runs the
+# postgres image for pg_dump, a client: servers are long-running workloads,
+# StatefulSets, or Services named after them.
+for d in docs:
+    n = d["metadata"]["name"]
+    if d["kind"] == "StatefulSet":
+        errors.append(f"{name(d)}: the production overlay runs no StatefulSet")
+    if d["kind"] == "Service" and re.search(r"postgres|redis", n + str(d["spec"].get("selector"))):
+        errors.append(f"{name(d)}: a PostgreSQL/Redis Service in the production overlay")
+    if d["kind"] in ("Deployment", "DaemonSet", "ReplicaSet", "Pod"):
+        for ct in pod_of(d).get("containers") or []:
+            if re.match(r"^(.*/)?(postgres|redis|bitnami/(postgresql|redis))[:@]?", ct.get("image", "")):
+                errors.append(f"{name(d)}: runs {ct['image']}")
+
+# No Secret at all, so none with inline values; no credentials in ConfigMaps
+# or literal env values.
+SECRET_KEYS = ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "ADMIN_TOKEN", "POSTGRES_PASSWORD")
+for d in docs:
+    if d["kind"] == "Secret":
+        errors.append(f"{name(d)}: the production overlay must not carry a Secret "
+                      f"(keys {sorted((d.get('data') or {}) | (d.get('stringData') or {}))})")
+    if d["kind"] == "ConfigMap":
+        for k, v in (d.get("data") or {}).items():
+            if k in SECRET_KEYS or re.search(r"\b(postgres(ql)?|rediss?)://[^/\s]*:[^/\s]*@", str(v)):
+                errors.append(f"{name(d)}: {k} looks like a credential; it belongs in croupier-secrets")
+
+# Every Secret (and key) the rendering uses.
+used = {}  # (secret, key or None) -> where
+for d in docs:
+    if d["kind"] == "Ingress":
+        for t in d["spec"].get("tls") or []:
+            for key in ("tls.crt", "tls.key"):
+                used[(t["secretName"], key)] = name(d)
+    if d["kind"] not in WORKLOADS:
+        continue
+    pod = pod_of(d)
+    for ct in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+        for e in ct.get("env") or []:
+            if e.get("value") is not None and e["name"] in SECRET_KEYS:
+                errors.append(f"{name(d)}: {e['name']} has a literal value")
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                used[(ref["name"], ref["key"])] = name(d)
+        for ef in ct.get("envFrom") or []:
+            if "secretRef" in ef:
+                used[(ef["secretRef"]["name"], None)] = name(d)
+    for v in pod.get("volumes") or []:
+        sources = [v["secret"]] if "secret" in v else [s["secret"] for s in (v.get("projected") or {}).get("sources", []) if "secret" in s]
+        for s in sources:
+            sname = s.get("secretName") or s.get("name")
+            for item in s.get("items") or [{"key": None}]:
+                used[(sname, item["key"])] = name(d)
+
+# `kubectl -n croupier create secret generic|tls NAME ...` in the operator
+# docs: in sh code blocks, or quoted in prose.
+text = open(sys.argv[2], encoding="utf-8").read()
+blocks = re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", text, re.M | re.S)
+prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+lines = [l for b in blocks for l in b.replace("\\\n", " ").splitlines()]
+lines += [" ".join(m.split()) for m in re.findall(r"`(kubectl [^`]+)`", prose)]
+created, literals = {}, []
+for line in lines:
+    try:
+        argv = shlex.split(line, comments=True)
+    except ValueError:
+        continue
+    if "create" not in argv or argv[:1] != ["kubectl"]:
+        continue
+    i = argv.index("create")
+    if argv[i + 1:i + 2] != ["secret"] or len(argv) < i + 4:
+        continue
+    sname = argv[i + 3]
+    ns = argv[argv.index("-n") + 1] if "-n" in argv else "default"
+    if ns != "croupier":
+        errors.append(f"docs: secret {sname} is created in namespace {ns}, not croupier")
+    keys = created.setdefault(sname, set())
+    if argv[i + 2] == "tls":
+        keys |= {"tls.crt", "tls.key"}
+    for a in argv[i + 4:]:
+        m = re.match(r"^--from-(literal|file)=(.*)$", a)
+        if not m:
+            continue
+        spec = m.group(2)
+        if m.group(1) == "literal" or "=" in spec:
+            key, _, value = spec.partition("=")
+        else:
+            key, value = spec.rsplit("/", 1)[-1], spec
+        keys.add(key)
+        literals.append((sname, key, value, m.group(1)))
+
+for (sname, key), where in sorted(used.items(), key=str):
+    if sname not in created:
+        errors.append(f"{where} uses Secret {sname}, which no `kubectl create secret` in docs/operations.md creates")
+    elif key is not None and key not in created[sname]:
+        errors.append(f"{where} reads key {key} of Secret {sname}; the command in docs/operations.md creates only {sorted(created[sname])}")
+
+# TLS: the documented URLs verify certificates against the mounted CA files.
+dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "croupier")
+def mounted_files(d, ct):
+    vols = {v["name"]: v for v in pod_of(d).get("volumes") or []}
+    files = set()
+    for m in ct.get("volumeMounts") or []:
+        s = vols.get(m["name"], {}).get("secret")
+        if s:
+            files |= {m["mountPath"].rstrip("/") + "/" + i["path"] for i in s.get("items") or []}
+    return files
+db_readers = [(d, ct) for d in docs if d["kind"] in WORKLOADS for ct in pod_of(d).get("containers") or []
+              if any(e["name"] == "DATABASE_URL" for e in ct.get("env") or [])]
+app = pod_of(dep)["containers"][0]
+app_env = {e["name"]: e for e in app.get("env") or []}
+ca = (app_env.get("REDIS_CA_CERT") or {}).get("value")
+if ca is None or ca not in mounted_files(dep, app):
+    errors.append(f"Deployment/croupier: REDIS_CA_CERT {ca!r} is not a mounted file")
+if "secretKeyRef" not in (app_env.get("REDIS_URL") or {}).get("valueFrom", {}):
+    errors.append("Deployment/croupier: REDIS_URL is not read from a Secret")
+for sname, key, value, how in literals:
+    if key == "DATABASE_URL":
+        q = dict(p.partition("=")[::2] for p in value.partition("?")[2].split("&") if p)
+        if q.get("sslmode") != "verify-full":
+            errors.append(f"docs: DATABASE_URL {value} does not use sslmode=verify-full")
+        for d, ct in db_readers:
+            if q.get("sslrootcert") not in mounted_files(d, ct):
+                errors.append(f"docs: sslrootcert={q.get('sslrootcert')} is not mounted in {name(d)}")
+    if key == "REDIS_URL" and not value.startswith("rediss://"):
+        errors.append(f"docs: REDIS_URL {value} is not rediss://")
+
+print("\n".join(errors) if errors else
+      f"no PostgreSQL/Redis workload, no Secret; {len(used)} Secret keys used, all created in docs/operations.md")
 sys.exit(1 if errors else 0)
 PY
 }
@@ -554,8 +757,13 @@ main() {
     run_check "nginx -t (nginx/nginx.conf, local upstreams, self-signed cert)" check_nginx
     run_check "docker-compose config -q (.env.example)" check_compose
     run_check "docker compose v2 config -q" check_compose_v2
-    run_check "kubectl kustomize k8s/" check_kustomize
-    run_check "kubernetes-validate $K8S_VERSION --strict (rendered k8s/)" check_k8s_schema
+    local dir
+    for dir in "${K8S_OVERLAYS[@]}"; do
+        run_check "kubectl kustomize $dir/" check_kustomize "$dir"
+        run_check "kubernetes-validate $K8S_VERSION --strict (rendered $dir/)" check_k8s_schema "$dir"
+    done
+    run_check "production overlay: no in-cluster PostgreSQL/Redis, no Secret, Secrets documented, TLS files mounted" \
+        check_k8s_production
     run_check "Dockerfile parse" check_dockerfile
     run_check "shell scripts" check_shell_scripts
     run_check "backup.sh / restore.sh round trip (PostgreSQL)" check_backup_restore

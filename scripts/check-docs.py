@@ -13,8 +13,10 @@ machine without a Docker engine or a Kubernetes cluster:
                        hosts, ports and routes that exist, nginx's -p/-c as the
                        service starts it
   kubectl ...          the namespace and every resource it names exist in the
-                       `kubectl kustomize k8s/` output (or the files listed in
-                       k8s/kustomization.yaml), its flags in `kubectl VERB --help`
+                       `kubectl kustomize` output of k8s/ or k8s/production/
+                       (or the files their kustomization.yaml lists), its
+                       flags in `kubectl VERB --help`; a created Secret's keys
+                       are ones an overlay reads
   scripts/X.sh ...     tracked by git, executable when run directly, every flag
                        handled by the script's option parsing, every variable
                        set in front of it read by it
@@ -625,19 +627,31 @@ KUBECTL_VERBS = {"apply", "wait", "rollout", "scale", "port-forward", "exec", "c
                  "get", "describe", "logs"}
 
 
+# The kustomize overlays: in-cluster services for trying it out, and
+# managed services with Secrets the operator creates.
+OVERLAYS = ("k8s", "k8s/production")
+
+
 class Kube:
     def __init__(self) -> None:
         self.kubectl = find_kubectl()
         self.help_cache: dict[tuple, str] = {}
-        if self.kubectl:
-            p = run([self.kubectl, "kustomize", str(ROOT / "k8s")], timeout=120)
-            if p.returncode != 0:
-                raise SystemExit(f"check-docs: kubectl kustomize k8s/ failed:\n{p.stderr}")
-            self.docs = yaml_docs(p.stdout)
-            self.source = "kubectl kustomize k8s/"
-        else:
-            self.docs = self._parse_files(ROOT / "k8s")
-            self.source = "k8s/ YAML files (no kubectl)"
+        # Per overlay: the rendered documents (or, without kubectl, the
+        # resources and, separately, the patches, which only add references).
+        self.overlays: dict[str, list] = {}
+        self.patches: dict[str, list] = {}
+        for overlay in OVERLAYS:
+            if self.kubectl:
+                p = run([self.kubectl, "kustomize", str(ROOT / overlay)], timeout=120)
+                if p.returncode != 0:
+                    raise SystemExit(f"check-docs: kubectl kustomize {overlay}/ failed:\n{p.stderr}")
+                self.overlays[overlay] = yaml_docs(p.stdout)
+            else:
+                self.patches[overlay] = []
+                self.overlays[overlay] = self._parse_files(ROOT / overlay, patches=self.patches[overlay])
+        shown = " and ".join(f"{o}/" for o in OVERLAYS)
+        self.source = f"kubectl kustomize {shown}" if self.kubectl else f"{shown} YAML files (no kubectl)"
+        self.docs = [d for docs in self.overlays.values() for d in docs]
         self.objects = {}
         for d in self.docs:
             if isinstance(d, dict) and "kind" in d:
@@ -646,16 +660,19 @@ class Kube:
                 self.objects[(d["kind"], md.get("name"), ns)] = d
         self.namespaces = {n for (k, n, _) in self.objects if k == "Namespace"}
 
-    def _parse_files(self, directory: Path, namespace: str | None = None) -> list:
+    def _parse_files(self, directory: Path, namespace: str | None = None, patches: list | None = None) -> list:
         kust = yaml_docs((directory / "kustomization.yaml").read_text(encoding="utf-8"))[0]
         ns = kust.get("namespace") or namespace
         docs = []
         for res in kust.get("resources") or []:
             path = directory / res
             if path.is_dir():
-                docs += self._parse_files(path, ns)
+                docs += self._parse_files(path, ns, patches)
             else:
                 docs += yaml_docs(path.read_text(encoding="utf-8"))
+        for patch in kust.get("patches") or []:
+            if patches is not None and isinstance(patch, dict) and patch.get("path"):
+                patches += yaml_docs((directory / patch["path"]).read_text(encoding="utf-8"))
         for gen in kust.get("configMapGenerator") or []:
             docs.append({"kind": "ConfigMap", "metadata": {"name": gen["name"]}})
         for d in docs:
@@ -665,6 +682,41 @@ class Kube:
 
     def get(self, kind: str, name: str, ns: str):
         return self.objects.get((kind, name, ns))
+
+    def secret_keys(self, overlay: str, secret: str) -> set[str] | None:
+        """The keys of Secret `secret` that the overlay reads or defines
+        (None if it does not use that Secret at all; an empty set if it mounts
+        or imports the whole Secret)."""
+        keys: set[str] = set()
+        used = False
+
+        def walk(node) -> None:
+            nonlocal used
+            if isinstance(node, dict):
+                if node.get("kind") == "Secret" and (node.get("metadata") or {}).get("name") == secret:
+                    used = True
+                    keys.update((node.get("data") or {}).keys(), (node.get("stringData") or {}).keys())
+                ref = node.get("secretKeyRef")
+                if isinstance(ref, dict) and ref.get("name") == secret:
+                    used = True
+                    keys.add(ref.get("key"))
+                vol = node.get("secret")
+                if isinstance(vol, dict) and secret in (vol.get("secretName"), vol.get("name")):
+                    used = True
+                    keys.update(i.get("key") for i in vol.get("items") or [])
+                ref = node.get("secretRef")
+                if isinstance(ref, dict) and ref.get("name") == secret:
+                    used = True
+                if node.get("secretName") == secret:
+                    used = True
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(self.overlays.get(overlay, []) + self.patches.get(overlay, []))
+        return keys if used else None
 
     def help(self, words: tuple) -> str | None:
         if not self.kubectl:
@@ -836,23 +888,36 @@ def check_kubectl(cmd: Cmd, ctx: "Context") -> None:
             if f'"secretName": "{secret}"' not in refs:
                 cmd.fail(f"no manifest in k8s/ uses a Secret named {secret}")
         elif positional[:2] == ["secret", "generic"] and len(positional) == 3:
-            # The Secret must be one the manifests mount or read, and each
-            # file must be one a script of ours writes into certs/.
+            # The Secret must be one an overlay mounts or reads, and each key
+            # one that overlay reads. A file is one a script of ours writes
+            # into certs/, unless only k8s/production/ uses the Secret: then
+            # it is the operator's (a provider's CA bundle).
             secret = positional[2]
-            refs = json.dumps([d for d in kube.docs])
-            if f'"secretName": "{secret}"' not in refs and f'"name": "{secret}"' not in refs:
-                cmd.fail(f"no manifest in k8s/ uses a Secret named {secret}")
-            sources = [f.split("=", 1)[1] for f in flags if f.startswith("--from-file=")]
-            if not sources:
-                cmd.fail("kubectl create secret generic without --from-file")
+            users = {o: k for o in OVERLAYS if (k := kube.secret_keys(o, secret)) is not None}
+            if not users:
+                return cmd.fail(f"no manifest in {' or '.join(o + '/' for o in OVERLAYS)} uses a Secret named {secret}")
+            files = [f.split("=", 1)[1] for f in flags if f.startswith("--from-file=")]
+            literals = [f.split("=", 1)[1] for f in flags if f.startswith("--from-literal=")]
+            if not files and not literals:
+                cmd.fail("kubectl create secret generic without --from-file or --from-literal")
+            known = set().union(*users.values())
+            whole = any(not k for k in users.values())
+            for source in files + literals:
+                key = source.split("=", 1)[0] if "=" in source else os.path.basename(source)
+                if not whole and key not in known:
+                    cmd.fail(f"key {key} of Secret {secret} is read by no overlay (they read {', '.join(sorted(known))})")
             makers = "".join(
                 (ROOT / "scripts" / m).read_text(encoding="utf-8")
                 for m in ("make-cert.sh", "make-db-cert.sh")
                 if (ROOT / "scripts" / m).is_file()
             )
-            for source in sources:
+            operator_files = set(users) == {"k8s/production"}
+            for source in files:
                 path = source.split("=", 1)[-1]
-                if not path.startswith("certs/") or os.path.basename(path) not in makers:
+                if operator_files:
+                    if (ROOT / path).exists() and git_tracked(path) is not None:
+                        cmd.fail(f"{path} is a file of the repository, not the operator's")
+                elif not path.startswith("certs/") or os.path.basename(path) not in makers:
                     cmd.fail(f"{path} is not a file scripts/make-*-cert.sh writes into certs/")
         elif positional[:1] == ["job"] and len(positional) == 2:
             src = flag_values.get("--from")
@@ -860,8 +925,12 @@ def check_kubectl(cmd: Cmd, ctx: "Context") -> None:
                 cmd.fail("kubectl create job without --from")
             else:
                 resolve(src)
+        elif positional[:1] == ["namespace"] and len(positional) == 2:
+            if positional[1] not in kube.namespaces:
+                cmd.fail(f"namespace {positional[1]} is not created by {kube.source}")
         else:
-            cmd.fail("only `kubectl create secret tls|generic` and `kubectl create job --from` are checked")
+            cmd.fail("only `kubectl create secret tls|generic`, `kubectl create namespace` and "
+                     "`kubectl create job --from` are checked")
     else:
         for ref in positional[1:]:
             resolve(ref, KIND_ALIASES.get(positional[0]))

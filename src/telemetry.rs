@@ -122,12 +122,16 @@ fn register_families() {
         "croupier_redis_reconnects_total",
         "croupier_cache_hits_total",
         "croupier_cache_misses_total",
+        "croupier_db_failovers_total",
     ] {
         metrics::counter!(counter).absolute(0);
     }
     for gauge in ["croupier_ws_connections", "croupier_rooms_active"] {
         metrics::gauge!(gauge).set(0.0);
     }
+    // Start-up only goes on once the store's primary answered (SQLite: the
+    // file is always there); the PostgreSQL watcher keeps it current.
+    metrics::gauge!("croupier_db_primary_reachable").set(1.0);
     for direction in ["in", "out"] {
         metrics::counter!("croupier_bus_messages_total", "direction" => direction).absolute(0);
     }

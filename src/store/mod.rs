@@ -56,12 +56,15 @@ impl StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err.to_string()),
             sqlx::Error::Database(db) => {
-                // SQLite busy/locked, PostgreSQL admin shutdown / cannot connect / lock or
-                // statement timeout: the request may be retried later, so report 503.
+                // SQLite busy/locked; PostgreSQL read-only transaction (the node
+                // became a standby in a failover), admin shutdown, cannot connect,
+                // lock or statement timeout: the request may be retried later, so
+                // report 503.
                 let transient = matches!(
                     db.code().as_deref(),
                     Some(
                         "5" | "6"
+                            | "25006"
                             | "57P01"
                             | "57P02"
                             | "57P03"

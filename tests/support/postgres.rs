@@ -44,6 +44,8 @@ const SUPERUSER: &str = "postgres";
 const DATABASE: &str = "croupier";
 /// How long a starting server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The name a standby reports to its primary (for synchronous replication).
+const STANDBY_NAME: &str = "croupier_standby";
 
 /// The OS account the server processes run as (only set when running as root).
 #[derive(Debug, Clone, Copy)]
@@ -91,24 +93,9 @@ impl TestPostgres {
         } else {
             None
         };
-        let dir = tempfile::Builder::new()
-            .prefix("croupier-pg-")
-            .tempdir()
-            .expect("creating a temporary directory for PostgreSQL");
-        let socket_dir = dir.path().join("socket");
-        fs::create_dir(&socket_dir).expect("creating the socket directory");
-        if let Some(account) = account {
-            for path in [dir.path(), socket_dir.as_path()] {
-                std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
-                    .unwrap_or_else(|e| {
-                        panic!("handing {} to the postgres user: {e}", path.display())
-                    });
-            }
-        }
-
         let mut pg = TestPostgres {
             bin,
-            dir,
+            dir: server_dir(account),
             port: 0,
             account,
             server: None,
@@ -118,20 +105,142 @@ impl TestPostgres {
         if let Some(pair) = tls {
             pg.install_tls(pair);
         }
-        // A free port can be taken by someone else before the server binds it;
-        // try a few before giving up.
+        pg.launch_on_a_free_port().await;
+        pg.create_database(DATABASE).await;
+        pg
+    }
+
+    /// A free port can be taken by someone else before the server binds it;
+    /// tries a few before giving up.
+    async fn launch_on_a_free_port(&mut self) {
         let mut last_error = String::new();
         for _ in 0..5 {
-            pg.port = free_port();
-            match pg.launch().await {
-                Ok(()) => {
-                    pg.create_database(DATABASE).await;
-                    return pg;
-                }
+            self.port = free_port();
+            match self.launch().await {
+                Ok(()) => return,
                 Err(e) => last_error = e,
             }
         }
         panic!("PostgreSQL did not start: {last_error}");
+    }
+
+    /// Starts a hot standby of this server: a base backup (`pg_basebackup -R`)
+    /// that streams the primary's WAL from then on. With `synchronous`, the
+    /// primary waits for the standby to have each commit before confirming it,
+    /// so a failover to it loses nothing acknowledged; without, the standby
+    /// may lag and a failover can lose the newest commits.
+    pub async fn start_standby(&self, synchronous: bool) -> TestPostgres {
+        let mut standby = TestPostgres {
+            bin: self.bin.clone(),
+            dir: server_dir(self.account),
+            port: 0,
+            account: self.account,
+            server: None,
+            tls: false,
+        };
+        let output = standby
+            .command("pg_basebackup")
+            .arg("-D")
+            .arg(standby.data_dir())
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(["-X", "stream", "-R", "--no-sync", "-c", "fast"])
+            .output()
+            .await
+            .expect("running pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Later lines win: name the standby (the primary lists synchronous
+        // standbys by name), and once promoted it must not wait for a standby
+        // of its own, which the copied settings would otherwise make it do.
+        let settings = format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name={STANDBY_NAME}'\n\
+             synchronous_standby_names = ''\n",
+            self.port
+        );
+        let auto_conf = standby.data_dir().join("postgresql.auto.conf");
+        let mut conf = fs::read_to_string(&auto_conf).unwrap_or_default();
+        conf.push_str(&settings);
+        fs::write(&auto_conf, conf).expect("configuring the standby");
+        standby.launch_on_a_free_port().await;
+        if synchronous {
+            self.sql(
+                "postgres",
+                &format!("ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'"),
+            )
+            .await;
+            self.sql("postgres", "SELECT pg_reload_conf()").await;
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while self
+                .sql(
+                    "postgres",
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                )
+                .await
+                != "1"
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the standby never became synchronous"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        standby
+    }
+
+    /// Promotes this standby to primary and waits until it accepts writes.
+    pub async fn promote(&self) {
+        let output = self
+            .command("pg_ctl")
+            .arg("promote")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-w")
+            .output()
+            .await
+            .expect("running pg_ctl promote");
+        assert!(
+            output.status.success(),
+            "pg_ctl promote failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Runs one SQL statement through the Unix socket and returns its
+    /// unaligned, tuples-only output.
+    pub async fn sql(&self, database: &str, statement: &str) -> String {
+        let output = self
+            .command("psql")
+            .arg("-h")
+            .arg(self.dir.path().join("socket"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", statement])
+            .output()
+            .await
+            .expect("running psql");
+        assert!(
+            output.status.success(),
+            "psql {statement:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
     /// URL of the test database.
@@ -405,6 +514,24 @@ impl Drop for TestPostgres {
         }
         let _ = child.start_kill();
     }
+}
+
+/// A fresh temporary directory for one server, with its socket directory,
+/// owned by the server's account.
+fn server_dir(account: Option<Account>) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("croupier-pg-")
+        .tempdir()
+        .expect("creating a temporary directory for PostgreSQL");
+    let socket_dir = dir.path().join("socket");
+    fs::create_dir(&socket_dir).expect("creating the socket directory");
+    if let Some(account) = account {
+        for path in [dir.path(), socket_dir.as_path()] {
+            std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
+                .unwrap_or_else(|e| panic!("handing {} to the postgres user: {e}", path.display()));
+        }
+    }
+    dir
 }
 
 /// The newest server binaries: `$POSTGRES_BIN_DIR`, then the Debian layout.

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{Connection, PgConnection};
 
 use super::PostgresStore;
+use super::failover::{self, AbortOnDrop, Candidate, HostList, Primary, Role};
 use crate::store::StoreError;
 use crate::tls;
 
@@ -51,32 +51,55 @@ impl Default for PgOptions {
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` (a `postgres://` URL), waiting with
-    /// exponential backoff while the server is unreachable (e.g. still starting
-    /// next to this instance). Errors that waiting cannot fix — bad credentials,
-    /// a missing database — fail at once.
+    /// Connects to the primary among the hosts of `url` (a `postgres://` URL,
+    /// possibly listing several hosts), waiting with exponential backoff while
+    /// no primary is reachable (e.g. still starting next to this instance), and
+    /// starts following it (see `failover`). Errors that waiting cannot fix —
+    /// bad credentials, a missing database, a certificate problem — fail at once.
     pub async fn connect(url: &str, options: PgOptions) -> anyhow::Result<Self> {
         // The URL may hold a password: it is never logged or put into an error.
-        let admin = PgConnectOptions::from_str(url)
-            .context("invalid PostgreSQL URL")?
-            .application_name("croupier");
-        check_tls_settings(url, &admin)?;
+        let hosts =
+            HostList::parse(url).map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
         let timeout_ms = options.statement_timeout.as_millis();
-        let connect = admin.clone().options([
-            ("statement_timeout", format!("{timeout_ms}ms")),
-            (
-                "idle_in_transaction_session_timeout",
-                format!("{timeout_ms}ms"),
-            ),
-        ]);
-        wait_for_server(&connect, &options).await?;
+        let mut candidates = Vec::with_capacity(hosts.urls.len());
+        for host_url in &hosts.urls {
+            let admin = PgConnectOptions::from_str(host_url)
+                .context("invalid PostgreSQL URL")?
+                .application_name("croupier");
+            if candidates.is_empty() {
+                // Every host shares the parameters (sslmode, sslrootcert).
+                check_tls_settings(host_url, &admin)?;
+            }
+            let connect = admin.clone().options([
+                ("statement_timeout", format!("{timeout_ms}ms")),
+                (
+                    "idle_in_transaction_session_timeout",
+                    format!("{timeout_ms}ms"),
+                ),
+            ]);
+            candidates.push(Candidate { connect, admin });
+        }
+        let first = wait_for_primary(&candidates, &options).await?;
+        let primary = Arc::new(Primary::new(candidates, first));
+        let (on_acquire, on_release) = (primary.clone(), primary.clone());
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             // Pings an idle connection before handing it out, so connections that
             // died with a server restart are replaced instead of failing a request.
             .test_before_acquire(true)
-            .connect_lazy_with(connect);
+            // A connection opened before the primary moved goes to a node that
+            // may now be a standby, or about to be fenced off: never reused.
+            .before_acquire(move |_, meta| {
+                let keep = on_acquire.is_current(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
+            .after_release(move |_, meta| {
+                let keep = on_release.is_current(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
+            .connect_lazy_with(primary.current().connect.clone());
+        let watcher = tokio::spawn(failover::watch(pool.clone(), primary.clone()));
         // Waiting for a connection, then the statement's own limit, then slack.
         let statement_limit = match options.statement_timeout {
             Duration::ZERO => Duration::from_secs(60),
@@ -87,7 +110,8 @@ impl PostgresStore {
             pool,
             appends: Arc::default(),
             append_timeout,
-            admin,
+            primary,
+            _watcher: AbortOnDrop(watcher),
         })
     }
 
@@ -98,42 +122,45 @@ impl PostgresStore {
         PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(self.admin.clone())
+            .connect_with(self.primary.current().admin.clone())
             .await
             .context("connecting to PostgreSQL to migrate")
     }
 }
 
-/// Tries to open one connection until it works, backing off exponentially while
-/// the server is unreachable.
-async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> anyhow::Result<()> {
+/// Probes the hosts until one is the primary, backing off exponentially while
+/// none is: every host unreachable, or only standbys answering (a failover in
+/// progress). Returns the primary's index in the list.
+async fn wait_for_primary(candidates: &[Candidate], options: &PgOptions) -> anyhow::Result<usize> {
     let attempts = options.connect_attempts.max(1);
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
     for attempt in 1..=attempts {
-        let outcome =
-            tokio::time::timeout(options.acquire_timeout, PgConnection::connect_with(connect))
-                .await;
-        match outcome {
-            Ok(Ok(conn)) => {
-                let _ = conn.close().await;
-                return Ok(());
-            }
-            Ok(Err(err)) => {
-                if let Some(reason) = tls_failure(&err, connect.get_ssl_mode()) {
-                    anyhow::bail!("connecting to PostgreSQL over TLS: {reason}");
+        let roles = failover::probe_all(candidates).await;
+        let mut problems = Vec::new();
+        for (index, (candidate, role)) in candidates.iter().zip(roles).enumerate() {
+            let err = match role {
+                Role::Primary => return Ok(index),
+                Role::Standby => {
+                    problems.push(format!("{} is a standby", candidate.label()));
+                    continue;
                 }
-                match StoreError::from_sqlx(err) {
-                    StoreError::Unavailable(msg) => last_error = msg,
-                    other => anyhow::bail!("connecting to PostgreSQL: {other}"),
-                }
+                Role::Unreachable(err) => err,
+            };
+            if let Some(reason) = tls_failure(&err, candidate.connect.get_ssl_mode()) {
+                anyhow::bail!("connecting to PostgreSQL over TLS: {reason}");
             }
-            Err(_) => {
-                last_error = format!("no answer within {:?}", options.acquire_timeout);
+            match StoreError::from_sqlx(err) {
+                StoreError::Unavailable(msg) if candidates.len() == 1 => problems.push(msg),
+                StoreError::Unavailable(msg) => {
+                    problems.push(format!("{}: {msg}", candidate.label()))
+                }
+                other => anyhow::bail!("connecting to PostgreSQL: {other}"),
             }
         }
+        last_error = problems.join("; ");
         if attempt == attempts {
-            tracing::warn!(attempt, attempts, error = %last_error, "PostgreSQL is unreachable; giving up");
+            tracing::warn!(attempt, attempts, error = %last_error, "no PostgreSQL primary reachable; giving up");
             break;
         }
         tracing::warn!(
@@ -141,7 +168,7 @@ async fn wait_for_server(connect: &PgConnectOptions, options: &PgOptions) -> any
             attempts,
             error = %last_error,
             retry_in_ms = backoff.as_millis() as u64,
-            "PostgreSQL is unreachable; retrying"
+            "no PostgreSQL primary reachable; retrying"
         );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);

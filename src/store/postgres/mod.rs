@@ -26,8 +26,10 @@
 
 mod append;
 mod connect;
+mod failover;
 
 pub use connect::PgOptions;
+pub use failover::HostList;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::Row;
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
+use sqlx::postgres::{PgPool, PgRow};
 
 use super::{
     Applied, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, MUTATION_ID_WINDOW, MigrationInfo,
@@ -62,8 +64,10 @@ pub struct PostgresStore {
     /// Client-side bound for one `croupier_append_known` call (see
     /// `append::flush_appends`).
     append_timeout: Duration,
-    /// For migrations: the same server and credentials, without the timeouts.
-    admin: PgConnectOptions,
+    /// The hosts of `DATABASE_URL` and which one is primary now.
+    primary: Arc<failover::Primary>,
+    /// Follows the primary when it moves; stopped with the store.
+    _watcher: failover::AbortOnDrop,
 }
 
 impl PostgresStore {
