@@ -384,10 +384,14 @@ impl Cache {
             String::new()
         };
         let ttl_ms = self.ttl.as_millis().min(i64::MAX as u128).to_string();
+        let key = self.cache_key(&room.key);
+        // fred hashes a custom command by its first argument (the script)
+        // unless given the slot: a Cluster needs the key's.
+        let slot = fred::util::redis_keyslot(key.as_bytes());
         let args = vec![
             WRITE_SCRIPT.to_owned(),
             "1".to_owned(),
-            self.cache_key(&room.key),
+            key,
             room.version.to_string(),
             room.epoch.to_string(),
             blob,
@@ -395,7 +399,7 @@ impl Cache {
         ];
         // EVAL through the generic interface: the script is one short round trip,
         // and Redis keeps the compiled script cached by its hash.
-        let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+        let eval = CustomCommand::new_static("EVAL", ClusterHash::Custom(slot), false);
         let redis = self.redis.with_options(&self.options);
         observe("cache_write", redis.custom::<i64, _>(eval, args).await).map(|_| ())
     }

@@ -12,4 +12,5 @@ pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod redis_ha;
 pub mod tls;
