@@ -403,8 +403,7 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
     cluster.take_over(replica).await;
     let promoted_after = killed_at.elapsed();
     assert_eq!(cluster.owner_of(&cache_key(victim_room)).await, replica);
-    // Writes continue, and the promoted master carries the room's events again.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The promoted master carries the room's events again, and writes continue.
     let resubscribed = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let sharded = cli(replica, &["PUBSUB", "SHARDCHANNELS", "croupier:*"]).await;
@@ -420,6 +419,7 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
         resubscribed.is_ok(),
         "instances never re-subscribed to {victim_room} on the promoted master"
     );
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     writing.cancel();
     let writes = writer.await.unwrap();
     assert_eq!(writes.failed, 0, "saves failed although PostgreSQL was up");
@@ -442,11 +442,11 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
     stop.cancel();
     println!(
         "Redis Cluster: {} saves ({} after the master was killed, none failed); replica promoted {:.0} ms after \
-         the kill, room re-subscribed on it within {:.1} s, every member ({}) converged {:.0} ms after the last save",
+         the kill, room re-subscribed on it {:.0} ms after the kill, every member ({}) converged {:.0} ms after the last save",
         writes.ok,
         writes.ok_after,
         promoted_after.as_secs_f64() * 1e3,
-        resubscribed_after.as_secs_f64(),
+        resubscribed_after.as_secs_f64() * 1e3,
         members.len(),
         converged_after.as_secs_f64() * 1e3
     );
