@@ -112,10 +112,10 @@ impl Member {
                     Some(Ok(Message::Text(text))) => {
                         let value: Value = serde_json::from_str(&text).expect("JSON frame");
                         state.lock().unwrap().apply(&value, &who);
-                        if value["type"] == "sync" {
-                            if let Some(tx) = ready.take() {
-                                let _ = tx.send(());
-                            }
+                        if value["type"] == "sync"
+                            && let Some(tx) = ready.take()
+                        {
+                            let _ = tx.send(());
                         }
                     }
                     Some(Ok(_)) => {}
