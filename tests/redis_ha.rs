@@ -345,6 +345,33 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
     let stop = CancellationToken::new();
     let members = deployment.members(&rooms, &stop).await;
 
+    // Presence entries hash to every master; each instance lists them all.
+    for instance in &deployment.instances {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = instance.admin_get("/api/admin/sessions").await;
+            assert_eq!(status, 200, "{body}");
+            let listed: u64 = body
+                .as_array()
+                .map(|rooms| {
+                    rooms
+                        .iter()
+                        .filter_map(|r| r["activeConnections"].as_u64())
+                        .sum()
+                })
+                .unwrap_or_default();
+            if listed == members.len() as u64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "admin lists {listed} of {} connections: {body}",
+                members.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     // Cross-instance order: writes through both instances reach every member.
     let fault = Arc::new(Mutex::new(None));
     let writing = CancellationToken::new();
@@ -420,6 +447,35 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
         "instances never re-subscribed to {victim_room} on the promoted master"
     );
     tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    // A graceful failover of another, live master: nothing breaks a
+    // connection, the old master just answers MOVED and drops its shard
+    // subscribers. The instances must find the new owner all the same.
+    let other_room = rooms
+        .iter()
+        .find(|r| owners.get(&master).is_none_or(|owned| !owned.contains(r)))
+        .expect("a room on another master")
+        .clone();
+    let other_master = cluster.owner_of(&cache_key(&other_room)).await;
+    let other_replica = cluster.replica_of(other_master).await;
+    let switched_at = Instant::now();
+    cluster.fail_over(other_replica, &[]).await;
+    let moved = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let sharded = cli(other_replica, &["PUBSUB", "SHARDCHANNELS", "croupier:*"]).await;
+            if sharded.contains(&channel(&other_room)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        moved.is_ok(),
+        "instances never subscribed to {other_room} on its new master after a graceful failover"
+    );
+    let followed_graceful_after = switched_at.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     writing.cancel();
     let writes = writer.await.unwrap();
     assert_eq!(writes.failed, 0, "saves failed although PostgreSQL was up");
@@ -442,11 +498,13 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
     stop.cancel();
     println!(
         "Redis Cluster: {} saves ({} after the master was killed, none failed); replica promoted {:.0} ms after \
-         the kill, room re-subscribed on it {:.0} ms after the kill, every member ({}) converged {:.0} ms after the last save",
+         the kill, room re-subscribed on it {:.0} ms after the kill; after a graceful failover of another master its room \
+         was subscribed on the new master within {:.0} ms; every member ({}) converged {:.0} ms after the last save",
         writes.ok,
         writes.ok_after,
         promoted_after.as_secs_f64() * 1e3,
         resubscribed_after.as_secs_f64() * 1e3,
+        followed_graceful_after.as_secs_f64() * 1e3,
         members.len(),
         converged_after.as_secs_f64() * 1e3
     );

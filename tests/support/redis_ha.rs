@@ -374,11 +374,16 @@ impl TestRedisCluster {
     /// agreement from the other masters) and waits until it is a master and the
     /// cluster is healthy again.
     pub async fn take_over(&self, replica: u16) {
-        let answer = self
-            .node(replica)
-            .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
-            .await;
-        assert_eq!(answer, "OK", "CLUSTER FAILOVER TAKEOVER");
+        self.fail_over(replica, &["TAKEOVER"]).await;
+    }
+
+    /// `CLUSTER FAILOVER [options]` on `replica`; waits as [`Self::take_over`].
+    /// Without options it is the graceful, coordinated failover of a live master.
+    pub async fn fail_over(&self, replica: u16, options: &[&str]) {
+        let mut args = vec!["CLUSTER", "FAILOVER"];
+        args.extend_from_slice(options);
+        let answer = self.node(replica).cli(&args).await;
+        assert_eq!(answer, "OK", "{args:?}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self
             .node(replica)

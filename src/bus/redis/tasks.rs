@@ -274,8 +274,18 @@ pub(super) async fn watch_connection(shared: Arc<Shared>, role: Role) {
             change = changes.recv(), if shared.layout == Layout::Cluster => match change {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     tracing::info!(connection = role.name(), "Redis Cluster slot map changed");
-                    if let Role::Subscriber = role {
-                        resubscribe_until_done(&shared).await;
+                    match role {
+                        Role::Subscriber => resubscribe_until_done(&shared).await,
+                        // Usually the publisher notices first (a SPUBLISH
+                        // answered MOVED after a graceful failover): the
+                        // subscriber sends nothing, so it has to be told to
+                        // re-read the slot map, which ends in its own change
+                        // event and re-subscription.
+                        Role::Publisher => {
+                            if let Err(err) = shared.subscriber.sync_cluster().await {
+                                tracing::warn!(error = %err, "re-reading the Cluster's slot map failed");
+                            }
+                        }
                     }
                     if shared.closed.load(Ordering::SeqCst) {
                         return;
