@@ -465,13 +465,10 @@ fn redis_tls<F: Fn(&str) -> Option<String>>(
     };
     let tls = match url {
         None => false,
-        Some(url) if url.starts_with("rediss://") => true,
-        Some(url) if url.starts_with("redis://") => false,
-        Some(_) => {
-            return Err(invalid(
-                "REDIS_URL",
-                "must start with redis:// (plain) or rediss:// (TLS)",
-            ));
+        Some(url) => {
+            // One server, Sentinel or Cluster (crate::redis_layout has the forms).
+            crate::redis_layout::fred_url(url).map_err(|reason| invalid("REDIS_URL", reason))?;
+            url.starts_with("rediss://")
         }
     };
     // A certificate setting on a plain connection would be silently ignored,
@@ -584,6 +581,8 @@ mod tests {
             ("PORT", "eighty"),
             ("MAX_HISTORY", "0"),
             ("REDIS_URL", "http://x"),
+            ("REDIS_URL", "redis-sentinel://s:26379"),
+            ("REDIS_URL", "rediss-cluster://a:7000"),
             ("TRUST_PROXY", "maybe"),
             ("AUTH_QUEUE", "0"),
             ("AUTH_HASH_THREADS", "none"),

@@ -14,6 +14,7 @@ pub mod http;
 pub mod hub;
 pub mod protocol;
 pub mod quota;
+pub mod redis_layout;
 pub mod rooms;
 pub mod startup;
 pub mod state;

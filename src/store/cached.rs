@@ -29,6 +29,20 @@
 //!    before, but a burst of N appends costs about two writes instead of N. The task
 //!    also finishes a write whose caller went away, which would otherwise leave the
 //!    previous state cached without anyone noticing.
+//! 5. **A failover makes the cache untrusted.** Redis replicates asynchronously:
+//!    a master that fails (or is failed over) can take its last cache writes with
+//!    it, and the promoted replica would then serve an older room than the store
+//!    committed and acknowledged. So any sign that the server behind the
+//!    connection may have changed — a connection error, a reconnect, a change of
+//!    a Cluster's slot map — counts like a lost write (rule 3): the cache is not
+//!    read until it has been flushed, on every master of a Cluster. A read that
+//!    was under way when such a sign arrived is not served either. Behind
+//!    Sentinel or in a Cluster an instance also starts untrusted, since a
+//!    failover may have happened while it was not running; a single server
+//!    has no replica to be promoted.
+//!
+//! Key names depend on the deployment (`crate::redis_layout`): in a Cluster a
+//! room's entry carries the room's hash tag, next to its sharded channel.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,13 +57,14 @@ use fred::types::{ClusterHash, CustomCommand};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::redis_layout::Layout;
+
 use super::{
     Applied, Batch, DynStore, MigrationInfo, Mutation, Outcome, Page, Position, RoomAuth,
     RoomSummary, Store, StoreError, StoreStats,
 };
 use crate::domain::{History, Room, RoomEvent, RoomKey, Version};
 
-const CACHE_PREFIX: &str = "croupier:cache:room:";
 /// Cache operations give up quickly: the database is always there as a fallback.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a stale cache may be retried for flushing while Redis stays down.
@@ -89,6 +104,8 @@ pub struct CachedStore {
 /// through (rule 4).
 struct Cache {
     redis: Client,
+    /// Key names, and whether `SCAN` and multi-key `DEL` must go master by master.
+    layout: Layout,
     ttl: Duration,
     max_cached_history: usize,
     options: Options,
@@ -173,10 +190,6 @@ struct RoomBlobIn {
     protected: bool,
 }
 
-fn cache_key(key: &RoomKey) -> String {
-    format!("{CACHE_PREFIX}{key}")
-}
-
 fn encode_room(room: &Room) -> String {
     let blob = RoomBlobOut {
         id: room.id,
@@ -239,6 +252,16 @@ impl CachedStore {
             max_attempts: Some(1),
             ..Options::default()
         };
+        let layout = if redis.is_clustered() {
+            Layout::Cluster
+        } else {
+            Layout::Single
+        };
+        // Behind Sentinel or in a Cluster, a failover this process did not
+        // witness (it was not running) may have lost cache writes: start
+        // untrusted, so that the first read flushes (rule 5).
+        let replicated = redis.is_clustered()
+            || matches!(redis.client_config().server, ServerConfig::Sentinel { .. });
         let outdated = Arc::new(Mutex::new(HashSet::new()));
         tokio::spawn(delete_outdated(
             redis.clone(),
@@ -247,10 +270,11 @@ impl CachedStore {
         ));
         let cache = Cache {
             redis,
+            layout,
             ttl: ttl.max(Duration::from_millis(1)),
             max_cached_history,
             options,
-            dirty: AtomicU64::new(0),
+            dirty: AtomicU64::new(u64::from(replicated)),
             cleaned: AtomicU64::new(0),
             flushing: AtomicBool::new(false),
             last_flush: Mutex::new(None),
@@ -259,10 +283,12 @@ impl CachedStore {
             misses: AtomicU64::new(0),
             writes: Mutex::new(HashMap::new()),
         };
-        CachedStore {
-            inner,
-            cache: Arc::new(cache),
-        }
+        let cache = Arc::new(cache);
+        tokio::spawn(distrust_on_failover(
+            cache.redis.clone(),
+            Arc::downgrade(&cache),
+        ));
+        CachedStore { inner, cache }
     }
 
     /// Hits and misses counted by this store so far.
@@ -311,6 +337,15 @@ impl CachedStore {
 }
 
 impl Cache {
+    fn cache_key(&self, key: &RoomKey) -> String {
+        self.layout.cache_key(key)
+    }
+
+    /// Stops reads from the cache until it has been flushed (rules 3 and 5).
+    fn distrust(&self) {
+        self.dirty.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn is_stale(&self) -> bool {
         self.cleaned.load(Ordering::SeqCst) < self.dirty.load(Ordering::SeqCst)
     }
@@ -323,7 +358,12 @@ impl Cache {
         }
         // The cache may now hold an older state than the database: drop it...
         let redis = self.redis.with_options(&self.options);
-        if observe("cache_del", redis.del::<i64, _>(cache_key(&room.key)).await).is_ok() {
+        if observe(
+            "cache_del",
+            redis.del::<i64, _>(self.cache_key(&room.key)).await,
+        )
+        .is_ok()
+        {
             return;
         }
         // ...and if even that fails, stop trusting the cache until it is flushed,
@@ -333,8 +373,8 @@ impl Cache {
     }
 
     fn remember_outdated(&self, key: &RoomKey) {
-        self.dirty.fetch_add(1, Ordering::SeqCst);
-        lock(&self.outdated).insert(cache_key(key));
+        self.distrust();
+        lock(&self.outdated).insert(self.cache_key(key));
     }
 
     async fn write(&self, room: &Room) -> Result<(), Error> {
@@ -344,10 +384,14 @@ impl Cache {
             String::new()
         };
         let ttl_ms = self.ttl.as_millis().min(i64::MAX as u128).to_string();
+        let key = self.cache_key(&room.key);
+        // fred hashes a custom command by its first argument (the script)
+        // unless given the slot: a Cluster needs the key's.
+        let slot = fred::util::redis_keyslot(key.as_bytes());
         let args = vec![
             WRITE_SCRIPT.to_owned(),
             "1".to_owned(),
-            cache_key(&room.key),
+            key,
             room.version.to_string(),
             room.epoch.to_string(),
             blob,
@@ -355,7 +399,7 @@ impl Cache {
         ];
         // EVAL through the generic interface: the script is one short round trip,
         // and Redis keeps the compiled script cached by its hash.
-        let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+        let eval = CustomCommand::new_static("EVAL", ClusterHash::Custom(slot), false);
         let redis = self.redis.with_options(&self.options);
         observe("cache_write", redis.custom::<i64, _>(eval, args).await).map(|_| ())
     }
@@ -364,7 +408,7 @@ impl Cache {
     async fn read(&self, key: &RoomKey) -> Result<Option<Room>, ()> {
         let redis = self.redis.with_options(&self.options);
         let raw: Option<String> =
-            observe("cache_read", redis.hget(cache_key(key), "room").await).map_err(|_| ())?;
+            observe("cache_read", redis.hget(self.cache_key(key), "room").await).map_err(|_| ())?;
         let Some(raw) = raw else {
             return Ok(None);
         };
@@ -373,7 +417,7 @@ impl Cache {
             Ok(_) | Err(_) => {
                 count_error("cache_decode");
                 tracing::warn!(%key, "corrupt room cache entry dropped");
-                let _ = observe("cache_del", redis.del::<i64, _>(cache_key(key)).await);
+                let _ = observe("cache_del", redis.del::<i64, _>(self.cache_key(key)).await);
                 Ok(None)
             }
         }
@@ -415,16 +459,19 @@ impl Cache {
         }
     }
 
-    /// Deletes every cached room, page by page.
+    /// Deletes every cached room, page by page (on every master of a Cluster).
     async fn flush(&self) -> Result<u64, Error> {
+        if self.layout == Layout::Cluster {
+            return self.flush_every_master().await;
+        }
         let redis = self.redis.with_options(&self.options);
-        let pattern = format!("{CACHE_PREFIX}*");
+        let pattern = self.layout.cache_pattern();
         let mut cursor = "0".to_owned();
         let mut dropped = 0;
         loop {
             let page = redis.scan_page::<(String, Vec<String>), _, _>(
                 cursor,
-                pattern.as_str(),
+                pattern,
                 Some(SCAN_COUNT),
                 None,
             );
@@ -437,6 +484,30 @@ impl Cache {
             }
             cursor = next;
         }
+    }
+
+    /// [`Self::flush`] in a Cluster: `SCAN` runs on each master, and each key
+    /// is deleted on its own (a multi-key `DEL` must stay within one slot).
+    async fn flush_every_master(&self) -> Result<u64, Error> {
+        use fred::types::scan::Scanner;
+        use futures_util::StreamExt;
+
+        let redis = self.redis.with_options(&self.options);
+        let mut dropped = 0;
+        let scan = self
+            .redis
+            .scan_cluster(self.layout.cache_pattern(), Some(SCAN_COUNT), None);
+        let mut pages = std::pin::pin!(scan);
+        while let Some(page) = pages.next().await {
+            let mut page = observe("cache_scan", page)?;
+            let keys = page.take_results().unwrap_or_default();
+            page.next();
+            let deletes = keys.into_iter().map(|key| redis.del::<u64, _>(key));
+            for deleted in futures_util::future::join_all(deletes).await {
+                dropped += observe("cache_del", deleted)?;
+            }
+        }
+        Ok(dropped)
     }
 
     fn hit(&self) {
@@ -555,7 +626,13 @@ async fn delete_outdated(redis: Client, options: Options, outdated: Weak<Mutex<H
             return;
         };
         let keys: Vec<String> = lock(&outdated).iter().cloned().collect();
-        for chunk in keys.chunks(SCAN_COUNT as usize) {
+        // A multi-key DEL must stay within one slot of a Cluster.
+        let per_call = if redis.is_clustered() {
+            1
+        } else {
+            SCAN_COUNT as usize
+        };
+        for chunk in keys.chunks(per_call) {
             let redis = redis.with_options(&options);
             if observe("cache_del", redis.del::<i64, _>(chunk.to_vec()).await).is_err() {
                 break; // still unreachable; the next tick tries again
@@ -572,6 +649,43 @@ async fn delete_outdated(redis: Client, options: Options, outdated: Weak<Mutex<H
     }
 }
 
+/// Rule 5: distrusts the cache on every connection error, reconnect and
+/// change of a Cluster's slot map of `redis`, until the cache is dropped.
+async fn distrust_on_failover(redis: Client, cache: Weak<Cache>) {
+    use tokio::sync::broadcast::error::RecvError;
+
+    let mut errors = redis.error_rx();
+    let mut reconnects = redis.reconnect_rx();
+    let mut changes = redis.cluster_change_rx();
+    drop(redis);
+    loop {
+        let reason = tokio::select! {
+            event = errors.recv() => match event {
+                Err(RecvError::Closed) => return,
+                _ => "connection error",
+            },
+            event = reconnects.recv() => match event {
+                Err(RecvError::Closed) => return,
+                _ => "reconnect",
+            },
+            event = changes.recv() => match event {
+                Err(RecvError::Closed) => return,
+                _ => "cluster slot map changed",
+            },
+        };
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        if !cache.is_stale() {
+            tracing::info!(
+                reason,
+                "room cache untrusted until flushed: Redis may have failed over"
+            );
+        }
+        cache.distrust();
+    }
+}
+
 #[async_trait]
 impl Store for CachedStore {
     fn backend(&self) -> &'static str {
@@ -582,11 +696,15 @@ impl Store for CachedStore {
         let cache = &self.cache;
         let mut fill = false;
         if cache.usable().await {
+            // A failover noticed while the read is under way (rule 5) may have
+            // answered it from a replica that lacks the newest write.
+            let trusted_since = cache.dirty.load(Ordering::SeqCst);
             match cache.read(key).await {
-                Ok(Some(room)) => {
+                Ok(Some(room)) if cache.dirty.load(Ordering::SeqCst) == trusted_since => {
                     cache.hit();
                     return Ok(Some(room));
                 }
+                Ok(Some(_)) => {}
                 Ok(None) => fill = true,
                 // Redis did not answer: the database does, and filling would fail too.
                 Err(()) => {}

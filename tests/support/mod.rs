@@ -17,5 +17,6 @@ pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod redis_ha;
 pub mod tls;
 pub mod wait;

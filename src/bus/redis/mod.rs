@@ -21,7 +21,17 @@
 //! it on `croupier:resync` once its connection is back, and every other instance
 //! answers with [`Inbound::Resync`]: the store's log has what was not published.
 //!
-//! Wire format, one channel per room (`croupier:room:{key}`), JSON payloads:
+//! Redis Cluster (`redis-cluster://`): room events use sharded pub/sub
+//! (`SPUBLISH`/`SSUBSCRIBE`) on a channel carrying the room's hash tag, so a
+//! room's traffic stays on the shard that owns it; control and resync
+//! announcements stay on plain channels, which a Cluster delivers to every
+//! node. Sentinel (`redis-sentinel://`) behaves like one server that moves:
+//! fred asks the sentinels for the master on every reconnect. A failover is a
+//! reconnect (or a change of the Cluster's slot map), and ends like every
+//! reconnect: re-subscribe, then [`Inbound::Resync`].
+//!
+//! Wire format, one channel per room (`croupier:room:<key>`, or the Cluster
+//! name of [`Layout::room_channel`]), JSON payloads:
 //! `{"origin","key","epoch","version","kind","value","mutationId","committedAt"}`,
 //! `kind`/`value` being `add`/number, `remove`/index or `replace`/history, and
 //! `committedAt` RFC 3339 with nanoseconds. `origin` is the publishing instance; an
@@ -59,9 +69,10 @@ use super::{
     PRESENCE_TTL,
 };
 use crate::domain::{RoomEvent, RoomKey};
+use crate::redis_layout::{Layout, fred_url};
 use crate::tls::{self, RedisTlsFiles};
 use tasks::{Role, dispatch, retry_announcement, watch_connection};
-use wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, encode_event, room_channel};
+use wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, encode_event};
 
 const PRESENCE_PREFIX: &str = "croupier:presence:";
 const JOINS_KEY: &str = "croupier:joins";
@@ -122,6 +133,7 @@ pub async fn connect_client(url: &str, options: &RedisBusOptions) -> anyhow::Res
 }
 
 fn builder(url: &str, options: &RedisBusOptions) -> anyhow::Result<Builder> {
+    let url = fred_url(url).map_err(|reason| anyhow::anyhow!("invalid REDIS_URL: {reason}"))?;
     let config = match url.strip_prefix("rediss://") {
         // fred would load the system's CA store for `rediss://`, failing on an
         // image without one; the TLS settings are ours, so parse the URL as
@@ -136,7 +148,7 @@ fn builder(url: &str, options: &RedisBusOptions) -> anyhow::Result<Builder> {
             });
             config
         }
-        None => Config::from_url(url).context("invalid REDIS_URL")?,
+        None => Config::from_url(&url).context("invalid REDIS_URL")?,
     };
     let mut builder = Builder::from_config(config);
     let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
@@ -208,6 +220,8 @@ pub struct RedisBus {
 
 struct Shared {
     instance: String,
+    /// Plain pub/sub, or sharded pub/sub with hash-tagged names in a Cluster.
+    layout: Layout,
     client: Client,
     subscriber: SubscriberClient,
     handler: InboundHandler,
@@ -263,6 +277,7 @@ impl RedisBus {
 
         let shared = Arc::new(Shared {
             instance: instance.to_owned(),
+            layout: Layout::of_url(url),
             client,
             subscriber,
             handler,
@@ -387,9 +402,11 @@ impl Broker for RedisBus {
     async fn publish(&self, event: &RoomEvent) -> Result<(), BusError> {
         let payload = encode_event(&self.shared.instance, event);
         let client = self.shared.client.with_options(&self.shared.fast);
-        let result = client
-            .publish::<i64, _, _>(room_channel(&event.key), payload)
-            .await;
+        let channel = self.shared.layout.room_channel(&event.key);
+        let result = match self.shared.layout {
+            Layout::Single => client.publish::<i64, _, _>(channel, payload).await,
+            Layout::Cluster => client.spublish::<i64, _, _>(channel, payload).await,
+        };
         if result.is_err() {
             self.shared.lost_publish.store(true, Ordering::SeqCst);
         }
@@ -408,9 +425,9 @@ impl Broker for RedisBus {
                 "Redis subscriber is reconnecting".into(),
             ));
         }
-        let result = self.shared.subscriber.subscribe(room_channel(key)).await;
-        observe("subscribe", result)?;
-        self.shared.confirm_subscriptions().await
+        let channel = self.shared.layout.room_channel(key);
+        observe("subscribe", self.shared.subscribe_room(&channel).await)?;
+        self.shared.confirm_room_subscription(&channel).await
     }
 
     async fn unsubscribe(&self, key: &RoomKey) -> Result<(), BusError> {
@@ -419,7 +436,11 @@ impl Broker for RedisBus {
             // Nothing to undo: the next connection subscribes only to wanted rooms.
             return Ok(());
         }
-        let result = self.shared.subscriber.unsubscribe(room_channel(key)).await;
+        let channel = self.shared.layout.room_channel(key);
+        let result = match self.shared.layout {
+            Layout::Single => self.shared.subscriber.unsubscribe(channel).await,
+            Layout::Cluster => self.shared.subscriber.sunsubscribe(channel).await,
+        };
         observe("unsubscribe", result)
     }
 }
@@ -467,11 +488,25 @@ impl ControlPlane for RedisBus {
 
     async fn presence(&self) -> Result<Vec<ConnectionInfo>, BusError> {
         let client = self.shared.client.with_options(&self.shared.fast);
-        let keys = scan_keys(&client, &format!("{PRESENCE_PREFIX}*")).await?;
+        let pattern = format!("{PRESENCE_PREFIX}*");
+        let keys = match self.shared.layout {
+            Layout::Single => scan_keys(&client, &pattern).await?,
+            Layout::Cluster => scan_every_master(&self.shared.client, &pattern).await?,
+        };
         let mut connections = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(BATCH) {
-            let values: Vec<Option<String>> =
-                observe("presence_list", client.mget(chunk.to_vec()).await)?;
+            let values: Vec<Option<String>> = match self.shared.layout {
+                Layout::Single => observe("presence_list", client.mget(chunk.to_vec()).await)?,
+                // Presence keys hash to many slots, and MGET must stay in one.
+                Layout::Cluster => {
+                    let gets = chunk.iter().map(|key| client.get::<Option<String>, _>(key));
+                    futures_util::future::join_all(gets)
+                        .await
+                        .into_iter()
+                        .map(|value| observe("presence_list", value))
+                        .collect::<Result<_, _>>()?
+                }
+            };
             // A key that expired between SCAN and MGET comes back as nil.
             for raw in values.into_iter().flatten() {
                 match serde_json::from_str::<ConnectionInfo>(&raw) {
@@ -540,4 +575,25 @@ async fn scan_keys<C: KeysInterface>(client: &C, pattern: &str) -> Result<Vec<St
         }
         cursor = next;
     }
+}
+
+/// All keys matching `pattern` on every master of a Cluster, each paged with
+/// `SCAN` as in [`scan_keys`].
+pub async fn scan_every_master(client: &Client, pattern: &str) -> Result<Vec<String>, BusError> {
+    use fred::types::scan::Scanner;
+    use futures_util::StreamExt;
+
+    let mut keys = Vec::new();
+    let mut pages =
+        std::pin::pin!(client.scan_cluster(pattern.to_owned(), Some(BATCH as u32), None));
+    while let Some(page) = pages.next().await {
+        let mut page = observe("scan", page)?;
+        if let Some(found) = page.take_results() {
+            keys.extend(found.into_iter().filter_map(|k| k.into_string()));
+        }
+        page.next();
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(keys)
 }

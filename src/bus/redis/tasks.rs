@@ -12,12 +12,11 @@ use fred::prelude::*;
 use fred::types::Message;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::wire::{
-    CONTROL_CHANNEL, RESYNC_CHANNEL, ROOM_CHANNEL_PREFIX, decode_event, room_channel,
-};
+use super::wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, decode_event};
 use super::{BATCH, Shared, count_error, observe, set_up_gauge};
 use crate::bus::{BusError, ControlMessage, Inbound};
 use crate::domain::RoomKey;
+use crate::redis_layout::Layout;
 
 /// How often a pending resync announcement is retried (besides right after a
 /// reconnect), for publishes that failed only after the reconnect was reported.
@@ -43,12 +42,12 @@ impl Shared {
                 Ok(control) => Inbound::Control(control),
                 Err(err) => return self.malformed(channel, &err.to_string()),
             }
-        } else if channel.starts_with(ROOM_CHANNEL_PREFIX) {
+        } else if channel.starts_with("croupier:") {
             let (origin, event) = match decode_event(payload) {
                 Ok(decoded) => decoded,
                 Err(reason) => return self.malformed(channel, &reason),
             };
-            if room_channel(&event.key) != channel {
+            if self.layout.room_channel(&event.key) != channel {
                 return self.malformed(channel, "room key does not match the channel");
             }
             // Our own events were delivered locally before they were published, and
@@ -90,11 +89,28 @@ impl Shared {
     /// Brings the subscriber connection in line with `wanted` after a reconnect.
     async fn resubscribe(&self) -> Result<(), BusError> {
         let rooms: Vec<RoomKey> = self.lock_wanted().iter().cloned().collect();
-        let mut channels: Vec<String> = rooms.iter().map(room_channel).collect();
-        channels.push(CONTROL_CHANNEL.to_owned());
-        channels.push(RESYNC_CHANNEL.to_owned());
-        for chunk in channels.chunks(BATCH) {
-            observe("subscribe", self.subscriber.subscribe(chunk.to_vec()).await)?;
+        let channels: Vec<String> = rooms.iter().map(|k| self.layout.room_channel(k)).collect();
+        observe(
+            "subscribe",
+            self.subscriber
+                .subscribe(vec![CONTROL_CHANNEL, RESYNC_CHANNEL])
+                .await,
+        )?;
+        match self.layout {
+            Layout::Single => {
+                for chunk in channels.chunks(BATCH) {
+                    observe("subscribe", self.subscriber.subscribe(chunk.to_vec()).await)?;
+                }
+            }
+            // One SSUBSCRIBE may name channels of one slot only: one per room.
+            Layout::Cluster => {
+                for chunk in channels.chunks(BATCH) {
+                    let sent = chunk.iter().map(|c| self.subscriber.ssubscribe(c.clone()));
+                    for result in futures_util::future::join_all(sent).await {
+                        observe("subscribe", result)?;
+                    }
+                }
+            }
         }
         // A room left while the batch was in flight must not stay subscribed.
         let gone: Vec<String> = {
@@ -102,13 +118,66 @@ impl Shared {
             rooms
                 .iter()
                 .filter(|k| !wanted.contains(*k))
-                .map(room_channel)
+                .map(|k| self.layout.room_channel(k))
                 .collect()
         };
-        if !gone.is_empty() {
-            observe("unsubscribe", self.subscriber.unsubscribe(gone).await)?;
+        match self.layout {
+            Layout::Single if !gone.is_empty() => {
+                observe("unsubscribe", self.subscriber.unsubscribe(gone).await)?;
+            }
+            Layout::Single => {}
+            Layout::Cluster => {
+                for channel in gone {
+                    observe("unsubscribe", self.subscriber.sunsubscribe(channel).await)?;
+                }
+            }
         }
-        self.confirm_subscriptions().await
+        self.confirm_subscriptions().await?;
+        if self.layout == Layout::Cluster {
+            for channel in &channels {
+                self.confirm_room_subscription(channel).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes to one room's channel: sharded in a Cluster, so that the
+    /// shard owning the room carries its events.
+    pub(super) async fn subscribe_room(&self, channel: &str) -> Result<(), Error> {
+        match self.layout {
+            Layout::Single => self.subscriber.subscribe(channel.to_owned()).await,
+            Layout::Cluster => self.subscriber.ssubscribe(channel.to_owned()).await,
+        }
+    }
+
+    /// [`Self::confirm_subscriptions`] for one room's channel: in a Cluster the
+    /// `PING` goes to the shard that took the `SSUBSCRIBE`.
+    pub(super) async fn confirm_room_subscription(&self, channel: &str) -> Result<(), BusError> {
+        if self.layout == Layout::Single {
+            return self.confirm_subscriptions().await;
+        }
+        let slot = fred::util::redis_keyslot(channel.as_bytes());
+        let owner = self
+            .subscriber
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).cloned());
+        let Some(owner) = owner else {
+            return Err(BusError::Unavailable(
+                "the Cluster's slot map is not known yet".into(),
+            ));
+        };
+        let options = Options {
+            cluster_node: Some(owner),
+            ..self.fast.clone()
+        };
+        observe(
+            "subscribe_confirm",
+            self.subscriber
+                .with_options(&options)
+                .ping::<Value>(None)
+                .await,
+        )
+        .map(|_| ())
     }
 
     /// Waits until Redis has processed every subscription command sent so far.
@@ -185,15 +254,46 @@ impl Role {
 /// subscriber re-subscribes, and either connection then asks the hub to resync:
 /// events published or received while it was down were lost.
 pub(super) async fn watch_connection(shared: Arc<Shared>, role: Role) {
-    let (mut reconnects, mut errors) = match role {
-        Role::Publisher => (shared.client.reconnect_rx(), shared.client.error_rx()),
+    let (mut reconnects, mut errors, mut changes) = match role {
+        Role::Publisher => (
+            shared.client.reconnect_rx(),
+            shared.client.error_rx(),
+            shared.client.cluster_change_rx(),
+        ),
         Role::Subscriber => (
             shared.subscriber.reconnect_rx(),
             shared.subscriber.error_rx(),
+            shared.subscriber.cluster_change_rx(),
         ),
     };
     loop {
         tokio::select! {
+            // A Cluster's slots moved (a failover, a resharding): sharded
+            // subscriptions may now point at a node that no longer owns them,
+            // and events may have been lost in the move. Handled as a reconnect.
+            change = changes.recv(), if shared.layout == Layout::Cluster => match change {
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    tracing::info!(connection = role.name(), "Redis Cluster slot map changed");
+                    match role {
+                        Role::Subscriber => resubscribe_until_done(&shared).await,
+                        // Usually the publisher notices first (a SPUBLISH
+                        // answered MOVED after a graceful failover): the
+                        // subscriber sends nothing, so it has to be told to
+                        // re-read the slot map, which ends in its own change
+                        // event and re-subscription.
+                        Role::Publisher => {
+                            if let Err(err) = shared.subscriber.sync_cluster().await {
+                                tracing::warn!(error = %err, "re-reading the Cluster's slot map failed");
+                            }
+                        }
+                    }
+                    if shared.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    (shared.handler)(Inbound::Resync);
+                }
+                Err(RecvError::Closed) => return,
+            },
             reconnect = reconnects.recv() => match reconnect {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     metrics::counter!("croupier_redis_reconnects_total", "connection" => role.name()).increment(1);

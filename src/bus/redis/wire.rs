@@ -7,15 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey};
 
-pub(super) const ROOM_CHANNEL_PREFIX: &str = "croupier:room:";
 pub(super) const CONTROL_CHANNEL: &str = "croupier:control";
 /// "I could not publish some events; catch up from the store." Payload: the
 /// announcing instance (which ignores its own announcement).
 pub(super) const RESYNC_CHANNEL: &str = "croupier:resync";
 
-pub(super) fn room_channel(key: &RoomKey) -> String {
-    format!("{ROOM_CHANNEL_PREFIX}{key}")
-}
+/// Room channels are named by [`crate::redis_layout::Layout::room_channel`]:
+/// the name depends on whether Redis is a Cluster.
 /// A room event on the wire. Private so that domain types stay free of transport concerns.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
