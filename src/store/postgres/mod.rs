@@ -701,6 +701,11 @@ impl Store for PostgresStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
+        // A database without any schema has no instance of an earlier release
+        // reading it, so it gets the final shape at once, contract steps included.
+        if self.migration_status().await?.iter().all(|m| !m.applied) {
+            return self.migrate_contract().await;
+        }
         // The migrator holds an advisory lock, so instances migrating at once are safe.
         let admin = self.admin_pool().await?;
         let result = expand_migrator(&MIGRATOR)
