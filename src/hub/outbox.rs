@@ -22,6 +22,7 @@
 //! connection closes with 1013 and the client resumes from its last version,
 //! instead of silently missing events or holding memory others need.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -439,6 +440,44 @@ pub fn channel(socket: Arc<Socket>, frames: usize, max_bytes: usize) -> (Outbox,
     )
 }
 
+/// Frames up to this size are encoded whole (header and payload in one
+/// buffer) once per thread and event; larger ones are written with `writev`.
+const ENCODE_ONCE_MAX: usize = 4096;
+
+thread_local! {
+    /// The last small frame this thread wrote, encoded. A room pushes the same
+    /// rendered frame to every member, so each event is encoded once and every
+    /// member costs one plain `write`, as few bytes handled as the kernel
+    /// allows. Holding the frame keeps its buffer alive, so an equal address
+    /// means the same frame.
+    static ENCODED: RefCell<Option<(Frame, Box<[u8]>)>> = const { RefCell::new(None) };
+}
+
+/// One non-blocking write of a text frame; how many bytes the socket took.
+fn write_frame(io: &OwnedWriteHalf, header: Header, frame: &Frame) -> io::Result<usize> {
+    if frame.len() > ENCODE_ONCE_MAX {
+        return io.try_write_vectored(&[
+            IoSlice::new(header.as_slice()),
+            IoSlice::new(frame.as_bytes()),
+        ]);
+    }
+    ENCODED.with_borrow_mut(|cached| {
+        if cached
+            .as_ref()
+            .is_some_and(|(last, _)| last.as_ptr() != frame.as_ptr() || last.len() != frame.len())
+        {
+            *cached = None;
+        }
+        let (_, bytes) = cached.get_or_insert_with(|| {
+            let mut bytes = Vec::with_capacity(header.as_slice().len() + frame.len());
+            bytes.extend_from_slice(header.as_slice());
+            bytes.extend_from_slice(frame.as_bytes());
+            (frame.clone(), bytes.into())
+        });
+        io.try_write(bytes)
+    })
+}
+
 impl Outbox {
     /// Sends a text frame: written to the socket at once when nothing is queued
     /// before it, else queued. False when the connection must be dropped from
@@ -454,10 +493,7 @@ impl Outbox {
         }
         let header = Header::text(frame.len());
         if state.queue.is_empty() {
-            let written = match state.io.try_write_vectored(&[
-                IoSlice::new(header.as_slice()),
-                IoSlice::new(frame.as_bytes()),
-            ]) {
+            let written = match write_frame(&state.io, header, &frame) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(err) => {
