@@ -2,10 +2,10 @@
 //! per-instance socket caps answer here, before anything is upgraded; an
 //! accepted connection is handed to its session task in `crate::ws`.
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use std::sync::Arc;
 
 use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::http::header::{ORIGIN, USER_AGENT};
