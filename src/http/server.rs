@@ -3,7 +3,9 @@
 //! (beyond either, a 503 JSON reply is attempted and the socket closed at
 //! once), each connection is timed by phase (`watch`), and hyper's parse
 //! limits sit just above the router's own (`http::limits`). Upgraded
-//! WebSockets keep their admission slot until they close.
+//! WebSockets keep their admission slot until they close. A request to
+//! upgrade carries the connection's `hub::Socket` (its write side) as an
+//! extension, for the WebSocket session that takes the connection over.
 
 mod admission;
 mod watch;
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::http::header::UPGRADE;
 use axum::http::{Request, StatusCode};
 use axum::response::Response;
 use hyper::body::Incoming;
@@ -131,10 +134,15 @@ fn serve_connection(
     stop: &CancellationToken,
 ) {
     let clock = Clock::new(limits.header_timeout, limits.idle_timeout);
+    let (watched, socket) = Watched::new(tcp, clock.clone(), slot);
     let service = {
         let clock = clock.clone();
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            // A WebSocket session writes to the socket itself (see `hub::Socket`).
+            if req.headers().contains_key(UPGRADE) {
+                req.extensions_mut().insert(socket.clone());
+            }
             clock.request_started();
             let call = router.clone().call(req);
             let clock = clock.clone();
@@ -147,7 +155,7 @@ fn serve_connection(
             }
         })
     };
-    let io = TokioIo::new(Watched::new(tcp, clock.clone(), slot));
+    let io = TokioIo::new(watched);
     let connection = hyper.serve_connection(io, service).with_upgrades();
     let stop = stop.clone();
     tokio::spawn(async move {

@@ -2,6 +2,9 @@
 //! per-instance socket caps answer here, before anything is upgraded; an
 //! accepted connection is handed to its session task in `crate::ws`.
 
+use std::sync::Arc;
+
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
@@ -11,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::forwarded::client_ip;
 use super::openapi::ErrorBody;
+use crate::hub::Socket;
 use crate::state::AppState;
 use crate::ws::{self, Peer};
 
@@ -36,6 +40,7 @@ pub async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     ConnectInfo(peer_addr): ConnectInfo<std::net::SocketAddr>,
+    socket: Option<Extension<Arc<Socket>>>,
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
@@ -50,6 +55,14 @@ pub async fn upgrade(
     if state.lifecycle.shutdown.is_cancelled() {
         return ApiError::Unavailable.into_response();
     }
+    // The session writes its frames into the connection's socket itself, which
+    // only `http::server` hands out.
+    let Some(Extension(socket)) = socket else {
+        return ApiError::Internal(
+            "WebSocket upgrade on a connection without a shared socket".into(),
+        )
+        .into_response();
+    };
     if let Some(origin) = headers.get(ORIGIN).and_then(|o| o.to_str().ok())
         && !state
             .config
@@ -93,5 +106,5 @@ pub async fn upgrade(
         .max_message_size(max)
         .read_buffer_size(1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| ws::run(socket, state, peer, (permit, client_slot)))
+        .on_upgrade(move |ws| ws::run(ws, socket, state, peer, (permit, client_slot)))
 }

@@ -26,7 +26,7 @@ use crate::domain::Room;
 use crate::domain::{RoomEvent, RoomKey, Version};
 use crate::protocol::frames::Dialect;
 use crate::store::{DynStore, StoreError};
-pub use outbox::{Inbox, Outbound, Outbox, channel as outbox};
+pub use outbox::{Inbox, Outbound, Outbox, Socket, channel as outbox};
 use view::View;
 pub use view::{RoomBody, Snapshot};
 

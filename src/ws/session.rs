@@ -1,9 +1,14 @@
-//! One task per WebSocket connection: `select!` over the socket, the bounded
+//! One task per WebSocket connection: `select!` over the socket's reads, its
 //! outbound queue, the ping timer, and the reasons to close (shutdown, admin
 //! kick, queue overflow). Memberships live in the hub; this task only holds
 //! which rooms it joined and in which dialect.
+//!
+//! Frames do not pass through this task: rooms (and this task's own replies)
+//! write them into the socket directly (`hub::Outbox`). The task only finishes
+//! what the kernel did not take at once, so it is not woken per event.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -20,7 +25,7 @@ use crate::auth::TokenError;
 use crate::bus::ConnectionInfo;
 use crate::domain::{Change, MutationId, RoomKey};
 use crate::hub::registry::ClientSlot;
-use crate::hub::{self, Greeting, Member, Outbound, Outbox};
+use crate::hub::{self, Greeting, Member, Outbound, Outbox, Socket};
 use crate::protocol::frames::{self, Dialect, Frame};
 use crate::protocol::messages::{self, ClientMessage, WsError};
 use crate::rooms::{AccessError, Writer};
@@ -70,6 +75,7 @@ struct Session {
 ///   than all the rest, and a boxed future takes memory only while it runs.
 pub fn run(
     socket: WebSocket,
+    wire: Arc<Socket>,
     state: AppState,
     peer: Peer,
     slots: (OwnedSemaphorePermit, ClientSlot),
@@ -79,7 +85,7 @@ pub fn run(
         tracing::info_span!("ws", conn = %registration.id, instance = %state.config.instance_id);
     let limits = &state.config.ws;
     let (idle_timeout, ping_interval) = (limits.idle_timeout, limits.ping_interval);
-    let (out, mut queue) = hub::outbox(limits.queue_capacity, limits.queue_bytes);
+    let (out, mut queue) = hub::outbox(wire, limits.queue_capacity, limits.queue_bytes);
     let quota =
         Quota::per_second(NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN))
             .allow_burst(NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN));
@@ -101,7 +107,7 @@ pub fn run(
         },
         state,
     };
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
 
     async move {
         metrics::gauge!("croupier_ws_connections").increment(1.0);
@@ -113,29 +119,22 @@ pub fn run(
         let mut last_seen = Instant::now();
         // Each reason to close is waited on by one future for the whole loop:
         // `cancelled()` registers a waiter under the token's lock, too much to redo
-        // for every frame a busy room sends.
+        // at every wake-up.
         let shutdown = session.state.lifecycle.shutdown.clone();
-        let overflow = session.out.overflow_token().clone();
         let shutdown = shutdown.cancelled();
         let kicked = registration.kicked.cancelled();
-        let overflowed = overflow.cancelled();
-        tokio::pin!(shutdown, kicked, overflowed);
+        tokio::pin!(shutdown, kicked);
 
-        // Messages in and frames out, for the line logged at the end.
-        let (mut received, mut sent) = (0u64, 0u64);
+        // Messages in, for the line logged at the end.
+        let mut received = 0u64;
         let ending = loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break Ending::Server(close::GOING_AWAY, "server shutting down"),
                 _ = &mut kicked => break Ending::Server(close::NORMAL, "disconnected by an administrator"),
-                _ = &mut overflowed => break Ending::Server(close::TRY_AGAIN_LATER, "too slow; reconnect and resume"),
-                Some(outbound) = queue.recv() => match outbound {
-                    Outbound::Frame(frame) => {
-                        if !send_within(&mut sink, Message::Text(frame), idle_timeout).await {
-                            break Ending::Lost;
-                        }
-                        sent += 1;
-                    }
+                outbound = std::future::poll_fn(|cx| queue.poll_next(cx)) => match outbound {
+                    Outbound::Overflowed => break Ending::Server(close::TRY_AGAIN_LATER, "too slow; reconnect and resume"),
+                    Outbound::Failed => break Ending::Lost,
                     Outbound::Removed(key) => Box::pin(session.forget(&key)).await,
                 },
                 incoming = stream.next() => match incoming {
@@ -163,18 +162,28 @@ pub fn run(
                     if last_seen.elapsed() > idle_timeout {
                         break Ending::Server(close::GOING_AWAY, "idle timeout");
                     }
-                    if !send_within(&mut sink, Message::Ping(Default::default()), idle_timeout).await {
+                    // A peer that stops reading fills the socket buffers; one that
+                    // has taken nothing for a whole idle timeout is as gone as one
+                    // that sends nothing (and its queue is held until then).
+                    if queue.stalled_for().is_some_and(|stalled| stalled > idle_timeout) {
+                        tracing::debug!(waited = ?idle_timeout, "peer stopped reading; dropping the connection");
                         break Ending::Lost;
                     }
+                    queue.ping();
                     session.info.last_activity = Utc::now();
                     Box::pin(session.publish_presence()).await;
                 }
             }
         };
 
+        // Nothing may follow the close frame; a client that fell behind gets its
+        // close at once rather than after the backlog.
+        let overflowed = matches!(ending, Ending::Server(close::TRY_AGAIN_LATER, _));
+        queue.close(overflowed);
         if let Ending::Server(code, reason) = ending {
             Box::pin(close_socket(sink, code, reason, idle_timeout)).await;
         }
+        let sent = queue.sent();
         session.log_end(&ending, received, sent);
         Box::pin(session.end(&registration.id)).await;
         drop(slots);

@@ -17,6 +17,11 @@
 //! 431, written with an empty body and no hook to change it) the JSON error
 //! body: a response that starts while no request is in progress can only be
 //! one of those.
+//!
+//! Its write side is a [`Socket`] shared with the hub: once the connection is
+//! a WebSocket, rooms write their frames into it directly, and tungstenite's
+//! own writes (pongs, close frames) go through the same queue, whole frames at
+//! a time (`Socket::poll_write`).
 
 use std::io;
 use std::pin::Pin;
@@ -27,10 +32,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, Sleep};
 
 use super::admission::Slot;
 use crate::http::error::ApiError;
+use crate::hub::Socket;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -117,7 +124,9 @@ impl Clock {
 
 /// The accepted socket, its admission slot, and the clock that may end it.
 pub(super) struct Watched {
-    io: TcpStream,
+    read: OwnedReadHalf,
+    /// The write side, shared with the WebSocket's rooms after an upgrade.
+    write: Arc<Socket>,
     clock: Arc<Clock>,
     timer: Pin<Box<Sleep>>,
     substitute: Option<Substitute>,
@@ -131,15 +140,21 @@ struct Substitute {
 }
 
 impl Watched {
-    pub(super) fn new(io: TcpStream, clock: Arc<Clock>, slot: Slot) -> Self {
+    /// Also returns the socket's write side, which an upgraded connection's
+    /// session takes over.
+    pub(super) fn new(io: TcpStream, clock: Arc<Clock>, slot: Slot) -> (Self, Arc<Socket>) {
         let timer = Box::pin(tokio::time::sleep(clock.header));
-        Watched {
-            io,
+        let (read, write) = io.into_split();
+        let write = Arc::new(Socket::new(write));
+        let watched = Watched {
+            read,
+            write: write.clone(),
             clock,
             timer,
             substitute: None,
             _slot: slot,
-        }
+        };
+        (watched, write)
     }
 
     /// Called when the socket is not ready: fails once the phase's deadline passed.
@@ -203,7 +218,7 @@ impl Watched {
         let substitute = self.substitute.as_mut()?;
         while substitute.written < substitute.bytes.len() {
             let rest = &substitute.bytes[substitute.written..];
-            match Pin::new(&mut self.io).poll_write(cx, rest) {
+            match self.write.poll_write(cx, rest) {
                 Poll::Ready(Ok(0)) => {
                     return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
                 }
@@ -249,10 +264,10 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.clock.passthrough() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            return Pin::new(&mut this.read).poll_read(cx, buf);
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        match Pin::new(&mut this.read).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     // The first byte of the next request: its head is due now.
@@ -274,12 +289,12 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.clock.passthrough() {
-            return Pin::new(&mut this.io).poll_write(cx, buf);
+            return this.write.poll_write(cx, buf);
         }
         if let Some(done) = this.poll_substitute(cx, buf, buf.len()) {
             return done;
         }
-        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        let written = this.write.poll_write(cx, buf);
         this.after_write(cx, written)
     }
 
@@ -290,7 +305,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.clock.passthrough() {
-            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+            return this.write.poll_write_vectored(cx, bufs);
         }
         let first = bufs
             .iter()
@@ -300,20 +315,20 @@ impl AsyncWrite for Watched {
         if let Some(done) = this.poll_substitute(cx, first, len) {
             return done;
         }
-        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let written = this.write.poll_write_vectored(cx, bufs);
         this.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.clock.passthrough() {
-            return Pin::new(&mut this.io).poll_flush(cx);
+            return this.write.poll_flush(cx);
         }
-        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+        ready!(this.write.poll_flush(cx))?;
         // hyper flushes once a response is out: the connection is idle now.
         // hyper may not read again until the client sends something, so the
         // idle timer is started here, where it can wake the connection.
@@ -325,7 +340,7 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        self.write.poll_shutdown(cx)
     }
 }
 
