@@ -1,17 +1,17 @@
 //! Room operations shared by the HTTP API and the WebSocket protocol: reads with
 //! access control, and mutations that are checked against the client's quotas
-//! and the room's protection, commit first and fan out second.
+//! and the room's protection, then handed to the room's task in the hub, which
+//! commits them and fans them out.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::auth::{Auth, TokenError};
 use crate::bus::{ControlMessage, DynBus};
 use crate::domain::{Change, MutationId, RoomKey};
-use crate::hub::{Hub, Snapshot};
+use crate::hub::{Hub, Snapshot, Written};
 use crate::quota::{Quotas, RateLimited};
-use crate::store::{Applied, DynStore, Mutation, RoomAuth, StoreError};
+use crate::store::{DynStore, Mutation, RoomAuth, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -49,9 +49,6 @@ impl<'a> Writer<'a> {
         }
     }
 }
-
-/// How long a mutation waits for its event to be published before answering.
-const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Rooms {
@@ -108,7 +105,8 @@ impl Rooms {
         self.read(key, token).await.map(|_| ())
     }
 
-    /// Commits a change, then hands the event to local members and to the bus.
+    /// Commits a change through the room's task, which delivers the event to
+    /// local members and publishes it to the other instances before it answers.
     /// The caller may acknowledge only after this returns `Ok`: the store has
     /// committed by then (invariant 1). A repeated mutation id changes nothing and
     /// publishes nothing.
@@ -123,7 +121,7 @@ impl Rooms {
         key: RoomKey,
         change: Change,
         mutation_id: Option<MutationId>,
-    ) -> Result<Applied, AccessError> {
+    ) -> Result<Written, AccessError> {
         self.quotas.write(writer.client)?;
         let token = writer
             .token
@@ -140,9 +138,9 @@ impl Rooms {
             }
             Some(_) => {}
         }
-        let applied = self
-            .store
-            .apply(Mutation {
+        let written = self
+            .hub
+            .mutate(Mutation {
                 key,
                 change,
                 mutation_id,
@@ -150,24 +148,7 @@ impl Rooms {
                 authorized,
             })
             .await?;
-        self.hub.offer(&applied.room);
-        if !applied.duplicate {
-            self.hub.deliver(applied.event.clone());
-            // The write is already durable, and a lost publish is repaired by the
-            // receivers' gap filling and catch-up, so the publish runs on its own.
-            let bus = self.bus.clone();
-            let event = applied.event.clone();
-            let publishing = tokio::spawn(async move {
-                if let Err(err) = bus.publish(&event).await {
-                    tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
-                }
-            });
-            // Waiting for it (briefly: not through a Redis outage) means the
-            // other instances normally have the event before the writer hears
-            // back, so its next read elsewhere already sees its write.
-            let _ = tokio::time::timeout(PUBLISH_WAIT, publishing).await;
-        }
-        Ok(applied)
+        Ok(written)
     }
 
     /// Creates a room (protected iff `password_hash` is given) unless it exists,

@@ -144,7 +144,7 @@ impl Application {
                 }
             })
         };
-        let (bus, store): (DynBus, DynStore) = match &config.redis_url {
+        let (bus, store, cache): (DynBus, DynStore, _) = match &config.redis_url {
             Some(url) => {
                 let options = RedisBusOptions {
                     tls: config.redis_tls.clone(),
@@ -152,24 +152,28 @@ impl Application {
                 };
                 let bus =
                     RedisBus::connect_with(url, &config.instance_id, handler, options).await?;
-                // Hot rooms are read from Redis; every write goes through to it.
+                // Hot rooms are read from Redis; room tasks write each
+                // committed batch's room through to it.
                 let cached = CachedStore::new(
                     store,
                     bus.command_client(),
                     config.cache_ttl,
                     config.cache_max_history,
                 );
-                (Arc::new(bus), Arc::new(cached))
+                let cache = cached.room_cache();
+                (Arc::new(bus), Arc::new(cached), Some(cache))
             }
             None => (
                 Arc::new(broker.connect(&config.instance_id, handler)),
                 store,
+                None,
             ),
         };
 
         let hub = Hub::new(
             store.clone(),
             bus.clone(),
+            cache,
             HubConfig {
                 queue_capacity: config.ws.queue_capacity,
                 max_read_rooms: config.max_read_rooms,
