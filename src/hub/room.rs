@@ -31,11 +31,13 @@ const GAP_WAIT: Duration = Duration::from_millis(5);
 /// The most writes committed with one store call.
 const MAX_BATCH: usize = 256;
 
-/// How long the writers of a batch wait for its events to be published (and
-/// the room written into the cache) before they are answered. Waiting means
-/// the other instances normally have the events before a writer hears back,
-/// so its next read elsewhere already sees its write; bounding it means a
-/// Redis outage does not hold up acknowledgements of durable writes.
+/// How long the writers of a batch wait for its events to be published before
+/// they are answered. Waiting means the other instances normally have the
+/// events before a writer hears back, so its next read elsewhere already sees
+/// its write; bounding it means a slow bus does not hold up acknowledgements
+/// of durable writes. (The cache write is waited for in full: it is bounded by
+/// the cache's own short timeouts, and an acknowledged write must never be
+/// missing from what other instances read from the cache.)
 const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 struct Mirror {
@@ -98,9 +100,17 @@ fn mirror_snapshot(mirror: &Mirror, epoch: &Arc<str>) -> Arc<Snapshot> {
     ))
 }
 
+/// The last batch whose events were all published, and the last one whose
+/// room the cache holds (or whose failed write has been dealt with).
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    published: u64,
+    cached: u64,
+}
+
 /// One committed batch on its way to the other instances and the cache.
 struct Outgoing {
-    /// Batches are numbered per task; writers wait for theirs to be done.
+    /// Batches are numbered per task; writers wait for theirs to be out.
     seq: u64,
     events: Vec<RoomEvent>,
     /// The room after the batch, to write into the cache.
@@ -122,8 +132,8 @@ struct RoomTask {
     deferred: VecDeque<Command>,
     /// To the task that publishes committed batches and writes the cache.
     outgoing: mpsc::UnboundedSender<Outgoing>,
-    /// The number of the last batch that task finished.
-    published: watch::Receiver<u64>,
+    /// How far that task got.
+    progress: watch::Receiver<Progress>,
     /// The number of the last batch handed to it.
     batches: u64,
 }
@@ -136,7 +146,7 @@ pub(super) fn spawn(
     rx: mpsc::UnboundedReceiver<Command>,
 ) {
     let (outgoing, batches) = mpsc::unbounded_channel();
-    let (done, published) = watch::channel(0);
+    let (done, progress) = watch::channel(Progress::default());
     tokio::spawn(publish_batches(
         hub.inner.bus.clone(),
         hub.inner.cache.clone(),
@@ -156,22 +166,22 @@ pub(super) fn spawn(
         members: Vec::new(),
         deferred: VecDeque::new(),
         outgoing,
-        published,
+        progress,
         batches: 0,
     };
     tokio::spawn(task.run(rx));
 }
 
-/// Publishes committed batches in commit order and writes the newest room into
-/// the cache, then marks them done. Batches that queued up meanwhile go out
-/// together, with one cache write for all of them. Ends when the room task
-/// is gone and everything it handed over is out.
+/// Publishes committed batches in commit order and, at the same time, writes
+/// the newest room into the cache, marking each step done. Batches that queued
+/// up meanwhile go out together, with one cache write for all of them. Ends
+/// when the room task is gone and everything it handed over is out.
 async fn publish_batches(
     bus: DynBus,
     cache: Option<RoomCache>,
     key: RoomKey,
     mut batches: mpsc::UnboundedReceiver<Outgoing>,
-    done: watch::Sender<u64>,
+    done: watch::Sender<Progress>,
 ) {
     while let Some(first) = batches.recv().await {
         let Outgoing {
@@ -184,9 +194,19 @@ async fn publish_batches(
             events.extend(next.events);
             state = next.state.or(state);
         }
-        // Started in commit order, so they leave in that order; a receiver
-        // that still sees a gap fills it from the store.
-        let publishing = join_all(events.iter().map(|event| bus.publish(event)));
+        let publishing = async {
+            // Started in commit order, so they leave in that order; a receiver
+            // that still sees a gap fills it from the store.
+            let results = join_all(events.iter().map(|event| bus.publish(event))).await;
+            for (event, result) in events.iter().zip(results) {
+                // The write is durable; a lost publish is repaired by the
+                // receivers' gap filling and periodic catch-up.
+                if let Err(err) = result {
+                    tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
+                }
+            }
+            done.send_modify(|progress| progress.published = seq);
+        };
         let caching = async {
             if let (Some(cache), Some((snapshot, meta))) = (&cache, state) {
                 let room = Room {
@@ -201,16 +221,9 @@ async fn publish_batches(
                 };
                 cache.write(&room).await;
             }
+            done.send_modify(|progress| progress.cached = seq);
         };
-        let (results, ()) = tokio::join!(publishing, caching);
-        for (event, result) in events.iter().zip(results) {
-            // The write is durable; a lost publish is repaired by the
-            // receivers' gap filling and periodic catch-up.
-            if let Err(err) = result {
-                tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
-            }
-        }
-        done.send_replace(seq);
+        tokio::join!(publishing, caching);
     }
 }
 
@@ -249,7 +262,7 @@ impl RoomTask {
         loop {
             let deadline = match gap_deadline {
                 Some(deadline) => Some(deadline),
-                None if self.members.is_empty() => Some(Instant::now() + linger),
+                None if self.members.is_empty() => Some(Instant::now() + self.linger(linger)),
                 None => None,
             };
             let received = match (self.deferred.pop_front(), deadline) {
@@ -279,6 +292,21 @@ impl RoomTask {
         self.view.clear();
         if let Err(err) = bus.unsubscribe(&self.key).await {
             tracing::debug!(room = %self.key, error = %err, "bus unsubscribe failed");
+        }
+    }
+
+    /// How long to stay without members. A room that is not being read,
+    /// while the hub runs more room tasks than it follows for reads, is gone
+    /// as soon as nothing is queued: writes to ever more rooms must not grow
+    /// the instance beyond that bound (each is committed by a task of its own,
+    /// which then leaves).
+    fn linger(&self, linger: Duration) -> Duration {
+        let config = &self.hub.inner.config;
+        if self.view.idle() >= config.read_linger && self.hub.active_rooms() > config.max_read_rooms
+        {
+            Duration::ZERO
+        } else {
+            linger
         }
     }
 
@@ -450,12 +478,19 @@ impl RoomTask {
         let seq = self.batches;
         let state = current.zip(self.mirror.as_ref().and_then(|m| m.meta));
         let _ = self.outgoing.send(Outgoing { seq, events, state });
-        let mut published = self.published.clone();
+        let (mut published, mut cached) = (self.progress.clone(), self.progress.clone());
         tokio::spawn(async move {
-            // Ends early if the publishing task is gone: the writes are durable
-            // either way, and a lost publish is repaired by the receivers.
-            let _ =
-                tokio::time::timeout(PUBLISH_WAIT, published.wait_for(|done| *done >= seq)).await;
+            // Each wait ends early if the publishing task is gone: the writes
+            // are durable either way, and a lost publish is repaired by the
+            // receivers.
+            let publish = async {
+                let wait = published.wait_for(|progress| progress.published >= seq);
+                let _ = tokio::time::timeout(PUBLISH_WAIT, wait).await;
+            };
+            let cache = async {
+                let _ = cached.wait_for(|progress| progress.cached >= seq).await;
+            };
+            tokio::join!(publish, cache);
             answer(replies, answers);
         });
     }
