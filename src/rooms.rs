@@ -1,19 +1,17 @@
 //! Room operations shared by the HTTP API and the WebSocket protocol: reads with
 //! access control, and mutations that are checked against the client's quotas
-//! and the room's protection, commit first and fan out second.
+//! and the room's protection, then handed to the room's task in the hub, which
+//! commits them and fans them out.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::auth::{Auth, TokenError};
-use crate::bus::{ControlMessage, DynBroker, DynControlPlane};
+use crate::bus::{ControlMessage, DynControlPlane};
 use crate::domain::{Change, MutationId, Room, RoomKey};
-use crate::hub::{Greeting, Hub, Member, Snapshot};
+use crate::hub::{Greeting, Hub, Member, Snapshot, Written};
 use crate::quota::{Quotas, RateLimited};
-use crate::store::{
-    Applied, DynStore, Mutation, Page, RoomAuth, RoomSummary, StoreError, StoreStats,
-};
+use crate::store::{DynStore, Mutation, Page, RoomAuth, RoomSummary, StoreError, StoreStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
@@ -52,17 +50,12 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// How long a mutation waits for its event to be published before answering.
-const PUBLISH_WAIT: Duration = Duration::from_millis(50);
-
 /// The one door to rooms for the HTTP API and the WebSocket sessions: they
 /// read, change, join and leave rooms only through it, never through the
 /// hub, the bus or the store behind it.
 #[derive(Clone)]
 pub struct Rooms {
     store: DynStore,
-    /// Room events to the other instances.
-    bus: DynBroker,
     /// Announcing a room's change of access to every instance.
     control: DynControlPlane,
     hub: Hub,
@@ -72,12 +65,11 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    /// Puts the room operations together over this instance's hub and the
-    /// cluster's store and bus.
+    /// Puts the room operations together over this instance's hub (which
+    /// publishes room events) and the cluster's store and control plane.
     pub fn new(
         store: DynStore,
         hub: Hub,
-        bus: DynBroker,
         control: DynControlPlane,
         auth: Arc<Auth>,
         quotas: Arc<Quotas>,
@@ -85,7 +77,6 @@ impl Rooms {
     ) -> Self {
         Rooms {
             store,
-            bus,
             control,
             hub,
             auth,
@@ -148,7 +139,8 @@ impl Rooms {
         self.read(key, token).await.map(|_| ())
     }
 
-    /// Commits a change, then hands the event to local members and to the bus.
+    /// Commits a change through the room's task, which delivers the event to
+    /// local members and publishes it to the other instances before it answers.
     /// The caller may acknowledge only after this returns `Ok`: the store has
     /// committed by then (invariant 1). A repeated mutation id changes nothing and
     /// publishes nothing.
@@ -163,7 +155,7 @@ impl Rooms {
         key: RoomKey,
         change: Change,
         mutation_id: Option<MutationId>,
-    ) -> Result<Applied, AccessError> {
+    ) -> Result<Written, AccessError> {
         self.quotas.write(writer.client)?;
         let token = writer
             .token
@@ -180,9 +172,9 @@ impl Rooms {
             }
             Some(_) => {}
         }
-        let applied = self
-            .store
-            .apply(Mutation {
+        let written = self
+            .hub
+            .mutate(Mutation {
                 key,
                 change,
                 mutation_id,
@@ -190,24 +182,7 @@ impl Rooms {
                 authorized,
             })
             .await?;
-        self.hub.offer(&applied.room);
-        if !applied.duplicate {
-            self.hub.deliver(applied.event.clone());
-            // The write is already durable, and a lost publish is repaired by the
-            // receivers' gap filling and catch-up, so the publish runs on its own.
-            let bus = self.bus.clone();
-            let event = applied.event.clone();
-            let publishing = tokio::spawn(async move {
-                if let Err(err) = bus.publish(&event).await {
-                    tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
-                }
-            });
-            // Waiting for it (briefly: not through a Redis outage) means the
-            // other instances normally have the event before the writer hears
-            // back, so its next read elsewhere already sees its write.
-            let _ = tokio::time::timeout(PUBLISH_WAIT, publishing).await;
-        }
-        Ok(applied)
+        Ok(written)
     }
 
     /// Creates a room (protected iff `password_hash` is given) unless it exists,

@@ -148,7 +148,7 @@ impl Application {
                 }
             })
         };
-        let (halves, store): (_, DynStore) = match &config.redis_url {
+        let (halves, store, cache): (_, DynStore, _) = match &config.redis_url {
             Some(url) => {
                 let options = RedisBusOptions {
                     tls: config.redis_tls.clone(),
@@ -156,18 +156,21 @@ impl Application {
                 };
                 let bus =
                     RedisBus::connect_with(url, &config.instance_id, handler, options).await?;
-                // Hot rooms are read from Redis; every write goes through to it.
+                // Hot rooms are read from Redis; room tasks write each
+                // committed batch's room through to it.
                 let cached = CachedStore::new(
                     store,
                     bus.command_client(),
                     config.cache_ttl,
                     config.cache_max_history,
                 );
-                (both_halves(bus), Arc::new(cached))
+                let cache = cached.room_cache();
+                (both_halves(bus), Arc::new(cached), Some(cache))
             }
             None => (
                 both_halves(broker.connect(&config.instance_id, handler)),
                 store,
+                None,
             ),
         };
         let (bus, control) = halves;
@@ -175,6 +178,7 @@ impl Application {
         let hub = Hub::new(
             store.clone(),
             bus.clone(),
+            cache,
             HubConfig {
                 queue_capacity: config.ws.queue_capacity,
                 max_read_rooms: config.max_read_rooms,
@@ -191,7 +195,6 @@ impl Application {
             rooms: Rooms::new(
                 store.clone(),
                 hub,
-                bus,
                 control.clone(),
                 Auth::new(
                     secret.as_bytes(),

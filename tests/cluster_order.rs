@@ -8,13 +8,13 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::app::eventually;
-use support::cluster::TestCluster;
+use support::cluster::{DbEvent, TestCluster};
 use support::contract::QUIET;
 use support::members::{Replica, join, send_within};
 use tokio_tungstenite::tungstenite::Message;
@@ -407,4 +407,114 @@ async fn reads_on_one_instance_follow_writes_on_another() {
     redis
         .command(&["CONFIG", "SET", "maxclients", "10000"])
         .await;
+}
+/// HTTP writers on two instances at once, several in flight on each, so that
+/// each instance commits batches of saves while the other writes the same
+/// room: every acknowledged save is stored exactly once, each reply is the
+/// room right after its own save, and the members on both instances see the
+/// store's one order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_batches_from_two_instances_make_one_order() {
+    const WRITERS: usize = 8;
+    const SAVES: usize = 40;
+    let cluster = TestCluster::start(2, &[]).await;
+    let key = "batches";
+    let total = 2 * WRITERS * SAVES;
+
+    let mut readers = Vec::new();
+    for (i, instance) in cluster.instances.iter().enumerate() {
+        let (ws, sync) = join(
+            &instance.ws_url(),
+            json!({"type": "join", "key": key, "version": 0}),
+        )
+        .await;
+        assert_eq!(sync["version"], 0, "{sync}");
+        readers.push(tokio::spawn(collect_events(
+            ws.into_inner(),
+            total,
+            format!("member on node-{}", i + 1),
+        )));
+    }
+
+    let mut writers = Vec::new();
+    for (i, instance) in cluster.instances.iter().enumerate() {
+        for w in 0..WRITERS {
+            let (http, url) = (instance.http.clone(), instance.url("/api/roulette/save"));
+            writers.push(tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for j in 0..SAVES {
+                    let id = format!("n{i}-w{w}-{j}");
+                    let number = (w * SAVES + j) % 37;
+                    let reply = http
+                        .post(&url)
+                        .json(&json!({"key": key, "number": number, "id": id}))
+                        .send()
+                        .await
+                        .expect("save");
+                    assert_eq!(reply.status(), 200, "{id}");
+                    let body: Value = reply.json().await.expect("JSON reply");
+                    let data = &body["data"];
+                    let version = data["version"].as_u64().expect("version");
+                    let history = data["history"].as_array().expect("history");
+                    // The room right after this save, whatever else its batch held.
+                    assert_eq!(history.len() as u64, version, "{id}: {body}");
+                    assert_eq!(history.last(), Some(&json!(number)), "{id}: {body}");
+                    acknowledged.push((id, version, number));
+                }
+                acknowledged
+            }));
+        }
+    }
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.expect("writer"));
+    }
+    let mut streams = Vec::new();
+    for reader in readers {
+        streams.push(reader.await.expect("member"));
+    }
+
+    // The event log: versions 1..=total, each acknowledged id exactly once, at
+    // the version its reply named.
+    let logged = cluster.db_events(key).await;
+    assert_eq!(logged.len(), total, "event log length");
+    for (i, event) in logged.iter().enumerate() {
+        assert_eq!(event.version, i as u64 + 1, "event log out of order");
+    }
+    let by_id: BTreeMap<&str, &DbEvent> = logged
+        .iter()
+        .map(|e| (e.mutation_id.as_deref().expect("id logged"), e))
+        .collect();
+    assert_eq!(by_id.len(), total, "an id was logged twice");
+    for (id, version, number) in &acknowledged {
+        let event = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("{id} acknowledged, not stored"));
+        assert_eq!(event.version, *version, "{id}: reply and log disagree");
+        assert_eq!(event.payload, json!(number), "{id}");
+    }
+
+    // Both instances' members saw exactly that order.
+    let stored: Vec<(u64, Value, Option<String>)> = logged
+        .iter()
+        .map(|e| (e.version, e.payload.clone(), e.mutation_id.clone()))
+        .collect();
+    for (m, events) in streams.iter().enumerate() {
+        let seen: Vec<(u64, Value, Option<String>)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e["version"].as_u64().expect("version"),
+                    e["number"].clone(),
+                    e["id"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        assert_eq!(seen, stored, "member on node-{} diverged", m + 1);
+    }
+    let (history, version) = cluster.db_room(key).await.expect("room");
+    assert_eq!(version, total as u64);
+    for instance in &cluster.instances {
+        assert_eq!(instance.room(key).await, (history.clone(), version));
+    }
 }

@@ -12,8 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, BearerToken, ClientIp, JsonObject};
 use super::openapi::{ErrorBody, WriteRefusals};
-use crate::domain::{Change, History, MutationId, Number, Room, RoomKey};
-use crate::hub::RoomBody;
+use crate::domain::{Change, History, MutationId, Number, RoomKey};
+use crate::hub::{RoomBody, Saved as SavedRoom};
 use crate::rooms::Writer;
 use crate::state::AppState;
 use crate::store::{Page, RoomSummary};
@@ -29,7 +29,8 @@ fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
 struct Session<'a> {
     id: i64,
     key: &'a RoomKey,
-    history: &'a History,
+    #[schema(value_type = History)]
+    history: &'a [Number],
     /// RFC 3339, milliseconds, UTC.
     created_at: String,
     updated_at: String,
@@ -39,11 +40,11 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn of(room: &'a Room) -> Self {
+    fn of(key: &'a RoomKey, room: &'a SavedRoom) -> Self {
         Session {
             id: room.id,
-            key: &room.key,
-            history: &room.history,
+            key,
+            history: room.history(),
             created_at: rfc3339(&room.created_at),
             updated_at: rfc3339(&room.updated_at),
             version: room.version,
@@ -60,10 +61,11 @@ struct Saved<'a> {
     data: Session<'a>,
 }
 
-fn saved(room: &Room) -> Response {
+/// The reply to a save or replace: the room right after the writer's change.
+fn saved(key: &RoomKey, room: &SavedRoom) -> Response {
     Json(Saved {
         success: true,
-        data: Session::of(room),
+        data: Session::of(key, room),
     })
     .into_response()
 }
@@ -157,11 +159,11 @@ pub async fn save(
     let number = Number::from_json(body.field("number")?)?;
     let id = mutation_id(&body)?;
     let writer = Writer::request(client, token.as_deref());
-    let applied = state
+    let written = state
         .rooms
-        .mutate(writer, key, Change::Added(number), id)
+        .mutate(writer, key.clone(), Change::Added(number), id)
         .await?;
-    Ok(saved(&applied.room))
+    Ok(saved(&key, &written.room))
 }
 
 /// `PUT /api/roulette/{key}` with `{"history": [..]}`; a `key` in the body is ignored.
@@ -188,11 +190,11 @@ pub async fn replace(
     let history = History::from_json(body.field("history")?, state.config.max_history)?;
     let id = mutation_id(&body)?;
     let writer = Writer::request(client, token.as_deref());
-    let applied = state
+    let written = state
         .rooms
-        .mutate(writer, key, Change::Replaced(history), id)
+        .mutate(writer, key.clone(), Change::Replaced(history), id)
         .await?;
-    Ok(saved(&applied.room))
+    Ok(saved(&key, &written.room))
 }
 
 /// Query of the listing. Kept as text and parsed by the handler, so that a bad

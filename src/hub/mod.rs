@@ -1,13 +1,17 @@
-//! The hub: this instance's rooms that have local members (or were read
-//! lately), and the one task per room that delivers its events to those members
-//! in version order and keeps a snapshot of the room for reads.
+//! The hub: this instance's rooms that have local members, local writers or
+//! recent reads, and the one task per room that is the room's only writer on
+//! this instance, delivers its events to those members in version order and
+//! keeps a snapshot of the room for reads.
 //!
-//! Every committed event reaches the hub from two directions — directly from a
-//! writer on this instance, and through the bus from writers elsewhere — possibly
-//! twice and out of order. Each room task keeps an in-memory mirror of the room
-//! (history, version, epoch) and the recent events, drops what it has already
-//! delivered, and fills any gap from the store's event log before delivering
-//! anything later (architecture invariant 3).
+//! Writes made on this instance are sent to the room's task ([`Hub::mutate`]),
+//! which commits whatever is queued with one store call, applies the committed
+//! events to its mirror, delivers them, publishes them to the other instances
+//! and answers each writer. Events committed elsewhere arrive through the bus,
+//! possibly twice and out of order; the task drops what it has already
+//! delivered and fills any gap from the store's event log before delivering
+//! anything later (architecture invariant 3). When another instance wrote the
+//! room between two of this task's batches, the store's answer to the next
+//! batch carries what was missed, in order.
 
 mod outbox;
 pub mod registry;
@@ -19,13 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bus::DynBroker;
-use crate::domain::Room;
-use crate::domain::{RoomEvent, RoomKey, Version};
+use crate::domain::{Number, RoomEvent, RoomKey, Version};
 use crate::protocol::frames::Dialect;
-use crate::store::{DynStore, StoreError};
+use crate::store::cached::RoomCache;
+use crate::store::{DynStore, Mutation, StoreError};
 pub use outbox::{Inbox, Outbound, Outbox, Socket, channel as outbox};
 use view::View;
 pub use view::{RoomBody, Snapshot};
@@ -92,6 +97,44 @@ pub enum Greeting {
     Nothing,
 }
 
+/// What a writer is told once its mutation is committed.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The committed event; for a duplicate, the event the first attempt produced.
+    pub event: RoomEvent,
+    /// The mutation id had been applied before; nothing changed.
+    pub duplicate: bool,
+    /// The room as the writer's reply shows it.
+    pub room: Saved,
+}
+
+/// The room right after a writer's own event (for a duplicate, or when this
+/// instance had to reload the room meanwhile: the room after the writer's
+/// batch). Shares its history with the read snapshot when it can.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub id: i64,
+    pub version: Version,
+    pub epoch: Arc<str>,
+    pub protected: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Holds the history; the room's is its first `len` numbers.
+    snapshot: Arc<Snapshot>,
+    len: usize,
+}
+
+impl Saved {
+    /// The room's numbers, oldest first.
+    pub fn history(&self) -> &[Number] {
+        let numbers = self.snapshot.history.numbers();
+        &numbers[..self.len.min(numbers.len())]
+    }
+}
+
+/// The answer to one [`Command::Mutate`].
+type WriteReply = oneshot::Sender<Result<Written, StoreError>>;
+
 enum Command {
     Join {
         member: Member,
@@ -100,6 +143,11 @@ enum Command {
     },
     Leave {
         conn_id: u64,
+    },
+    /// A write made on this instance: committed with whatever else is queued.
+    Mutate {
+        mutation: Mutation,
+        reply: WriteReply,
     },
     Event(RoomEvent),
     CatchUp,
@@ -119,6 +167,8 @@ struct HubInner {
     rooms: Mutex<HashMap<RoomKey, RoomEntry>>,
     store: DynStore,
     bus: DynBroker,
+    /// Where room tasks write the state after each batch (cluster mode).
+    cache: Option<RoomCache>,
     config: HubConfig,
     generations: AtomicU64,
 }
@@ -130,12 +180,20 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: DynStore, bus: DynBroker, config: HubConfig) -> Self {
+    /// A hub whose room tasks commit through `store`, talk to other instances
+    /// through `bus`, and write each committed batch's room into `cache`.
+    pub fn new(
+        store: DynStore,
+        bus: DynBroker,
+        cache: Option<RoomCache>,
+        config: HubConfig,
+    ) -> Self {
         Hub {
             inner: Arc::new(HubInner {
                 rooms: Mutex::new(HashMap::new()),
                 store,
                 bus,
+                cache,
                 config,
                 generations: AtomicU64::new(0),
             }),
@@ -151,22 +209,28 @@ impl Hub {
         greeting: Greeting,
     ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        let mut command = Command::Join {
-            member,
-            greeting,
-            reply,
-        };
-        loop {
-            let (tx, generation) = self.room_sender(key);
-            match tx.send(command) {
-                Ok(()) => break,
-                // The room task retired between lookup and send; start a new one.
-                Err(mpsc::error::SendError(returned)) => {
-                    self.forget(key, generation);
-                    command = returned;
-                }
-            }
-        }
+        self.send_starting(
+            key,
+            Command::Join {
+                member,
+                greeting,
+                reply,
+            },
+        );
+        answer
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("room task stopped".into())))
+    }
+
+    /// Commits a mutation through the room's task, the only writer of the room
+    /// on this instance. Returns once the store committed it (invariant 1) and
+    /// the event reached the local members, the read snapshot and, usually, the
+    /// other instances. A task that stops before answering (a bug) leaves the
+    /// writer with `Unavailable`; a retry with the same mutation id is safe.
+    pub async fn mutate(&self, mutation: Mutation) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let key = mutation.key.clone();
+        self.send_starting(&key, Command::Mutate { mutation, reply });
         answer
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("room task stopped".into())))
@@ -210,16 +274,6 @@ impl Hub {
         self.send_existing(key, Command::Protected);
     }
 
-    /// Offers the room a writer on this instance just committed, so that a read
-    /// right after the acknowledgement sees it even before the room task has
-    /// handled the event.
-    pub fn offer(&self, room: &Room) {
-        let view = self.lock().get(&room.key).map(|entry| entry.view.clone());
-        if let Some(view) = view {
-            view.offer(Arc::new(Snapshot::from(room.clone())));
-        }
-    }
-
     /// Makes every room catch up from the store (after a bus interruption).
     pub fn catch_up_all(&self) {
         for entry in self.lock().values() {
@@ -236,6 +290,21 @@ impl Hub {
         // Never held across an await; poisoning would only follow a panic while
         // inserting or removing an entry, which leaves the map consistent.
         self.inner.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a command to the room's task, starting one if needed.
+    fn send_starting(&self, key: &RoomKey, mut command: Command) {
+        loop {
+            let (tx, generation) = self.room_sender(key);
+            match tx.send(command) {
+                Ok(()) => return,
+                // The room task retired between lookup and send; start a new one.
+                Err(mpsc::error::SendError(returned)) => {
+                    self.forget(key, generation);
+                    command = returned;
+                }
+            }
+        }
     }
 
     fn send_existing(&self, key: &RoomKey, command: Command) {

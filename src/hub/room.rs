@@ -1,24 +1,44 @@
-//! One room's task: the mirror of the room and its local members.
+//! One room's task: the mirror of the room, its local members, and the only
+//! writer of the room on this instance.
 //!
 //! The task is the only place that touches its members and mirror, so ordering
-//! needs no locks: commands are handled one at a time, in arrival order.
+//! needs no locks: commands are handled one at a time, in arrival order. The
+//! writes queued while it was busy are committed together, with one store
+//! call; their events are published to the other instances (and the room
+//! written into the cache) by a second task per room, so that neither waits
+//! for the other and the room's publishes stay in commit order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use chrono::Utc;
-use tokio::sync::mpsc;
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant};
 
 use super::view::{Snapshot, View};
-use super::{Command, Greeting, Hub, Member};
-use crate::domain::{History, RoomEvent, RoomKey, Version};
+use super::{Command, Greeting, Hub, Member, Saved, WriteReply, Written};
+use crate::bus::DynBroker;
+use crate::domain::{Change, History, Room, RoomEvent, RoomKey, Version};
 use crate::protocol::frames::{self, Dialect, Frame};
-use crate::store::StoreError;
+use crate::store::cached::RoomCache;
+use crate::store::{Batch, Head, Mutation, Outcome, Position, StoreError};
 
 /// How long events that arrived ahead of a gap wait for the missing ones
 /// before the room task reads them from the store's event log.
 const GAP_WAIT: Duration = Duration::from_millis(5);
+
+/// The most writes committed with one store call.
+const MAX_BATCH: usize = 256;
+
+/// How long the writers of a batch wait for its events to be published before
+/// they are answered. Waiting means the other instances normally have the
+/// events before a writer hears back, so its next read elsewhere already sees
+/// its write; bounding it means a slow bus does not hold up acknowledgements
+/// of durable writes. (The cache write is waited for in full: it is bounded by
+/// the cache's own short timeouts, and an acknowledged write must never be
+/// missing from what other instances read from the cache.)
+const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 struct Mirror {
     history: History,
@@ -28,6 +48,73 @@ struct Mirror {
     /// `None` until known: a room created after the mirror was loaded may have
     /// been created with a password.
     protected: Option<bool>,
+    /// What writers' replies show besides the history; `None` while unknown
+    /// (the room did not exist when the mirror was loaded).
+    meta: Option<Meta>,
+}
+
+/// A room's row identity and times, as the store last reported them.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    id: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<&Head> for Meta {
+    fn from(head: &Head) -> Self {
+        Meta {
+            id: head.id,
+            created_at: head.created_at,
+            updated_at: head.updated_at,
+        }
+    }
+}
+
+/// Where a committed event stands against the mirror.
+enum Place {
+    /// Right after the mirror's version.
+    Next,
+    /// Already applied.
+    Seen,
+    /// Further ahead (events are missing), or of another epoch.
+    Elsewhere,
+}
+
+/// The room right after one writer's event: its version and history length,
+/// and its own copy of the history when the final one is not an extension.
+struct State {
+    version: Version,
+    len: usize,
+    own: Option<Arc<Snapshot>>,
+}
+
+/// A copy of the mirror as it is now, to keep one writer's room (only its
+/// history is read).
+fn mirror_snapshot(mirror: &Mirror, epoch: &Arc<str>) -> Arc<Snapshot> {
+    Arc::new(Snapshot::new(
+        mirror.version,
+        epoch.clone(),
+        mirror.protected.unwrap_or(false),
+        mirror.history.clone(),
+    ))
+}
+
+/// The last batch whose events were all published, and the last one whose
+/// room the cache holds (or whose failed write has been dealt with).
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    published: u64,
+    cached: u64,
+}
+
+/// One committed batch on its way to the other instances and the cache.
+struct Outgoing {
+    /// Batches are numbered per task; writers wait for theirs to be out.
+    seq: u64,
+    events: Vec<RoomEvent>,
+    /// The room after the batch, to write into the cache.
+    state: Option<(Arc<Snapshot>, Meta)>,
 }
 
 struct RoomTask {
@@ -40,6 +127,15 @@ struct RoomTask {
     /// Events that arrived ahead of a gap, waiting for the gap to be filled.
     pending: BTreeMap<Version, RoomEvent>,
     members: Vec<Member>,
+    /// Commands that arrived while writes were being gathered into a batch,
+    /// handled (in order) right after it.
+    deferred: VecDeque<Command>,
+    /// To the task that publishes committed batches and writes the cache.
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// How far that task got.
+    progress: watch::Receiver<Progress>,
+    /// The number of the last batch handed to it.
+    batches: u64,
 }
 
 pub(super) fn spawn(
@@ -49,6 +145,16 @@ pub(super) fn spawn(
     view: Arc<View>,
     rx: mpsc::UnboundedReceiver<Command>,
 ) {
+    let (outgoing, batches) = mpsc::unbounded_channel();
+    let (done, progress) = watch::channel(Progress::default());
+    tokio::spawn(publish_batches(
+        hub.inner.bus.clone(),
+        hub.inner.cache.clone(),
+        key.clone(),
+        batches,
+        done,
+    ));
+    metrics::gauge!("croupier_rooms_active").increment(1.0);
     let task = RoomTask {
         hub,
         key,
@@ -58,13 +164,89 @@ pub(super) fn spawn(
         recent: VecDeque::new(),
         pending: BTreeMap::new(),
         members: Vec::new(),
+        deferred: VecDeque::new(),
+        outgoing,
+        progress,
+        batches: 0,
     };
     tokio::spawn(task.run(rx));
 }
 
+/// Publishes committed batches in commit order and, at the same time, writes
+/// the newest room into the cache, marking each step done. Batches that queued
+/// up meanwhile go out together, with one cache write for all of them. Ends
+/// when the room task is gone and everything it handed over is out.
+async fn publish_batches(
+    bus: DynBroker,
+    cache: Option<RoomCache>,
+    key: RoomKey,
+    mut batches: mpsc::UnboundedReceiver<Outgoing>,
+    done: watch::Sender<Progress>,
+) {
+    while let Some(first) = batches.recv().await {
+        let Outgoing {
+            mut seq,
+            mut events,
+            mut state,
+        } = first;
+        while let Ok(next) = batches.try_recv() {
+            seq = next.seq;
+            events.extend(next.events);
+            state = next.state.or(state);
+        }
+        let publishing = async {
+            // Started in commit order, so they leave in that order; a receiver
+            // that still sees a gap fills it from the store.
+            let results = join_all(events.iter().map(|event| bus.publish(event))).await;
+            for (event, result) in events.iter().zip(results) {
+                // The write is durable; a lost publish is repaired by the
+                // receivers' gap filling and periodic catch-up.
+                if let Err(err) = result {
+                    tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
+                }
+            }
+            done.send_modify(|progress| progress.published = seq);
+        };
+        let caching = async {
+            if let (Some(cache), Some((snapshot, meta))) = (&cache, state) {
+                let room = Room {
+                    id: meta.id,
+                    key: key.clone(),
+                    history: snapshot.history.clone(),
+                    version: snapshot.version,
+                    epoch: snapshot.epoch.clone(),
+                    created_at: meta.created_at,
+                    updated_at: meta.updated_at,
+                    protected: snapshot.protected,
+                };
+                cache.write(&room).await;
+            }
+            done.send_modify(|progress| progress.cached = seq);
+        };
+        tokio::join!(publishing, caching);
+    }
+}
+
+impl Drop for RoomTask {
+    /// However the task ends — retired, or a panic — reads stop using its
+    /// snapshot and the hub forgets it, so the next command starts a new task.
+    /// After a panic its members are closed so that they reconnect and resume
+    /// rather than wait for events that no task will deliver; writers waiting
+    /// for an answer see their reply channel closed.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for member in self.members.drain(..) {
+                member.outbox.overflow();
+            }
+        }
+        self.view.clear();
+        self.hub.forget(&self.key, self.generation);
+        metrics::gauge!("croupier_rooms_active").decrement(1.0);
+    }
+}
+
 impl RoomTask {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        metrics::gauge!("croupier_rooms_active").increment(1.0);
         let bus = self.hub.inner.bus.clone();
         // Subscribe before the first snapshot is read, so an event committed after
         // the snapshot cannot pass by unseen. If the bus is down, local events still
@@ -80,15 +262,16 @@ impl RoomTask {
         loop {
             let deadline = match gap_deadline {
                 Some(deadline) => Some(deadline),
-                None if self.members.is_empty() => Some(Instant::now() + linger),
+                None if self.members.is_empty() => Some(Instant::now() + self.linger(linger)),
                 None => None,
             };
-            let received = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, rx.recv()).await.ok(),
-                None => Some(rx.recv().await),
+            let received = match (self.deferred.pop_front(), deadline) {
+                (Some(command), _) => Some(Some(command)),
+                (None, Some(deadline)) => tokio::time::timeout_at(deadline, rx.recv()).await.ok(),
+                (None, None) => Some(rx.recv().await),
             };
             match received {
-                Some(Some(command)) => self.handle(command).await,
+                Some(Some(command)) => self.handle(command, &mut rx).await,
                 Some(None) => break,
                 None if gap_deadline.is_some() => self.catch_up().await,
                 None if self.view.idle() < read_linger => continue,
@@ -110,10 +293,24 @@ impl RoomTask {
         if let Err(err) = bus.unsubscribe(&self.key).await {
             tracing::debug!(room = %self.key, error = %err, "bus unsubscribe failed");
         }
-        metrics::gauge!("croupier_rooms_active").decrement(1.0);
     }
 
-    async fn handle(&mut self, command: Command) {
+    /// How long to stay without members. A room that is not being read,
+    /// while the hub runs more room tasks than it follows for reads, is gone
+    /// as soon as nothing is queued: writes to ever more rooms must not grow
+    /// the instance beyond that bound (each is committed by a task of its own,
+    /// which then leaves).
+    fn linger(&self, linger: Duration) -> Duration {
+        let config = &self.hub.inner.config;
+        if self.view.idle() >= config.read_linger && self.hub.active_rooms() > config.max_read_rooms
+        {
+            Duration::ZERO
+        } else {
+            linger
+        }
+    }
+
+    async fn handle(&mut self, command: Command, rx: &mut mpsc::UnboundedReceiver<Command>) {
         match command {
             Command::Join {
                 member,
@@ -123,6 +320,7 @@ impl RoomTask {
                 let result = self.join(member, greeting).await;
                 let _ = reply.send(result);
             }
+            Command::Mutate { mutation, reply } => self.write(mutation, reply, rx).await,
             Command::Leave { conn_id } => self.members.retain(|m| m.conn_id != conn_id),
             Command::Event(event) => self.on_event(event).await,
             Command::CatchUp => {
@@ -143,28 +341,36 @@ impl RoomTask {
     }
 
     /// Publishes the mirror as the room's read snapshot, or withdraws the
-    /// snapshot while the mirror cannot answer a read on its own.
-    fn publish_view(&self) {
+    /// snapshot while the mirror cannot answer a read on its own. Returns the
+    /// snapshot reads now see.
+    fn publish_view(&self) -> Option<Arc<Snapshot>> {
         match &self.mirror {
             Some(Mirror {
                 history,
                 version,
                 epoch: Some(epoch),
                 protected: Some(protected),
-            }) if !self.view.shows(epoch, *version) => self.view.publish(Arc::new(Snapshot::new(
-                *version,
-                epoch.clone(),
-                *protected,
-                history.clone(),
-            ))),
-            // Already shown: a writer here offered this version before the
-            // event reached the task; no need to copy the history again.
-            Some(Mirror {
-                epoch: Some(_),
-                protected: Some(_),
                 ..
-            }) => {}
-            _ => self.view.clear(),
+            }) => {
+                if self.view.shows(epoch, *version)
+                    && let Some(current) = self.view.current()
+                {
+                    // Already shown: no need to copy the history again.
+                    return Some(current);
+                }
+                let snapshot = Arc::new(Snapshot::new(
+                    *version,
+                    epoch.clone(),
+                    *protected,
+                    history.clone(),
+                ));
+                self.view.publish(snapshot.clone());
+                Some(snapshot)
+            }
+            _ => {
+                self.view.clear();
+                None
+            }
         }
     }
 
@@ -188,10 +394,291 @@ impl RoomTask {
         }
     }
 
+    /// Commits this write and every write queued behind it (up to
+    /// [`MAX_BATCH`]) with one store call; delivers what the store committed —
+    /// first what other instances committed since the mirror's version, then
+    /// the batch — to the members, publishes the read snapshot, hands the batch
+    /// to the publishing task and answers each writer.
+    async fn write(
+        &mut self,
+        mutation: Mutation,
+        reply: WriteReply,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut mutations = Vec::new();
+        let mut replies = Vec::new();
+        let mut next = Some((mutation, reply));
+        while let Some((mutation, reply)) = next.take() {
+            // A writer that went away (its request was dropped) is not
+            // committed for: nobody would be told.
+            if !reply.is_closed() {
+                mutations.push(mutation);
+                replies.push(reply);
+            }
+            while next.is_none() && mutations.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Command::Mutate { mutation, reply }) => next = Some((mutation, reply)),
+                    Ok(other) => self.deferred.push_back(other),
+                    Err(_) => break,
+                }
+            }
+        }
+        if mutations.is_empty() {
+            return;
+        }
+        if self.mirror.is_none()
+            && let Err(err) = self.load().await
+        {
+            answer(
+                replies,
+                mutations.iter().map(|_| Err(err.clone())).collect(),
+            );
+            return;
+        }
+        let known = self
+            .mirror
+            .as_ref()
+            .map(|mirror| Position {
+                epoch: mirror.epoch.clone(),
+                version: mirror.version,
+            })
+            .unwrap_or_default();
+        let store = self.hub.inner.store.clone();
+        let batch = match store.apply_batch(&self.key, &known, &mutations).await {
+            Ok(batch) if batch.outcomes.len() == mutations.len() => batch,
+            Ok(batch) => {
+                let err = StoreError::Internal(format!(
+                    "the store answered {} mutations with {} outcomes",
+                    mutations.len(),
+                    batch.outcomes.len()
+                ));
+                tracing::error!(room = %self.key, error = %err, "cannot answer a batch");
+                answer(
+                    replies,
+                    mutations.iter().map(|_| Err(err.clone())).collect(),
+                );
+                // Whatever it did commit reaches the members this way.
+                self.resync_all().await;
+                return;
+            }
+            Err(err) => {
+                answer(
+                    replies,
+                    mutations.iter().map(|_| Err(err.clone())).collect(),
+                );
+                return;
+            }
+        };
+        let (answers, events, current) = self.take_batch(batch).await;
+        if events.is_empty() {
+            answer(replies, answers);
+            return;
+        }
+        self.batches += 1;
+        let seq = self.batches;
+        let state = current.zip(self.mirror.as_ref().and_then(|m| m.meta));
+        let _ = self.outgoing.send(Outgoing { seq, events, state });
+        let (mut published, mut cached) = (self.progress.clone(), self.progress.clone());
+        tokio::spawn(async move {
+            // Each wait ends early if the publishing task is gone: the writes
+            // are durable either way, and a lost publish is repaired by the
+            // receivers.
+            let publish = async {
+                let wait = published.wait_for(|progress| progress.published >= seq);
+                let _ = tokio::time::timeout(PUBLISH_WAIT, wait).await;
+            };
+            let cache = async {
+                let _ = cached.wait_for(|progress| progress.cached >= seq).await;
+            };
+            tokio::join!(publish, cache);
+            answer(replies, answers);
+        });
+    }
+
+    /// Brings the mirror and the members up to the store's answer to a batch,
+    /// and works out each writer's answer. Returns the answers, the events the
+    /// batch committed (to publish) and the read snapshot right after it.
+    async fn take_batch(
+        &mut self,
+        batch: Batch,
+    ) -> (
+        Vec<Result<Written, StoreError>>,
+        Vec<RoomEvent>,
+        Option<Arc<Snapshot>>,
+    ) {
+        let Batch {
+            missed,
+            outcomes,
+            head,
+        } = batch;
+        let events: Vec<RoomEvent> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Outcome::Applied(event) => Some(event.clone()),
+                _ => None,
+            })
+            .collect();
+        let ours: HashMap<Version, usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, outcome)| match outcome {
+                Outcome::Applied(event) => Some((event.version, i)),
+                _ => None,
+            })
+            .collect();
+        let mut states: Vec<Option<State>> = outcomes.iter().map(|_| None).collect();
+        // What other instances committed first, then the batch: each event
+        // applied and delivered exactly once, in version order. Anything that
+        // does not follow on is read from the event log; what still does not
+        // (another epoch, a pruned log) makes the room reload below.
+        let mut queue: VecDeque<RoomEvent> = missed.unwrap_or_default().into();
+        queue.extend(events.iter().cloned());
+        let mut log_reads = 0;
+        // Writers whose room so far is a prefix of the mirror's history.
+        let mut open: Vec<usize> = Vec::new();
+        while let Some(event) = queue.pop_front() {
+            match self.place(&event) {
+                Place::Seen => {}
+                Place::Next => {
+                    let reshapes = !matches!(event.change, Change::Added(_));
+                    if let Some(mirror) = self.mirror.as_ref().filter(|_| reshapes) {
+                        // A writer's reply shows the room right after its own
+                        // event: once a later event removes or replaces numbers,
+                        // that room is no longer a prefix of the final one, so
+                        // the open writers keep a copy of it now.
+                        if !open.is_empty() {
+                            let before = mirror_snapshot(mirror, &event.epoch);
+                            for i in open.drain(..) {
+                                if let Some(state) = &mut states[i] {
+                                    state.own = Some(before.clone());
+                                }
+                            }
+                        }
+                    }
+                    let mine = ours
+                        .get(&event.version)
+                        .copied()
+                        .filter(|_| head.as_ref().is_some_and(|h| h.epoch == event.epoch));
+                    self.deliver(event);
+                    if let (Some(i), Some(mirror)) = (mine, &self.mirror) {
+                        states[i] = Some(State {
+                            version: mirror.version,
+                            len: mirror.history.len(),
+                            own: None,
+                        });
+                        open.push(i);
+                    }
+                }
+                Place::Elsewhere if log_reads < 2 => {
+                    log_reads += 1;
+                    let Some(after) = self.mirror.as_ref().map(|m| m.version) else {
+                        break;
+                    };
+                    match self.hub.inner.store.events_since(&self.key, after).await {
+                        Ok(Some(log)) => {
+                            queue.push_front(event);
+                            for missing in log.into_iter().rev() {
+                                queue.push_front(missing);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::warn!(room = %self.key, error = %err, "cannot read the event log after a write");
+                            break;
+                        }
+                    }
+                }
+                Place::Elsewhere => break,
+            }
+        }
+        // The mirror must now hold the room as the store reports it after the
+        // batch (or later: the log may have had newer events).
+        let consistent = match (&head, &self.mirror) {
+            (Some(head), Some(mirror)) => {
+                mirror.epoch.as_deref() == Some(&*head.epoch) && mirror.version >= head.version
+            }
+            (None, Some(mirror)) => mirror.epoch.is_none(),
+            (_, None) => false,
+        };
+        if consistent {
+            if let (Some(head), Some(mirror)) = (&head, &mut self.mirror) {
+                mirror.protected = Some(head.protected);
+                mirror.meta = Some(Meta::from(head));
+            }
+        } else {
+            // Another epoch, a pruned log, or a store that cannot be read: every
+            // member gets the room as the store now holds it, and every writer
+            // of the batch that room.
+            tracing::info!(room = %self.key, "room reloaded after a write it could not follow");
+            self.resync_all().await;
+            states.iter_mut().for_each(|state| *state = None);
+        }
+        let current = self.publish_view();
+        let meta = self.mirror.as_ref().and_then(|mirror| mirror.meta);
+        let answers = outcomes
+            .into_iter()
+            .zip(states)
+            .map(|(outcome, state)| {
+                let (event, duplicate) = match outcome {
+                    Outcome::Applied(event) => (event, false),
+                    Outcome::Duplicate(event) => (event, true),
+                    Outcome::Refused(err) => return Err(err),
+                };
+                let (Some(current), Some(meta)) = (&current, meta) else {
+                    return Err(StoreError::Unavailable(
+                        "the room could not be read back after the write".into(),
+                    ));
+                };
+                let (version, len, snapshot) = match state {
+                    Some(State { version, len, own }) => {
+                        (version, len, own.unwrap_or_else(|| current.clone()))
+                    }
+                    None => (current.version, current.history.len(), current.clone()),
+                };
+                let room = Saved {
+                    id: meta.id,
+                    version,
+                    epoch: current.epoch.clone(),
+                    protected: current.protected,
+                    created_at: meta.created_at,
+                    updated_at: meta.updated_at,
+                    snapshot,
+                    len,
+                };
+                Ok(Written {
+                    event,
+                    duplicate,
+                    room,
+                })
+            })
+            .collect();
+        // Events from other instances that were waiting behind the batch.
+        self.drain_pending();
+        (answers, events, current)
+    }
+
+    /// Where a committed event stands against the mirror.
+    fn place(&self, event: &RoomEvent) -> Place {
+        let Some(mirror) = &self.mirror else {
+            return Place::Elsewhere;
+        };
+        match &mirror.epoch {
+            Some(epoch) if *epoch != event.epoch => Place::Elsewhere,
+            Some(_) if event.version <= mirror.version => Place::Seen,
+            _ if event.version == mirror.version + 1 => Place::Next,
+            _ => Place::Elsewhere,
+        }
+    }
+
     async fn load(&mut self) -> Result<(), StoreError> {
         let room = self.hub.inner.store.room(&self.key).await?;
         self.mirror = Some(match room {
             Some(room) => Mirror {
+                meta: Some(Meta {
+                    id: room.id,
+                    created_at: room.created_at,
+                    updated_at: room.updated_at,
+                }),
                 history: room.history,
                 version: room.version,
                 epoch: Some(room.epoch),
@@ -202,6 +689,7 @@ impl RoomTask {
                 version: 0,
                 epoch: None,
                 protected: None,
+                meta: None,
             },
         });
         self.recent.clear();
@@ -473,6 +961,13 @@ impl RoomTask {
     }
 
     fn apply_and_deliver(&mut self, event: RoomEvent) {
+        self.deliver(event);
+        self.publish_view();
+    }
+
+    /// Applies the next event to the mirror and queues it to every member,
+    /// without publishing the read snapshot (the caller does, once).
+    fn deliver(&mut self, event: RoomEvent) {
         let Some(mirror) = &mut self.mirror else {
             return;
         };
@@ -504,12 +999,19 @@ impl RoomTask {
             .to_std()
             .unwrap_or_default();
         metrics::histogram!("croupier_fanout_latency_seconds").record(latency.as_secs_f64());
-        self.publish_view();
 
         self.recent.push_back(event);
         while self.recent.len() > self.hub.inner.config.recent_events {
             self.recent.pop_front();
         }
+    }
+}
+
+/// Answers each writer of a batch.
+fn answer(replies: Vec<WriteReply>, answers: Vec<Result<Written, StoreError>>) {
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        // A writer that went away meanwhile needs no answer.
+        let _ = reply.send(answer);
     }
 }
 

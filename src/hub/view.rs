@@ -2,10 +2,11 @@
 //! without a store round trip or a message to the room task.
 //!
 //! The room task keeps its mirror current from ordered events and publishes a
-//! [`Snapshot`] after every change; a writer on this instance also offers the
-//! room it just committed, so a read that follows an acknowledged write here
-//! never sees an older version. Writes on other instances arrive over the bus
-//! (a sub-millisecond lag on an idle cluster), exactly as they reach members.
+//! [`Snapshot`] after every change. Every write made on this instance goes
+//! through that task, which publishes the new snapshot before it answers the
+//! writer, so a read that follows an acknowledged write here never sees an
+//! older version. Writes on other instances arrive over the bus (a
+//! sub-millisecond lag on an idle cluster), exactly as they reach members.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -78,32 +79,20 @@ impl From<Room> for Snapshot {
 /// Shared between a room task (the writer of snapshots) and readers.
 #[derive(Debug)]
 pub(super) struct View {
-    state: RwLock<State>,
-    /// Milliseconds after `origin` of the latest read: a room task without
-    /// members keeps running while its room is being read.
-    last_read: AtomicU64,
-    origin: Instant,
-}
-
-#[derive(Debug, Default)]
-struct State {
     /// What reads are answered with; `None` while the task cannot vouch for
     /// the room's state (not loaded, or it lost track).
-    current: Option<Arc<Snapshot>>,
-    /// The latest room a writer on this instance committed. The task may not
-    /// have handled that event yet when it publishes, and a read after the
-    /// writer's acknowledgement must not see an older version.
-    offered: Option<Arc<Snapshot>>,
-}
-
-fn newer(candidate: &Snapshot, than: Option<&Arc<Snapshot>>) -> bool {
-    than.is_some_and(|old| old.epoch == candidate.epoch && old.version < candidate.version)
+    current: RwLock<Option<Arc<Snapshot>>>,
+    /// One more than the milliseconds after `origin` of the latest read, 0
+    /// before the first: a room task without members keeps running while its
+    /// room is being read, and one that only took writes retires soon.
+    last_read: AtomicU64,
+    origin: Instant,
 }
 
 impl View {
     pub(super) fn new() -> Self {
         View {
-            state: RwLock::new(State::default()),
+            current: RwLock::new(None),
             last_read: AtomicU64::new(0),
             origin: Instant::now(),
         }
@@ -111,70 +100,56 @@ impl View {
 
     pub(super) fn read(&self) -> Option<Arc<Snapshot>> {
         self.touch();
-        self.state
+        self.current()
+    }
+
+    /// The published snapshot, without counting as a read.
+    pub(super) fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .current
             .clone()
     }
 
     pub(super) fn touch(&self) {
         let now = self.origin.elapsed().as_millis() as u64;
-        self.last_read.store(now, Ordering::Relaxed);
+        self.last_read.store(now + 1, Ordering::Relaxed);
     }
 
-    /// Time since the last read.
+    /// Time since the last read; `Duration::MAX` if the room was never read.
     pub(super) fn idle(&self) -> Duration {
         let last = self.last_read.load(Ordering::Relaxed);
-        let now = self.origin.elapsed().as_millis() as u64;
+        if last == 0 {
+            return Duration::MAX;
+        }
+        let now = self.origin.elapsed().as_millis() as u64 + 1;
         Duration::from_millis(now.saturating_sub(last))
     }
 
     /// Whether reads already see `version` (or later) of `epoch`.
     pub(super) fn shows(&self, epoch: &str, version: Version) -> bool {
-        self.state
+        self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .current
             .as_ref()
             .is_some_and(|s| &*s.epoch == epoch && s.version >= version)
     }
 
-    /// The room task's update. The task is the authority on the room, except
-    /// that a writer's offer of a later version of the same epoch is newer.
+    /// The room task's update: the task is the only writer of the room on
+    /// this instance, so its snapshot is always the newest this instance has.
     pub(super) fn publish(&self, snapshot: Arc<Snapshot>) {
-        let mut state = self.lock();
-        let offered = state.offered.clone();
-        state.current = match offered {
-            Some(offered) if newer(&offered, Some(&snapshot)) => Some(offered),
-            _ => Some(snapshot),
-        };
-    }
-
-    /// A writer's offer of the room it just committed on this instance.
-    pub(super) fn offer(&self, snapshot: Arc<Snapshot>) {
-        let mut state = self.lock();
-        if newer(&snapshot, state.current.as_ref()) {
-            state.current = Some(snapshot.clone());
-        }
-        let replaces = state
-            .offered
-            .as_ref()
-            .is_none_or(|old| old.epoch != snapshot.epoch || old.version < snapshot.version);
-        if replaces {
-            state.offered = Some(snapshot);
-        }
+        *self.lock() = Some(snapshot);
     }
 
     /// Withdraws the snapshot: the task no longer follows the room's state.
     pub(super) fn clear(&self) {
-        self.lock().current = None;
+        *self.lock() = None;
     }
 
-    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Snapshot>>> {
         // Poisoning would mean a panic while swapping an `Option`, which leaves
         // the state consistent.
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        self.current.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -196,41 +171,25 @@ mod tests {
     }
 
     #[test]
-    fn a_writer_offer_overtakes_the_task_until_it_catches_up() {
+    fn the_task_publishes_and_withdraws() {
         let view = View::new();
+        assert_eq!(shown(&view), None);
         view.publish(snap("e", 1));
-        view.offer(snap("e", 3));
-        assert_eq!(shown(&view), Some(("e".into(), 3)));
-        // The task is still handling version 2: the read must not go back.
-        view.publish(snap("e", 2));
-        assert_eq!(shown(&view), Some(("e".into(), 3)));
-        view.publish(snap("e", 4));
-        assert_eq!(shown(&view), Some(("e".into(), 4)));
-    }
-
-    #[test]
-    fn an_offer_never_fills_a_view_the_task_does_not_follow() {
-        let view = View::new();
-        view.offer(snap("e", 5));
-        assert_eq!(shown(&view), None);
-        view.publish(snap("e", 2));
-        assert_eq!(
-            shown(&view),
-            Some(("e".into(), 5)),
-            "a loaded mirror older than the offered write"
-        );
-        view.clear();
-        view.offer(snap("e", 6));
-        assert_eq!(shown(&view), None);
-    }
-
-    #[test]
-    fn a_new_epoch_from_the_task_replaces_everything() {
-        let view = View::new();
-        view.publish(snap("old", 9));
-        view.offer(snap("old", 10));
+        assert!(view.shows("e", 1) && !view.shows("e", 2) && !view.shows("f", 1));
         view.publish(snap("new", 1));
         assert_eq!(shown(&view), Some(("new".into(), 1)));
+        view.clear();
+        assert_eq!(shown(&view), None);
+    }
+
+    #[test]
+    fn a_room_never_read_is_idle_from_the_start() {
+        let view = View::new();
+        assert_eq!(view.idle(), Duration::MAX);
+        assert_eq!(view.current().map(|s| s.version), None);
+        assert_eq!(view.idle(), Duration::MAX, "current() is not a read");
+        view.read();
+        assert!(view.idle() < Duration::from_secs(1));
     }
 
     #[test]

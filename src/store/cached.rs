@@ -19,16 +19,18 @@
 //!    until the entry expires (`CACHE_TTL`, an hour by default) or the room is
 //!    written again — so a background task also deletes that key as soon as Redis
 //!    answers again, whether or not this instance reads anything meanwhile.
-//! 4. **One write per room at a time, newest state first.** A hot room commits
-//!    many states per second, each carrying the whole history, and only the newest
-//!    one matters. So an instance writes a room through one state at a time, from
-//!    a task of its own: states committed while a write is under way wait, and only
-//!    the newest of them is written next. A writer still returns only once the cache
-//!    holds its state or a newer one of the same epoch (or the failure has been
-//!    dealt with as in rule 3), so an acknowledged write is visible in the cache as
-//!    before, but a burst of N appends costs about two writes instead of N. The task
-//!    also finishes a write whose caller went away, which would otherwise leave the
-//!    previous state cached without anyone noticing.
+//! 4. **One write per committed batch, from the room's writer.** A hot room
+//!    commits many states per second, each carrying the whole history, and only
+//!    the newest one matters. Changes made through the hub reach the store from
+//!    the room's task, one batch at a time; the task hands the newest state to
+//!    [`RoomCache::write`] once per batch (and skips states overtaken while a
+//!    write was under way), off the path that delivers events to members. The
+//!    writers of a batch are answered once that write is done, or after a short
+//!    bounded wait, so an acknowledged write is normally visible in the cache
+//!    everywhere; a write that failed is dealt with as in rule 3. Direct calls of
+//!    [`Store::apply`] and [`Store::create_room`] still write through before
+//!    they return; [`Store::apply_batch`] does not touch the cache, since it
+//!    returns no history to cache.
 //! 5. **A failover makes the cache untrusted.** Redis replicates asynchronously:
 //!    a master that fails (or is failed over) can take its last cache writes with
 //!    it, and the promoted replica would then serve an older room than the store
@@ -44,7 +46,7 @@
 //! Key names depend on the deployment (`crate::redis_layout`): in a Cluster a
 //! room's entry carries the room's hash tag, next to its sharded channel.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -55,13 +57,12 @@ use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::redis_layout::Layout;
 
 use super::{
-    Applied, Batch, DynStore, MigrationInfo, Mutation, Outcome, Page, Position, RoomAuth,
-    RoomSummary, Store, StoreError, StoreStats,
+    Applied, Batch, DynStore, MigrationInfo, Mutation, Page, Position, RoomAuth, RoomSummary,
+    Store, StoreError, StoreStats,
 };
 use crate::domain::{History, Room, RoomEvent, RoomKey, Version};
 
@@ -100,8 +101,8 @@ pub struct CachedStore {
     cache: Arc<Cache>,
 }
 
-/// The Redis side of [`CachedStore`], shared with the tasks that write rooms
-/// through (rule 4).
+/// The Redis side of [`CachedStore`], shared with the room tasks that write
+/// rooms through (rule 4).
 struct Cache {
     redis: Client,
     /// Key names, and whether `SCAN` and multi-key `DEL` must go master by master.
@@ -123,44 +124,22 @@ struct Cache {
     outdated: Arc<Mutex<HashSet<String>>>,
     hits: AtomicU64,
     misses: AtomicU64,
-    /// Write-throughs per room; a room has an entry exactly while a
-    /// [`write_queued`] task is writing it. Held only to queue or take, never
-    /// across an `.await`.
-    writes: Mutex<HashMap<RoomKey, WriteQueue>>,
 }
 
-/// The committed states of one room waiting to be written through, and the
-/// writers waiting for theirs.
-#[derive(Default)]
-struct WriteQueue {
-    /// The newest state not yet written, per epoch (two epochs only if the room
-    /// was recreated or restored while a write was under way).
-    pending: Vec<Room>,
-    waiters: Vec<Waiter>,
+/// A handle for writing committed room states into the cache of a
+/// [`CachedStore`]: what a room's task uses after each batch it committed.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct RoomCache {
+    cache: Arc<Cache>,
 }
 
-impl WriteQueue {
-    fn offer(&mut self, room: &Room) {
-        match self.pending.iter_mut().find(|p| p.epoch == room.epoch) {
-            Some(queued) if queued.version >= room.version => {}
-            Some(queued) => *queued = room.clone(),
-            None => self.pending.push(room.clone()),
-        }
-    }
-}
-
-/// A writer waiting until a state at least as new as its own has been written.
-struct Waiter {
-    epoch: Arc<str>,
-    version: Version,
-    done: oneshot::Sender<()>,
-}
-
-impl Waiter {
-    fn covered_by(&self, written: &[Room]) -> bool {
-        written
-            .iter()
-            .any(|room| room.epoch == self.epoch && room.version >= self.version)
+impl RoomCache {
+    /// Stores `room` unless the cache already holds this version or a newer one
+    /// of the same epoch. A failed write deletes the key, or if even that fails
+    /// marks the cache stale (rule 3).
+    pub async fn write(&self, room: &Room) {
+        self.cache.write_or_drop(room).await;
     }
 }
 
@@ -281,7 +260,6 @@ impl CachedStore {
             outdated,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            writes: Mutex::new(HashMap::new()),
         };
         let cache = Arc::new(cache);
         tokio::spawn(distrust_on_failover(
@@ -305,34 +283,19 @@ impl CachedStore {
         self.cache.is_stale()
     }
 
+    /// The handle room tasks write committed states through (rule 4).
+    pub fn room_cache(&self) -> RoomCache {
+        RoomCache {
+            cache: self.cache.clone(),
+        }
+    }
+
     /// Stores `room` in the cache unless the cache already holds this version or a
-    /// newer one of the same epoch. Called after every committed write; public so
-    /// that other components can warm the cache with a state they read.
-    ///
-    /// Returns once the cache holds this state or a newer one, or once a failed
-    /// write has been handled (rules 3 and 4).
+    /// newer one of the same epoch; public so that other components can warm the
+    /// cache with a state they read. Returns once the cache holds this state or a
+    /// newer one, or once a failed write has been handled (rule 3).
     pub async fn write_through(&self, room: &Room) {
-        let (done, start) = {
-            let mut writes = lock(&self.cache.writes);
-            let start = !writes.contains_key(&room.key);
-            let queue = writes.entry(room.key.clone()).or_default();
-            queue.offer(room);
-            let (done, answer) = oneshot::channel();
-            queue.waiters.push(Waiter {
-                epoch: room.epoch.clone(),
-                version: room.version,
-                done,
-            });
-            (answer, start)
-        };
-        if start {
-            tokio::spawn(write_queued(self.cache.clone(), room.key.clone()));
-        }
-        if done.await.is_err() {
-            // The writing task ended without reaching this state (a panic, or the
-            // runtime shutting down): treat it as a lost write.
-            self.cache.remember_outdated(&room.key);
-        }
+        self.cache.write_or_drop(room).await;
     }
 }
 
@@ -521,83 +484,6 @@ impl Cache {
     }
 }
 
-/// Writes a room's queued states through, newest per epoch, one round at a time,
-/// answering each waiter once a round covered its state; ends when a round
-/// leaves nothing queued. Started by the first [`CachedStore::write_through`]
-/// that finds no task writing the room.
-async fn write_queued(cache: Arc<Cache>, key: RoomKey) {
-    let mut guard = WriterGuard {
-        cache: &cache,
-        key: &key,
-        finished: false,
-    };
-    let mut written: Vec<Room> = Vec::new();
-    // Writers usually come in bursts: the store commits a group of adds at once
-    // and answers them together. Yielding first lets the rest of the burst queue
-    // its states, so that the first round already writes the newest one.
-    tokio::task::yield_now().await;
-    loop {
-        let round = {
-            let mut writes = lock(&cache.writes);
-            let Some(queue) = writes.get_mut(&key) else {
-                guard.finished = true;
-                return;
-            };
-            // States that arrived late, after a newer one had been written, need
-            // no write of their own (their waiters were answered already).
-            queue.pending.retain(|room| {
-                !written
-                    .iter()
-                    .any(|w| w.epoch == room.epoch && w.version >= room.version)
-            });
-            if queue.pending.is_empty() {
-                // Every waiter's state was in an earlier round, so none is left.
-                writes.remove(&key);
-                guard.finished = true;
-                return;
-            }
-            std::mem::take(&mut queue.pending)
-        };
-        for room in &round {
-            cache.write_or_drop(room).await;
-        }
-        let answered = {
-            let mut writes = lock(&cache.writes);
-            match writes.get_mut(&key) {
-                Some(queue) => {
-                    let (answered, waiting) = std::mem::take(&mut queue.waiters)
-                        .into_iter()
-                        .partition::<Vec<_>, _>(|w| w.covered_by(&round));
-                    queue.waiters = waiting;
-                    answered
-                }
-                None => Vec::new(),
-            }
-        };
-        for waiter in answered {
-            let _ = waiter.done.send(());
-        }
-        written = round;
-    }
-}
-
-/// Removes a room's write queue if its task ends early (a panic, or the runtime
-/// shutting down), so that later writes start a new task; the dropped waiters
-/// count their states as lost writes.
-struct WriterGuard<'a> {
-    cache: &'a Cache,
-    key: &'a RoomKey,
-    finished: bool,
-}
-
-impl Drop for WriterGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            lock(&self.cache.writes).remove(self.key);
-        }
-    }
-}
-
 /// Clears a flag when dropped.
 struct Release<'a>(&'a AtomicBool);
 
@@ -607,7 +493,7 @@ impl Drop for Release<'_> {
     }
 }
 
-/// Poisoning only means a panic during a plain insert, removal or take, which
+/// Poisoning only means a panic during a plain insert, removal or read, which
 /// leaves every value guarded here usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -729,25 +615,15 @@ impl Store for CachedStore {
         Ok(applied)
     }
 
+    /// Straight to the wrapped store: the room's task writes the resulting
+    /// state into the cache itself, once per batch (rule 4).
     async fn apply_batch(
         &self,
         key: &RoomKey,
         known: &Position,
         mutations: &[Mutation],
     ) -> Result<Batch, StoreError> {
-        let batch = self.inner.apply_batch(key, known, mutations).await?;
-        if batch
-            .outcomes
-            .iter()
-            .any(|o| matches!(o, Outcome::Applied(_)))
-        {
-            // The batch reply has no history to cache: the committed room is
-            // read back and written through like any other state.
-            if let Some(room) = self.inner.room(key).await? {
-                self.write_through(&room).await;
-            }
-        }
-        Ok(batch)
+        self.inner.apply_batch(key, known, mutations).await
     }
 
     async fn events_since(
