@@ -66,6 +66,9 @@ pub struct Config {
     pub db: DbOptions,
     pub cache_ttl: Duration,
     pub cache_max_history: usize,
+    /// How often every followed room is checked against the store, so that a
+    /// change whose publish was lost reaches members and reads (invariant 7).
+    pub repair_interval: Duration,
     /// Per-client write and room-creation quotas.
     pub quotas: QuotaConfig,
     /// Most rooms a listing page with `include=history` may hold.
@@ -362,6 +365,7 @@ impl Config {
                 connect_attempts: vars.positive("DB_CONNECT_ATTEMPTS", 30)?,
             },
             cache_ttl: vars.seconds("CACHE_TTL", 3600)?,
+            repair_interval: vars.millis("REPAIR_INTERVAL_MS", 5_000)?,
             cache_max_history: vars.positive("CACHE_MAX_HISTORY", 10_000)?,
             quotas: QuotaConfig {
                 writes_per_second: vars.positive("WRITE_RATE_LIMIT", 10)?,

@@ -85,6 +85,12 @@ impl Rooms {
         }
     }
 
+    /// Checks every room this instance follows against the store and repairs
+    /// what differs (the periodic repair; see `Hub::verify_all`).
+    pub async fn verify_all(&self) -> Result<usize, StoreError> {
+        self.hub.verify_all().await
+    }
+
     /// Room tokens and passwords.
     pub fn auth(&self) -> &Auth {
         &self.auth

@@ -353,13 +353,17 @@ fn forget_idle_clients<C: Clock>(
     }
 }
 
-/// Background upkeep: the database health gauge, event-log pruning, and
-/// forgetting idle clients (auth limiter, write and room quotas).
+/// Background upkeep: the database health gauge, event-log pruning, the
+/// periodic repair of followed rooms, and forgetting idle clients (auth
+/// limiter, write and room quotas).
 fn spawn_maintenance(state: &AppState) {
     let database = state.database.clone();
     let limiter = state.auth_limiter.clone();
     let rooms = state.rooms.clone();
     let stop = state.lifecycle.shutdown.clone();
+    let mut repair = tokio::time::interval(state.config.repair_interval);
+    // A slow check is not made up for with a burst of them.
+    repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::spawn(async move {
         let mut check = tokio::time::interval(Duration::from_secs(5));
         let mut prune = tokio::time::interval(Duration::from_secs(60));
@@ -376,6 +380,11 @@ fn spawn_maintenance(state: &AppState) {
                     Ok(n) => tracing::debug!(removed = n, "pruned event log"),
                     Err(err) => tracing::warn!(error = %err, "event log pruning failed"),
                 },
+                _ = repair.tick() => {
+                    if let Err(err) = rooms.verify_all().await {
+                        tracing::warn!(error = %err, "cannot check rooms against the store");
+                    }
+                }
                 _ = prune_limiter.tick() => {
                     forget_idle_clients(&limiter);
                     rooms.prune_quotas();

@@ -135,6 +135,9 @@ fn register_families() {
     for direction in ["in", "out"] {
         metrics::counter!("croupier_bus_messages_total", "direction" => direction).absolute(0);
     }
+    for kind in ["behind", "epoch", "rewind"] {
+        metrics::counter!("croupier_repairs_total", "kind" => kind).absolute(0);
+    }
     for source in ["snapshot", "store"] {
         metrics::counter!("croupier_room_reads_total", "source" => source).absolute(0);
     }

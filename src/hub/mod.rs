@@ -30,10 +30,13 @@ use crate::bus::DynBroker;
 use crate::domain::{Number, RoomEvent, RoomKey, Version};
 use crate::protocol::frames::Dialect;
 use crate::store::cached::RoomCache;
-use crate::store::{DynStore, Mutation, StoreError};
+use crate::store::{DynStore, Mutation, Position, StoreError};
 pub use outbox::{Inbox, Outbound, Outbox, Socket, channel as outbox};
 use view::View;
 pub use view::{RoomBody, Snapshot};
+
+/// Most rooms whose heads one repair query reads.
+const VERIFY_BATCH: usize = 1000;
 
 /// Tunables for room tasks.
 #[derive(Debug, Clone)]
@@ -151,6 +154,9 @@ enum Command {
     },
     Event(RoomEvent),
     CatchUp,
+    /// The periodic repair read the room's head from the store (`None`: the
+    /// store has no such room): compare it with the mirror.
+    Verify(Option<Position>),
     /// Someone reads the room: load the mirror so reads can use its snapshot.
     Watch,
     /// The room was created with a password: remove members without a token.
@@ -272,6 +278,23 @@ impl Hub {
     /// without a valid token are removed and told so.
     pub fn protected(&self, key: &RoomKey) {
         self.send_existing(key, Command::Protected);
+    }
+
+    /// Compares every room this instance runs a task for with the store, in
+    /// batched queries of the rooms' heads, and hands each task what the
+    /// store holds. A change whose publish never arrived is then read from the
+    /// event log, and a store that went back in time moves the room to a new
+    /// epoch (invariant 7). Returns how many rooms were checked.
+    pub async fn verify_all(&self) -> Result<usize, StoreError> {
+        let keys: Vec<RoomKey> = self.lock().keys().cloned().collect();
+        for chunk in keys.chunks(VERIFY_BATCH) {
+            let heads: HashMap<RoomKey, Position> =
+                self.inner.store.heads(chunk).await?.into_iter().collect();
+            for key in chunk {
+                self.send_existing(key, Command::Verify(heads.get(key).cloned()));
+            }
+        }
+        Ok(keys.len())
     }
 
     /// Makes every room catch up from the store (after a bus interruption).

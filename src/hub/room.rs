@@ -24,6 +24,10 @@ use crate::protocol::frames::{self, Dialect, Frame};
 use crate::store::cached::RoomCache;
 use crate::store::{Batch, Head, Mutation, Outcome, Position, StoreError};
 
+/// How long events the store has, and this instance has not seen yet, may
+/// still be on their way over the bus before the repair reads them.
+const REPAIR_GRACE: Duration = Duration::from_millis(250);
+
 /// How long events that arrived ahead of a gap wait for the missing ones
 /// before the room task reads them from the store's event log.
 const GAP_WAIT: Duration = Duration::from_millis(5);
@@ -136,6 +140,9 @@ struct RoomTask {
     progress: watch::Receiver<Progress>,
     /// The number of the last batch handed to it.
     batches: u64,
+    /// The store was seen ahead of the mirror (this version): unless the
+    /// events arrive over the bus by the deadline, they are read from the log.
+    behind: Option<(Version, Instant)>,
 }
 
 pub(super) fn spawn(
@@ -168,6 +175,7 @@ pub(super) fn spawn(
         outgoing,
         progress,
         batches: 0,
+        behind: None,
     };
     tokio::spawn(task.run(rx));
 }
@@ -260,7 +268,11 @@ impl RoomTask {
         // missing ones and read them from the store.
         let mut gap_deadline: Option<Instant> = None;
         loop {
-            let deadline = match gap_deadline {
+            let wake = [gap_deadline, self.behind.map(|(_, at)| at)]
+                .into_iter()
+                .flatten()
+                .min();
+            let deadline = match wake {
                 Some(deadline) => Some(deadline),
                 None if self.members.is_empty() => Some(Instant::now() + self.linger(linger)),
                 None => None,
@@ -273,6 +285,9 @@ impl RoomTask {
             match received {
                 Some(Some(command)) => self.handle(command, &mut rx).await,
                 Some(None) => break,
+                None if self.behind.is_some_and(|(_, at)| at <= Instant::now()) => {
+                    self.finish_verify().await
+                }
                 None if gap_deadline.is_some() => self.catch_up().await,
                 None if self.view.idle() < read_linger => continue,
                 None if self.hub.try_retire(&self.key, self.generation, &rx) => break,
@@ -329,6 +344,7 @@ impl RoomTask {
                 }
             }
             Command::Protected => self.on_protected().await,
+            Command::Verify(stored) => self.verify(stored).await,
             Command::Watch => {
                 self.view.touch();
                 if self.mirror.is_none()
@@ -849,6 +865,105 @@ impl RoomTask {
         }
         self.apply_and_deliver(event);
         self.drain_pending();
+    }
+
+    /// Compares the mirror with the room's head as the periodic repair read
+    /// it from the store (`None`: no such room).
+    async fn verify(&mut self, stored: Option<Position>) {
+        let Some(held) = self.held() else { return };
+        let stored = stored.unwrap_or_default();
+        if stored == held {
+            return;
+        }
+        if self.is_behind(&held, &stored) {
+            self.expect(stored.version);
+            return;
+        }
+        // The heads were read before this task handled its latest events:
+        // confirm with a fresh read before changing anything.
+        let fresh = match self
+            .hub
+            .inner
+            .store
+            .heads(std::slice::from_ref(&self.key))
+            .await
+        {
+            Ok(heads) => heads.into_iter().next().map(|(_, p)| p).unwrap_or_default(),
+            Err(err) => {
+                tracing::debug!(room = %self.key, error = %err, "cannot verify a room against the store");
+                return;
+            }
+        };
+        let Some(held) = self.held() else { return };
+        if fresh == held {
+            return;
+        }
+        if self.is_behind(&held, &fresh) {
+            self.expect(fresh.version);
+            return;
+        }
+        let kind = if held.epoch.is_some() && fresh.epoch == held.epoch {
+            // The store has less than this instance delivered: an
+            // asynchronous failover or a restore lost commits. Numbering
+            // must not go on in the epoch whose later versions clients saw.
+            if let Err(err) = self.hub.inner.store.fork_epoch(&self.key, &held).await {
+                tracing::warn!(room = %self.key, error = %err, "cannot move a room that went back in time to a new epoch");
+                return;
+            }
+            "rewind"
+        } else {
+            "epoch"
+        };
+        metrics::counter!("croupier_repairs_total", "kind" => kind).increment(1);
+        tracing::warn!(
+            room = %self.key,
+            kind,
+            held_version = held.version,
+            stored_version = fresh.version,
+            "room differs from the store; every member gets the store's state"
+        );
+        self.behind = None;
+        self.resync_all().await;
+    }
+
+    /// Where the mirror stands, if the room is loaded.
+    fn held(&self) -> Option<Position> {
+        self.mirror.as_ref().map(|mirror| Position {
+            epoch: mirror.epoch.clone(),
+            version: mirror.version,
+        })
+    }
+
+    /// The store holds later events of the mirror's epoch (or the room,
+    /// created since the mirror was loaded): normally they are on their way
+    /// over the bus.
+    fn is_behind(&self, held: &Position, stored: &Position) -> bool {
+        stored.version > held.version && (held.epoch.is_none() || stored.epoch == held.epoch)
+    }
+
+    fn expect(&mut self, version: Version) {
+        if self.behind.is_none_or(|(v, _)| v < version) {
+            let at = self
+                .behind
+                .map_or_else(|| Instant::now() + REPAIR_GRACE, |(_, at)| at);
+            self.behind = Some((version, at));
+        }
+    }
+
+    /// The store was ahead a moment ago: if the events still have not
+    /// arrived, their publish was lost; read them from the log.
+    async fn finish_verify(&mut self) {
+        let Some((version, _)) = self.behind.take() else {
+            return;
+        };
+        let Some(held) = self.mirror.as_ref().map(|m| m.version) else {
+            return;
+        };
+        if held < version {
+            metrics::counter!("croupier_repairs_total", "kind" => "behind").increment(1);
+            tracing::warn!(room = %self.key, held_version = held, stored_version = version, "events that never arrived over the bus are read from the store");
+            self.catch_up().await;
+        }
     }
 
     /// Delivers everything the store has after the mirror's version.

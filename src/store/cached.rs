@@ -634,6 +634,15 @@ impl Store for CachedStore {
         self.inner.events_since(key, after).await
     }
 
+    /// Always from the wrapped store: the repair compares with the truth.
+    async fn heads(&self, keys: &[RoomKey]) -> Result<Vec<(RoomKey, Position)>, StoreError> {
+        self.inner.heads(keys).await
+    }
+
+    async fn fork_epoch(&self, key: &RoomKey, seen: &Position) -> Result<bool, StoreError> {
+        self.inner.fork_epoch(key, seen).await
+    }
+
     async fn list_rooms(&self, page: Page) -> Result<(Vec<RoomSummary>, u64), StoreError> {
         self.inner.list_rooms(page).await
     }

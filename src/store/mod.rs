@@ -223,6 +223,15 @@ pub(crate) fn plan_missed(known: &Position, room: Option<(&str, Version)>) -> Mi
     }
 }
 
+/// Whether the store went back in time behind a caller: the same epoch, but
+/// the caller saw a version the store no longer has (an asynchronous failover
+/// or a restore lost the newest commits). The room must then move to a new
+/// epoch before anything is committed, so that no version is ever given two
+/// different meanings for clients that saw the lost one.
+pub(crate) fn went_back(known: &Position, epoch: &str, version: Version) -> bool {
+    known.epoch.as_deref() == Some(epoch) && known.version > version
+}
+
 /// The log's events after `after`, if they are exactly `after + 1 ..= upto`.
 pub(crate) fn complete_log(
     events: Vec<RoomEvent>,
@@ -336,6 +345,16 @@ pub trait Store: Send + Sync + 'static {
         known: &Position,
         mutations: &[Mutation],
     ) -> Result<Batch, StoreError>;
+
+    /// The epoch and version of each of these rooms that exists, in one cheap
+    /// query: the periodic repair compares them with what this instance holds.
+    async fn heads(&self, keys: &[RoomKey]) -> Result<Vec<(RoomKey, Position)>, StoreError>;
+
+    /// Moves the room to a new epoch if the store went back in time behind
+    /// `seen` (see [`went_back`]); returns whether it did. Another writer may
+    /// have done so first, or the room may have moved on meanwhile: then
+    /// nothing changes and the caller simply reloads.
+    async fn fork_epoch(&self, key: &RoomKey, seen: &Position) -> Result<bool, StoreError>;
 
     /// Events with versions after `after`, oldest first, if the log still holds
     /// every one of them; `None` when some were pruned (the caller sends a full sync).

@@ -22,7 +22,7 @@ use super::{
     Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
     MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
     StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
-    expand_migrator, number_text, plan_missed, stored_key, stored_numbers,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, went_back,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, History, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -294,6 +294,18 @@ impl SqliteStore {
         // process: nothing else writes between this load and the commit.
         let mut tx = self.writer.begin().await?;
         let mut room = load_head(&mut tx, key).await?;
+        if let Some(head) = &mut room
+            && went_back(known, &head.epoch, head.version)
+        {
+            let epoch = new_epoch();
+            sqlx::query("UPDATE rooms SET epoch = ? WHERE id = ?")
+                .bind(&epoch)
+                .bind(head.id)
+                .execute(&mut *tx)
+                .await?;
+            tracing::warn!(room = %key, epoch = %epoch, "the store is behind what was delivered; the room moves to a new epoch");
+            head.epoch = epoch.into();
+        }
         let missed = match plan_missed(known, room.as_ref().map(|r| (&*r.epoch, r.version))) {
             MissedPlan::Answer(answer) => answer,
             MissedPlan::Read { after, upto } => match &room {
@@ -456,6 +468,50 @@ impl Store for SqliteStore {
         mutations: &[Mutation],
     ) -> Result<Batch, StoreError> {
         Ok(self.run_batch(key, known, mutations, false).await?.0)
+    }
+
+    async fn heads(&self, keys: &[RoomKey]) -> Result<Vec<(RoomKey, Position)>, StoreError> {
+        let _t = DbTimer::new("heads");
+        let keys: Vec<&str> = keys.iter().map(RoomKey::as_str).collect();
+        let list = serde_json::to_string(&keys)
+            .map_err(|e| StoreError::Internal(format!("encoding room keys: {e}")))?;
+        let rows = sqlx::query(
+            "SELECT key, epoch, version FROM rooms WHERE key IN (SELECT value FROM json_each(?))",
+        )
+        .bind(list)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let key: String = row.try_get("key")?;
+                let epoch: String = row.try_get("epoch")?;
+                let version: i64 = row.try_get("version")?;
+                Ok((
+                    stored_key(&key)?,
+                    Position {
+                        epoch: Some(epoch.into()),
+                        version: version as Version,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn fork_epoch(&self, key: &RoomKey, seen: &Position) -> Result<bool, StoreError> {
+        let _t = DbTimer::new("fork_epoch");
+        let Some(epoch) = seen.epoch.as_deref() else {
+            return Ok(false);
+        };
+        let moved =
+            sqlx::query("UPDATE rooms SET epoch = ? WHERE key = ? AND epoch = ? AND version < ?")
+                .bind(new_epoch())
+                .bind(key.as_str())
+                .bind(epoch)
+                .bind(seen.version as i64)
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
+        Ok(moved > 0)
     }
 
     async fn events_since(

@@ -44,7 +44,7 @@ use super::{
     Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
     MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
     StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
-    expand_migrator, number_text, plan_missed, stored_key, stored_numbers,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, went_back,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -170,6 +170,36 @@ async fn lock_room(
         .await?
         .ok_or_else(|| StoreError::Internal("room vanished while being created".into()))?;
     Ok(Some((head_from_row(&row)?, false)))
+}
+
+/// A `heads` row: the room's key and where it stands.
+fn position_from_row(row: &PgRow) -> Result<(RoomKey, Position), StoreError> {
+    let key: String = row.try_get("key")?;
+    let epoch: String = row.try_get("epoch")?;
+    let version: i64 = row.try_get("version")?;
+    Ok((
+        stored_key(&key)?,
+        Position {
+            epoch: Some(epoch.into()),
+            version: version as Version,
+        },
+    ))
+}
+
+/// Gives the room a new epoch (see [`went_back`]), in the caller's transaction.
+async fn move_to_new_epoch(
+    conn: &mut PgConnection,
+    key: &RoomKey,
+    id: i64,
+) -> Result<Arc<str>, StoreError> {
+    let epoch = new_epoch();
+    sqlx::query("UPDATE rooms SET epoch = $1 WHERE id = $2")
+        .bind(&epoch)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    tracing::warn!(room = %key, epoch = %epoch, "the store is behind what was delivered; the room moves to a new epoch");
+    Ok(epoch.into())
 }
 
 /// The room's logged events with versions in `after + 1 ..= upto`, oldest first.
@@ -329,7 +359,12 @@ impl PostgresStore {
         let mut tx = self.pool.begin().await?;
         // Created up front when a mutation may need it, so events can name its
         // epoch; rolled back below if no mutation applies after all.
-        let locked = lock_room(&mut tx, key, creates, now).await?;
+        let mut locked = lock_room(&mut tx, key, creates, now).await?;
+        if let Some((head, false)) = &mut locked
+            && went_back(known, &head.epoch, head.version)
+        {
+            head.epoch = move_to_new_epoch(&mut tx, key, head.id).await?;
+        }
         let existing = locked
             .as_ref()
             .filter(|(_, created)| !created)
@@ -506,6 +541,34 @@ impl Store for PostgresStore {
         mutations: &[Mutation],
     ) -> Result<Batch, StoreError> {
         Ok(self.run_batch(key, known, mutations, false).await?.0)
+    }
+
+    async fn heads(&self, keys: &[RoomKey]) -> Result<Vec<(RoomKey, Position)>, StoreError> {
+        let _t = DbTimer::new("heads");
+        let keys: Vec<&str> = keys.iter().map(RoomKey::as_str).collect();
+        let rows = sqlx::query("SELECT key, epoch, version FROM rooms WHERE key = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(position_from_row).collect()
+    }
+
+    async fn fork_epoch(&self, key: &RoomKey, seen: &Position) -> Result<bool, StoreError> {
+        let _t = DbTimer::new("fork_epoch");
+        let Some(epoch) = seen.epoch.as_deref() else {
+            return Ok(false);
+        };
+        let moved = sqlx::query(
+            "UPDATE rooms SET epoch = $1 WHERE key = $2 AND epoch = $3 AND version < $4",
+        )
+        .bind(new_epoch())
+        .bind(key.as_str())
+        .bind(epoch)
+        .bind(seen.version as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(moved > 0)
     }
 
     async fn events_since(
@@ -701,11 +764,6 @@ impl Store for PostgresStore {
     }
 
     async fn migrate(&self) -> anyhow::Result<()> {
-        // A database without any schema has no instance of an earlier release
-        // reading it, so it gets the final shape at once, contract steps included.
-        if self.migration_status().await?.iter().all(|m| !m.applied) {
-            return self.migrate_contract().await;
-        }
         // The migrator holds an advisory lock, so instances migrating at once are safe.
         let admin = self.admin_pool().await?;
         let result = expand_migrator(&MIGRATOR)
