@@ -687,7 +687,18 @@ impl RoomTask {
     }
 
     async fn load(&mut self) -> Result<(), StoreError> {
-        let room = self.hub.inner.store.room(&self.key).await?;
+        self.load_from(false).await
+    }
+
+    /// Loads the mirror; `fresh` reads past the Redis cache, for the times
+    /// the cache itself may be wrong (see [`crate::store::Store::room_fresh`]).
+    async fn load_from(&mut self, fresh: bool) -> Result<(), StoreError> {
+        let store = &self.hub.inner.store;
+        let room = if fresh {
+            store.room_fresh(&self.key).await?
+        } else {
+            store.room(&self.key).await?
+        };
         self.mirror = Some(match room {
             Some(room) => Mirror {
                 meta: Some(Meta {
@@ -1005,9 +1016,11 @@ impl RoomTask {
         }
     }
 
-    /// Reloads the room and sends every member its full state.
+    /// Reloads the room from the store itself (something did not add up: the
+    /// cache may be as wrong as the mirror) and sends every member its full
+    /// state.
     async fn resync_all(&mut self) {
-        if let Err(err) = self.load().await {
+        if let Err(err) = self.load_from(true).await {
             tracing::warn!(room = %self.key, error = %err, "cannot reload room; closing members so they resume");
             self.drop_all_members();
             return;

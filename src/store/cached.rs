@@ -578,6 +578,16 @@ impl Store for CachedStore {
         self.inner.backend()
     }
 
+    async fn room_fresh(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let room = self.inner.room(key).await?;
+        if let Some(room) = &room {
+            // The versioned write replaces an entry of another epoch, so a
+            // room that went back in time is corrected here for every reader.
+            self.write_through(room).await;
+        }
+        Ok(room)
+    }
+
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
         let cache = &self.cache;
         let mut fill = false;

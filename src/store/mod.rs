@@ -330,6 +330,13 @@ pub trait Store: Send + Sync + 'static {
         applied_alone(batch, room)
     }
 
+    /// The room as the database holds it, past any cache in front of it: for
+    /// when a cached copy may be wrong (a store that went back in time, a
+    /// room in another epoch). A cache refreshes itself from the answer.
+    async fn room_fresh(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        self.room(key).await
+    }
+
     /// Applies mutations to one room, in order, in one transaction: the room's
     /// lock is taken and the commit flushed once for all of them. Each mutation
     /// gets the outcome it would have had alone (its own version and event, or
