@@ -272,7 +272,7 @@ for i in 1 2 3; do
         DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
         TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
         WS_MAX_PER_CLIENT="$WS_MAX" WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
-        RUST_LOG=warn,croupier::startup=info "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
+        MAX_HISTORY=20000 RUST_LOG=warn,croupier::startup=info "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
     NODE_PIDS+=($!)
 done
 NODE_PORTS=()
@@ -438,6 +438,8 @@ fi
 
 if wants save; then
     run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
+    # The same appends to a room that already holds 9,000 numbers.
+    run save-long http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" --prefill 9000 "${SAVE[@]}"
 fi
 
 if wants fanout; then

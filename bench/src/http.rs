@@ -58,9 +58,14 @@ pub struct SaveArgs {
     pub writers: usize,
     #[arg(long, default_value_t = 20.0)]
     pub duration: f64,
-    /// Total appends (keep it at or under the server's MAX_HISTORY).
+    /// Total appends (with `prefill`, keep the sum at or under the server's
+    /// MAX_HISTORY).
     #[arg(long, default_value_t = 10_000)]
     pub max_requests: u64,
+    /// Numbers the room holds before the appends start: saves to a long
+    /// history must cost what saves to an empty one do.
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
     /// The server process, to report the CPU it used (direct runs only).
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -285,6 +290,9 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
     let key = args
         .key
         .unwrap_or_else(|| format!("bench-save-{}", crate::unique_suffix()));
+    if args.prefill > 0 {
+        prefill(&target, &key, args.prefill).await?;
+    }
     let deadline = Instant::now() + secs(args.duration);
     let body_key = key.clone();
     let cpu = CpuProbe::start(args.server_pid);
@@ -308,13 +316,14 @@ pub async fn http_save(args: SaveArgs) -> anyhow::Result<()> {
     let room = read_room(&mut conn, &key)
         .await
         .context("reading the room back")?;
-    let stored = room.history.len() as u64;
+    let stored = (room.history.len() as u64).saturating_sub(args.prefill as u64);
     let errors: u64 = result.errors.values().sum();
     emit(
         json!({
             "scenario": "http-save",
             "url": args.url,
             "key": key,
+            "prefill": args.prefill,
             "writers": args.writers,
             "duration_s": round3(elapsed.as_secs_f64()),
             "acks": result.ok,

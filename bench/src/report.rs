@@ -136,7 +136,7 @@ impl Table {
 
 /// The `bench.sh` scenario (as `--only` names it) a result label belongs to.
 fn scenario_of(label: &str) -> &str {
-    ["get", "fanout"]
+    ["get", "fanout", "save"]
         .into_iter()
         .find(|prefix| label.starts_with(prefix))
         .unwrap_or(label)
@@ -332,6 +332,47 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
             "equal",
             failure("save"),
         ),
+    }
+
+    // Appends to a long history cost what appends to an empty room do.
+    match (by_label("save"), by_label("save-long")) {
+        (Some(empty), Some(long)) => {
+            let (acks, stored) = (u(long, "acks"), u(long, "stored"));
+            let ratio = f(long, "acks_per_s") / f(empty, "acks_per_s");
+            t.push(
+                Kind::Budget,
+                format!(
+                    "saves to a room holding {} numbers vs an empty room, {} writers",
+                    u(long, "prefill"),
+                    u(long, "writers")
+                ),
+                "≥ 0.9×",
+                format!(
+                    "{ratio:.2}× ({} /s vs {} /s)",
+                    thousands(f(long, "acks_per_s")),
+                    thousands(f(empty, "acks_per_s"))
+                ),
+                ratio >= 0.9,
+            );
+            t.push(
+                Kind::Correctness,
+                "saves to a long history: rows stored == 200 acks",
+                "equal",
+                format!(
+                    "{stored} stored / {acks} acks ({} errors)",
+                    u(long, "errors")
+                ),
+                stored == acks && acks > 0,
+            );
+        }
+        (_, None) => t.missing(
+            Kind::Correctness,
+            "save-long",
+            "saves to a long history: rows stored == 200 acks",
+            "equal",
+            failure("save-long"),
+        ),
+        (None, Some(_)) => {}
     }
 
     // Connections held.
