@@ -189,7 +189,7 @@ impl Deployment {
             .connect(&self.postgres.url())
             .await
             .expect("connecting to PostgreSQL");
-        let row = sqlx::query("SELECT history::text AS history, version FROM rooms WHERE key = $1")
+        let row = sqlx::query(support::postgres::ROOM_SQL)
             .bind(key)
             .fetch_one(&db)
             .await

@@ -44,6 +44,12 @@ const SUPERUSER: &str = "postgres";
 const DATABASE: &str = "croupier";
 /// How long a starting server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A room's history (as JSON text) and version, read straight from the
+/// tables: works on an expanded and on a contracted schema alike.
+pub const ROOM_SQL: &str = "SELECT coalesce((SELECT json_agg(CASE WHEN n.number = '00' THEN to_json(n.number) \
+     ELSE to_json(n.number::int) END ORDER BY n.seq) FROM room_numbers n WHERE n.room_id = r.id), \
+     '[]'::json)::text AS history, r.version FROM rooms r WHERE r.key = $1";
+
 /// The name a standby reports to its primary (for synchronous replication).
 const STANDBY_NAME: &str = "croupier_standby";
 
