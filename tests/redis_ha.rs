@@ -731,3 +731,64 @@ async fn redis_sentinel_failover_under_load_is_followed_by_every_instance() {
         converged_after.as_secs_f64() * 1e3
     );
 }
+
+/// Cross-instance order and resume over a Redis Cluster: events written on
+/// one instance reach a member of the other in order through the room's
+/// shard, and a member that left resumes on the other instance with exactly
+/// the events it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_and_resume_across_instances_over_a_redis_cluster() {
+    let cluster = TestRedisCluster::start(3).await;
+    let deployment = Deployment::start(&cluster.url()).await;
+    let (node1, node2) = (&deployment.instances[0], &deployment.instances[1]);
+    let key = "resume-over-shards";
+    let mut member = node1.ws().await;
+    member
+        .send(json!({"type": "join", "key": key, "version": 0}))
+        .await;
+    let sync = member.recv().await;
+    assert_eq!(sync["type"], "sync", "{sync}");
+    for n in 1..=3u64 {
+        let (status, reply) = node2
+            .post("/api/roulette/save", &json!({"key": key, "number": n}))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    for n in 1..=3u64 {
+        let add = member.recv().await;
+        assert_eq!(
+            (&add["type"], &add["version"], &add["number"]),
+            (&json!("add"), &json!(n), &json!(n)),
+            "{add}"
+        );
+    }
+    let (status, room) = node2.get(&format!("/api/roulette/{key}")).await;
+    assert_eq!(status, 200, "{room}");
+    let epoch = room["epoch"].clone();
+    member.close().await;
+
+    // Written while the member is away, on the instance it left.
+    for n in 4..=5u64 {
+        let (status, _) = node1
+            .post("/api/roulette/save", &json!({"key": key, "number": n}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let mut resumed = node2.ws().await;
+    resumed
+        .send(json!({"type": "join", "key": key, "version": 3, "epoch": epoch}))
+        .await;
+    for n in 4..=5u64 {
+        let add = resumed.recv().await;
+        assert_eq!(
+            (&add["type"], &add["version"]),
+            (&json!("add"), &json!(n)),
+            "{add}"
+        );
+    }
+    let recovered = resumed.recv().await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["version"], 5, "{recovered}");
+    let (history, version) = node2.room(key).await;
+    assert_eq!((history, version), (json!([1, 2, 3, 4, 5]), 5));
+}
