@@ -2,6 +2,7 @@
 //! "session" for historical reasons).
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -62,12 +63,42 @@ struct Saved<'a> {
 }
 
 /// The reply to a save or replace: the room right after the writer's change.
+///
+/// The body is [`Saved`] with [`Session`], field for field, but its history
+/// is copied from the rendering the writers of one batch share
+/// ([`SavedRoom::write_history_json`]): serializing a long history for every
+/// writer would make a save cost more the longer the room's history is.
 fn saved(key: &RoomKey, room: &SavedRoom) -> Response {
-    Json(Saved {
-        success: true,
-        data: Session::of(key, room),
-    })
-    .into_response()
+    let session = Session::of(key, room);
+    let mut body = Vec::with_capacity(session.history.len() * 3 + 256);
+    body.extend_from_slice(br#"{"success":true,"data":{"id":"#);
+    body.extend_from_slice(session.id.to_string().as_bytes());
+    body.extend_from_slice(br#","key":"#);
+    push_json(&mut body, session.key.as_str());
+    body.extend_from_slice(br#","history":"#);
+    room.write_history_json(&mut body);
+    body.extend_from_slice(br#","created_at":"#);
+    push_json(&mut body, &session.created_at);
+    body.extend_from_slice(br#","updated_at":"#);
+    push_json(&mut body, &session.updated_at);
+    body.extend_from_slice(br#","version":"#);
+    body.extend_from_slice(session.version.to_string().as_bytes());
+    body.extend_from_slice(br#","epoch":"#);
+    push_json(&mut body, session.epoch);
+    body.extend_from_slice(br#","protected":"#);
+    body.extend_from_slice(if session.protected { b"true" } else { b"false" });
+    body.extend_from_slice(b"}}");
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::from(body),
+    )
+        .into_response()
+}
+
+/// Appends `text` as a JSON string.
+fn push_json(out: &mut Vec<u8>, text: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 fn mutation_id(body: &JsonObject) -> Result<Option<MutationId>, ApiError> {
@@ -352,3 +383,48 @@ pub async fn list(
 /// Rooms per listing page by default, and at most.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::hub::Snapshot;
+
+    #[tokio::test]
+    async fn a_saved_reply_is_the_session_serde_would_write() {
+        let numbers: Vec<Number> = (0..30u8)
+            .map(|i| {
+                if i == 7 {
+                    Number::DoubleZero
+                } else {
+                    Number::Single(i)
+                }
+            })
+            .collect();
+        let snapshot = Arc::new(Snapshot::new(
+            30,
+            "e1".into(),
+            true,
+            History::from_numbers(numbers),
+        ));
+        let key = RoomKey::parse("Стол \"7\"").unwrap();
+        let now = chrono::Utc::now();
+        for len in [0, 1, 12, 30] {
+            let room = SavedRoom::from_snapshot(5, now, now, snapshot.clone(), len, len as u64);
+            let expected = serde_json::to_vec(&Saved {
+                success: true,
+                data: Session::of(&key, &room),
+            })
+            .unwrap();
+            let response = saved(&key, &room);
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(body.to_vec()).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+    }
+}

@@ -128,10 +128,38 @@ pub struct Saved {
 }
 
 impl Saved {
+    /// The room `snapshot` shows, cut to its first `len` numbers and named
+    /// `version` (the room right after an earlier event of the same batch).
+    pub fn from_snapshot(
+        id: i64,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        snapshot: Arc<Snapshot>,
+        len: usize,
+        version: Version,
+    ) -> Self {
+        Saved {
+            id,
+            version,
+            epoch: snapshot.epoch.clone(),
+            protected: snapshot.protected,
+            created_at,
+            updated_at,
+            snapshot,
+            len,
+        }
+    }
+
     /// The room's numbers, oldest first.
     pub fn history(&self) -> &[Number] {
         let numbers = self.snapshot.history.numbers();
         &numbers[..self.len.min(numbers.len())]
+    }
+
+    /// Appends [`Saved::history`] as a JSON array, copied from a rendering
+    /// that the writers of one batch share.
+    pub fn write_history_json(&self, out: &mut Vec<u8>) {
+        self.snapshot.history_json().write_prefix(self.len, out);
     }
 }
 

@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::domain::{History, Room, RoomKey, Version};
+use crate::domain::{History, Number, Room, RoomKey, Version};
 
 /// One version of a room as a reader sees it.
 #[derive(Debug)]
@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub history: History,
     /// `GET /api/roulette/{key}` reply body, rendered on first use.
     body: OnceLock<Bytes>,
+    /// The history as a JSON array with every prefix at hand, for the replies
+    /// to the writers of a batch; rendered on first use.
+    history_json: OnceLock<HistoryJson>,
 }
 
 impl Snapshot {
@@ -39,7 +42,14 @@ impl Snapshot {
             protected,
             history,
             body: OnceLock::new(),
+            history_json: OnceLock::new(),
         }
+    }
+
+    /// The history rendered for writers' replies (see [`HistoryJson`]).
+    pub fn history_json(&self) -> &HistoryJson {
+        self.history_json
+            .get_or_init(|| HistoryJson::of(&self.history))
     }
 
     /// The JSON reply of a room read, serialized once per version.
@@ -56,6 +66,47 @@ impl Snapshot {
                 Bytes::from(serde_json::to_vec(&reply).unwrap_or_default())
             })
             .clone()
+    }
+}
+
+/// A history rendered as a JSON array once, with where each number ends, so
+/// that the array of any prefix (a writer's room right after its own add) is a
+/// copy of a slice rather than a serialization of its own: the writers of one
+/// batch share a single rendering whatever the history's length.
+#[derive(Debug)]
+pub struct HistoryJson {
+    text: String,
+    /// `ends[i]`: the length of the text up to and including the i-th number
+    /// (`ends[0]` is just the opening bracket).
+    ends: Vec<usize>,
+}
+
+impl HistoryJson {
+    fn of(history: &History) -> Self {
+        let numbers = history.numbers();
+        let mut text = String::with_capacity(numbers.len() * 3 + 2);
+        let mut ends = Vec::with_capacity(numbers.len() + 1);
+        text.push('[');
+        ends.push(text.len());
+        for (i, number) in numbers.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            match number {
+                Number::Single(n) => text.push_str(&n.to_string()),
+                Number::DoubleZero => text.push_str("\"00\""),
+            }
+            ends.push(text.len());
+        }
+        HistoryJson { text, ends }
+    }
+
+    /// Appends the JSON array of the first `len` numbers (all of them if
+    /// there are fewer).
+    pub fn write_prefix(&self, len: usize, out: &mut Vec<u8>) {
+        let end = self.ends[len.min(self.ends.len() - 1)];
+        out.extend_from_slice(&self.text.as_bytes()[..end]);
+        out.push(b']');
     }
 }
 
