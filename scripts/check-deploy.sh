@@ -41,6 +41,8 @@ KNOWN_METRICS=(
     croupier_ws_messages_sent_total
     croupier_ws_resyncs_total
     croupier_repairs_total
+    croupier_redis_shards
+    croupier_redis_shards_up
     croupier_ws_slow_consumer_closes_total
     croupier_fanout_latency_seconds_bucket
     croupier_fanout_latency_seconds_sum

@@ -132,6 +132,10 @@ fn register_families() {
     // Start-up only goes on once the store's primary answered (SQLite: the
     // file is always there); the PostgreSQL watcher keeps it current.
     metrics::gauge!("croupier_db_primary_reachable").set(1.0);
+    // Redis Cluster shards (masters) known and answering; 0 and 0 elsewhere.
+    for gauge in ["croupier_redis_shards", "croupier_redis_shards_up"] {
+        metrics::gauge!(gauge).set(0.0);
+    }
     for direction in ["in", "out"] {
         metrics::counter!("croupier_bus_messages_total", "direction" => direction).absolute(0);
     }

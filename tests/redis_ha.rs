@@ -741,6 +741,23 @@ async fn order_and_resume_across_instances_over_a_redis_cluster() {
     let cluster = TestRedisCluster::start(3).await;
     let deployment = Deployment::start(&cluster.url()).await;
     let (node1, node2) = (&deployment.instances[0], &deployment.instances[1]);
+    // Each instance reports the cluster's three masters, all answering.
+    for node in [node1, node2] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let scrape = support::exposition::scrape(node).await;
+            let shards = scrape.exact("croupier_redis_shards", &[]);
+            let up = scrape.exact("croupier_redis_shards_up", &[]);
+            if shards == Some(3.0) && up == Some(3.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shard gauges: {shards:?} known, {up:?} up"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let key = "resume-over-shards";
     let mut member = node1.ws().await;
     member

@@ -71,7 +71,7 @@ use super::{
 use crate::domain::{RoomEvent, RoomKey};
 use crate::redis_layout::{Layout, fred_url};
 use crate::tls::{self, RedisTlsFiles};
-use tasks::{Role, dispatch, retry_announcement, watch_connection};
+use tasks::{Role, check_shards, dispatch, retry_announcement, watch_connection};
 use wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, encode_event};
 
 const PRESENCE_PREFIX: &str = "croupier:presence:";
@@ -302,12 +302,15 @@ impl RedisBus {
         // Take the receivers before subscribing so that nothing slips past, and only
         // after the first connect so that it is not reported as a reconnect.
         let messages = shared.subscriber.message_rx();
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(dispatch(shared.clone(), messages)),
             tokio::spawn(watch_connection(shared.clone(), Role::Publisher)),
             tokio::spawn(watch_connection(shared.clone(), Role::Subscriber)),
             tokio::spawn(retry_announcement(shared.clone())),
         ];
+        if shared.layout == Layout::Cluster {
+            tasks.push(tokio::spawn(check_shards(shared.clone())));
+        }
         let bus = RedisBus { shared, tasks };
         count_command("subscribe");
         bus.shared

@@ -335,6 +335,42 @@ pub(super) async fn retry_announcement(shared: Arc<Shared>) {
     }
 }
 
+/// How often a Redis Cluster's masters are pinged one by one.
+const SHARD_CHECK: Duration = Duration::from_secs(5);
+
+/// In a Redis Cluster: pings every master of the slot map this instance
+/// holds, one by one, and reports how many there are and how many answered
+/// (`croupier_redis_shards`, `croupier_redis_shards_up`). A shard whose master
+/// is down takes its rooms' events and cache with it until its replica takes
+/// over, while the cluster as a whole still answers.
+pub(super) async fn check_shards(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SHARD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shared.closed.load(Ordering::SeqCst) {
+        tick.tick().await;
+        let Some(routing) = shared.client.cached_cluster_state() else {
+            continue;
+        };
+        let masters = routing.unique_primary_nodes();
+        let mut up = 0usize;
+        for server in &masters {
+            let node = shared.client.with_cluster_node(server);
+            match tokio::time::timeout(Duration::from_secs(2), node.ping::<String>(None)).await {
+                Ok(Ok(_)) => up += 1,
+                Ok(Err(err)) => {
+                    count_error("ping");
+                    tracing::debug!(shard = %server, error = %err, "a Redis Cluster master does not answer");
+                }
+                Err(_) => {
+                    tracing::debug!(shard = %server, "a Redis Cluster master does not answer in time")
+                }
+            }
+        }
+        metrics::gauge!("croupier_redis_shards").set(masters.len() as f64);
+        metrics::gauge!("croupier_redis_shards_up").set(up as f64);
+    }
+}
+
 async fn resubscribe_until_done(shared: &Shared) {
     let mut delay = Duration::from_millis(100);
     while !shared.closed.load(Ordering::SeqCst) {
