@@ -171,6 +171,17 @@ async fn a_store_that_went_back_in_time_moves_every_member_to_its_truth() {
     for ws in [&mut m1, &mut m2] {
         frame_where(ws, Duration::from_secs(10), |f| f["version"] == 8).await;
     }
+    // A room the standby never sees at all, cached in Redis by its writer.
+    let (status, _) = node1
+        .post(
+            "/api/roulette/save",
+            &json!({"key": "lost-room", "number": 1}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Deliberately idle past the room task's linger (5 s): no instance follows
+    // the room any more, so only the cache remembers it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
 
     primary.stop_immediately().await;
     standby.promote().await;
@@ -193,6 +204,14 @@ async fn a_store_that_went_back_in_time_moves_every_member_to_its_truth() {
         epochs.push(body["epoch"].clone());
     }
     assert_eq!(epochs[0], epochs[1], "both instances serve one epoch");
+    // node-2 never followed that room: its read goes to the store through the
+    // Redis cache, which was flushed when the database failed over.
+    let (history, version) = node2.room("lost-room").await;
+    assert_eq!(
+        (history, version),
+        (json!([]), 0),
+        "a room the store lost is not served from the cache"
+    );
     assert_ne!(epochs[0], json!(old_epoch));
     eprintln!("members moved to the store's history {moved:?} after the promotion");
 

@@ -112,6 +112,8 @@ struct Cache {
     options: Options,
     /// Write-throughs that failed without the key being deleted...
     dirty: AtomicU64,
+    /// The wrapped store's failover count when last looked at.
+    failovers_seen: AtomicU64,
     /// ...and how many of them the last successful flush covered. The cache may
     /// be read only while `cleaned == dirty`.
     cleaned: AtomicU64,
@@ -254,6 +256,7 @@ impl CachedStore {
             max_cached_history,
             options,
             dirty: AtomicU64::new(u64::from(replicated)),
+            failovers_seen: AtomicU64::new(inner.failovers()),
             cleaned: AtomicU64::new(0),
             flushing: AtomicBool::new(false),
             last_flush: Mutex::new(None),
@@ -590,6 +593,15 @@ impl Store for CachedStore {
 
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
         let cache = &self.cache;
+        // The database failed over: it may have lost commits that cached
+        // rooms still show, so the cache is flushed before it is read again.
+        let failovers = self.inner.failovers();
+        if cache.failovers_seen.swap(failovers, Ordering::SeqCst) != failovers {
+            tracing::warn!(
+                "the database failed over; the room cache is flushed before it is read again"
+            );
+            cache.distrust();
+        }
         let mut fill = false;
         if cache.usable().await {
             // A failover noticed while the read is under way (rule 5) may have

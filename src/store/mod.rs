@@ -330,6 +330,14 @@ pub trait Store: Send + Sync + 'static {
         applied_alone(batch, room)
     }
 
+    /// How many times the store moved to another primary since start. After
+    /// an asynchronous failover the store may have lost commits that a cache
+    /// in front of it still holds, so a cache stops trusting itself when this
+    /// changes.
+    fn failovers(&self) -> u64 {
+        0
+    }
+
     /// The room as the database holds it, past any cache in front of it: for
     /// when a cached copy may be wrong (a store that went back in time, a
     /// room in another epoch). A cache refreshes itself from the answer.

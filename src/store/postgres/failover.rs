@@ -15,7 +15,7 @@
 //! `target_session_attrs` is checked here (only `read-write` and `primary`
 //! make sense for a writer) and not passed on.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -148,6 +148,8 @@ pub(super) struct Primary {
     /// When the pool was last pointed at a (new) primary; connections opened
     /// before it are closed instead of being handed out again.
     switched: Mutex<Instant>,
+    /// How many times the pool moved to another primary.
+    failovers: AtomicU64,
 }
 
 impl Primary {
@@ -156,6 +158,7 @@ impl Primary {
             candidates,
             current: AtomicUsize::new(current),
             switched: Mutex::new(Instant::now()),
+            failovers: AtomicU64::new(0),
         }
     }
 
@@ -169,6 +172,11 @@ impl Primary {
         age < self.switched_at().elapsed()
     }
 
+    /// How many times the pool moved to another primary since start.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::SeqCst)
+    }
+
     fn switched_at(&self) -> Instant {
         *self.switched.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -178,6 +186,7 @@ impl Primary {
         self.current.store(to, Ordering::Relaxed);
         pool.set_connect_options(self.candidates[to].connect.clone());
         *self.switched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.failovers.fetch_add(1, Ordering::SeqCst);
         metrics::counter!("croupier_db_failovers_total").increment(1);
         tracing::warn!(from = %from, to = %self.candidates[to].label(), "PostgreSQL primary changed; connections to the old node are retired");
     }

@@ -514,6 +514,10 @@ impl Store for PostgresStore {
         "postgres"
     }
 
+    fn failovers(&self) -> u64 {
+        self.primary.failovers()
+    }
+
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
         let _t = DbTimer::new("room");
         let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.key = $1");
