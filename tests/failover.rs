@@ -30,17 +30,6 @@ struct Tally {
     resumed_at: Option<Instant>,
 }
 
-fn migrate(url: &str) {
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_croupier"))
-        .arg("migrate")
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running croupier migrate");
-    assert!(status.success(), "croupier migrate failed on {url}");
-}
-
 /// Saves numbers with ids `{name}-{n}` one after another until `stop`, each
 /// retried with the same id until acknowledged, as a client would.
 async fn writer(
@@ -93,7 +82,7 @@ async fn writes_follow_a_promoted_synchronous_standby() {
         standby.port()
     );
     // The migration finds the primary through the same list.
-    migrate(&url);
+    support::app::migrate(&url, false);
     let redis_url = redis.url();
     let mut instances = Vec::new();
     for name in ["node-1", "node-2"] {

@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,14 +149,7 @@ struct Deployment {
 impl Deployment {
     async fn start(redis_url: &str) -> Deployment {
         let postgres = TestPostgres::start_new().await;
-        let status = Command::new(env!("CARGO_BIN_EXE_croupier"))
-            .arg("migrate")
-            .env("DATABASE_URL", postgres.url())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .status()
-            .expect("running croupier migrate");
-        assert!(status.success(), "croupier migrate failed");
+        support::app::migrate(&postgres.url(), false);
         let mut instances = Vec::new();
         for i in 1..=2 {
             let name = format!("node-{i}");

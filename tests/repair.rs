@@ -20,17 +20,6 @@ const REPAIR_INTERVAL_MS: &str = "500";
 /// How long a repair may take here: the period, plus slack for a loaded box.
 const REPAIR_LIMIT: Duration = Duration::from_secs(5);
 
-fn migrate(url: &str) {
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_croupier"))
-        .arg("migrate")
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("running croupier migrate");
-    assert!(status.success(), "croupier migrate failed");
-}
-
 async fn instance(name: &str, database: &str, redis: &str) -> TestServer {
     TestServer::start(&[
         ("DATABASE_URL", database),
@@ -78,7 +67,7 @@ async fn a_commit_whose_publish_never_arrives_reaches_members_and_reads() {
     // Two Redis servers that know nothing of each other: what node-2
     // publishes never reaches node-1, as if every one of its messages was lost.
     let (redis_a, redis_b) = (TestRedis::start_new().await, TestRedis::start_new().await);
-    migrate(&postgres.url());
+    support::app::migrate(&postgres.url(), false);
     let node1 = instance("node-1", &postgres.url(), &redis_a.url()).await;
     let node2 = instance("node-2", &postgres.url(), &redis_b.url()).await;
 
@@ -119,7 +108,7 @@ async fn a_store_that_went_back_in_time_moves_every_member_to_its_truth() {
         primary.port(),
         standby.port()
     );
-    migrate(&url);
+    support::app::migrate(&url, false);
     let node1 = instance("node-1", &url, &redis.url()).await;
     let node2 = instance("node-2", &url, &redis.url()).await;
 

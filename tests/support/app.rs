@@ -962,3 +962,23 @@ impl WsClient {
             .map_err(|e| e.to_string())
     }
 }
+
+/// Runs `croupier migrate` (with `contract`: `--contract` too) against
+/// `database_url`, as an operator would before starting instances.
+pub fn migrate(database_url: &str, contract: bool) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_croupier"));
+    command.arg("migrate");
+    if contract {
+        command.arg("--contract");
+    }
+    let status = command
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running croupier migrate");
+    assert!(
+        status.success(),
+        "croupier migrate failed on {database_url}"
+    );
+}

@@ -4,7 +4,6 @@
 //! upstream names.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use sqlx::Row;
@@ -30,17 +29,9 @@ impl TestCluster {
     pub async fn start(n: usize, extra_env: &[(&str, &str)]) -> TestCluster {
         let postgres = TestPostgres::start_new().await;
         let redis = TestRedis::start_new().await;
-        let status = Command::new(env!("CARGO_BIN_EXE_croupier"))
-            .arg("migrate")
-            // The schema a deployment ends on (expand and contract); the
-            // expanded-only schema of a rolling upgrade has its own tests.
-            .arg("--contract")
-            .env("DATABASE_URL", postgres.url())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .status()
-            .expect("running croupier migrate");
-        assert!(status.success(), "croupier migrate failed");
+        // The schema a deployment ends on (expand and contract); the
+        // expanded-only schema of a rolling upgrade has its own tests.
+        super::app::migrate(&postgres.url(), true);
 
         let mut instances = Vec::with_capacity(n);
         for i in 1..=n {
