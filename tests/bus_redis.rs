@@ -14,7 +14,7 @@ use croupier::bus::redis::{RedisBus, RedisBusOptions, connect_client};
 use croupier::bus::{
     Broker, BusHealth, ConnectionInfo, ControlMessage, ControlPlane, Inbound, InboundHandler,
 };
-use croupier::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey};
+use croupier::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version};
 use croupier::store::cached::CachedStore;
 use croupier::store::sqlite::SqliteStore;
 use croupier::store::{DynStore, Mutation, Store};
@@ -112,7 +112,7 @@ fn event(room: &str, version: u64, change: Change) -> RoomEvent {
     RoomEvent {
         key: key(room),
         epoch: "epoch-1".into(),
-        version,
+        version: Version::new(version),
         change,
         mutation_id: Some(MutationId::parse(format!("m{version}")).unwrap()),
         committed_at: Utc::now(),
@@ -179,7 +179,7 @@ async fn unsubscribed_rooms_are_not_delivered() {
 
     b.subscribe(&key("one")).await.unwrap();
     a.publish(&event("one", 2, added(2))).await.unwrap();
-    assert_eq!(b_in.next_event().await.version, 2);
+    assert_eq!(b_in.next_event().await.version.get(), 2);
 }
 
 #[tokio::test]
@@ -304,7 +304,7 @@ async fn a_redis_restart_resyncs_resubscribes_and_delivers_again() {
     let (b, mut b_in) = instance(&redis, "b").await;
     b.subscribe(&key("r")).await.unwrap();
     a.publish(&event("r", 1, added(1))).await.unwrap();
-    assert_eq!(b_in.next_event().await.version, 1);
+    assert_eq!(b_in.next_event().await.version.get(), 1);
     assert!(matches!(a.health().await, BusHealth::Up(_)));
 
     redis.stop();
@@ -481,7 +481,10 @@ async fn cache_misses_once_then_hits() {
 
     // Proof that the hit came from Redis: a write that bypasses the cache is not seen.
     fx.inner.apply(mutation("t", added(6))).await.unwrap();
-    assert_eq!(cached.room(&key("t")).await.unwrap().unwrap().version, 1);
+    assert_eq!(
+        cached.room(&key("t")).await.unwrap().unwrap().version.get(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -553,7 +556,7 @@ async fn an_older_version_never_overwrites_a_newer_one() {
     // A different epoch (room recreated, database restored) always replaces.
     let reborn = Room {
         epoch: "new-epoch".into(),
-        version: 0,
+        version: Version::ZERO,
         history: History::default(),
         ..v3.clone()
     };

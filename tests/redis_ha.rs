@@ -579,7 +579,7 @@ async fn a_cache_write_lost_in_a_cluster_failover_is_never_served() {
         .await;
     assert_eq!(killed, "1", "CLIENT KILL TYPE master on the replica");
     let v2 = here.apply(add(room, 2)).await.unwrap().room;
-    assert_eq!(v2.version, 2);
+    assert_eq!(v2.version.get(), 2);
     let on_master = master_node
         .cli(&[
             "-a",

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use croupier::domain::{Change, History, MutationId, Number, RoomKey};
+use croupier::domain::{Change, History, MutationId, Number, RoomKey, Version};
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
 use croupier::store::{Batch, Mutation, Outcome, Position, Store};
@@ -71,8 +71,8 @@ fn options() -> PgOptions {
 /// An outcome without what legitimately differs between stores (commit times).
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
-    Applied(u64, Change, Option<String>),
-    Duplicate(u64, Change, Option<String>),
+    Applied(Version, Change, Option<String>),
+    Duplicate(Version, Change, Option<String>),
     Refused(String),
 }
 
@@ -101,9 +101,9 @@ fn seen(outcome: &Outcome) -> Seen {
 
 /// What a batch reply shows, comparable across stores.
 type Reply = (
-    Option<Vec<(u64, Change)>>,
+    Option<Vec<(Version, Change)>>,
     Vec<Seen>,
-    Option<(u64, usize, bool)>,
+    Option<(Version, usize, bool)>,
 );
 
 fn reply(batch: &Batch) -> Reply {
@@ -221,7 +221,7 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
                 Position::default()
             } else {
                 let mut known = subject.known[room].clone();
-                known.version = known.version.saturating_sub(lag);
+                known.version = Version::new(known.version.get().saturating_sub(lag));
                 known
             };
             let batch = subject
@@ -253,7 +253,11 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
         let mut rooms = Vec::new();
         for subject in &subjects {
             let room = subject.store.room(key).await.unwrap();
-            let log = subject.store.events_since(key, 0).await.unwrap();
+            let log = subject
+                .store
+                .events_since(key, Version::ZERO)
+                .await
+                .unwrap();
             rooms.push((
                 room.map(|r| (r.history, r.version, r.protected)),
                 log.map(|events| {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use croupier::bus::redis::{RedisBusOptions, connect_client};
-use croupier::domain::{Change, History, MutationId, Number, RoomKey};
+use croupier::domain::{Change, History, MutationId, Number, RoomKey, Version};
 use croupier::store::cached::CachedStore;
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
@@ -70,7 +70,7 @@ fn options() -> PgOptions {
 }
 
 /// What a caller can observe of one `apply`, comparable across backends.
-type Outcome = Result<(bool, u64, Change, History, u64), String>;
+type Outcome = Result<(bool, Version, Change, History, Version), String>;
 
 fn outcome(result: Result<Applied, StoreError>) -> Outcome {
     match result {
@@ -202,7 +202,7 @@ async fn migrations_apply_roll_back_and_apply_again() {
         .apply(mutation(&room, Change::Added(n(7))))
         .await
         .expect("applying");
-    assert_eq!(applied.event.version, 1);
+    assert_eq!(applied.event.version.get(), 1);
 }
 
 #[tokio::test]
@@ -222,10 +222,13 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
     );
     assert!(store.room(&room).await.unwrap().is_none());
     assert_eq!(
-        store.events_since(&room, 0).await.unwrap(),
+        store.events_since(&room, Version::ZERO).await.unwrap(),
         Some(Vec::new())
     );
-    assert_eq!(store.events_since(&room, 1).await.unwrap(), None);
+    assert_eq!(
+        store.events_since(&room, Version::new(1)).await.unwrap(),
+        None
+    );
 
     // An add that cannot fit does not create the room either.
     let too_small = Mutation {
@@ -246,7 +249,10 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
         .await
         .unwrap();
     assert!(!first.duplicate);
-    assert_eq!((first.event.version, first.room.version), (1, 1));
+    assert_eq!(
+        (first.event.version.get(), first.room.version.get()),
+        (1, 1)
+    );
     assert_eq!(first.room.history.numbers(), &[Number::DoubleZero]);
     assert_eq!(first.event.change, Change::Added(Number::DoubleZero));
     assert!(!first.room.protected);
@@ -291,7 +297,11 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
     );
 
     let unchanged = store.room(&room).await.unwrap().unwrap();
-    assert_eq!(unchanged.version, 4, "rejected mutations take no version");
+    assert_eq!(
+        unchanged.version.get(),
+        4,
+        "rejected mutations take no version"
+    );
     assert_eq!(
         unchanged.history.numbers(),
         &[Number::DoubleZero, n(17), n(0), n(36)]
@@ -302,7 +312,7 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
         .apply(mutation(&room, Change::Removed(1)))
         .await
         .unwrap();
-    assert_eq!(removed.event.version, 5);
+    assert_eq!(removed.event.version.get(), 5);
     assert_eq!(
         removed.room.history.numbers(),
         &[Number::DoubleZero, n(0), n(36)]
@@ -312,7 +322,7 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
         .apply(mutation(&room, Change::Replaced(history(&[3, 2, 1]))))
         .await
         .unwrap();
-    assert_eq!(replaced.event.version, 6);
+    assert_eq!(replaced.event.version.get(), 6);
     assert_eq!(replaced.room.history, history(&[3, 2, 1]));
     let emptied = store
         .apply(mutation(&room, Change::Replaced(History::default())))
@@ -327,16 +337,19 @@ async fn mutations_follow_the_rules_and_errors_change_nothing() {
         .apply(mutation(&other, Change::Replaced(history(&[9]))))
         .await
         .unwrap();
-    assert_eq!((created.event.version, created.room.history.len()), (1, 1));
+    assert_eq!(
+        (created.event.version.get(), created.room.history.len()),
+        (1, 1)
+    );
 
     // The event log replays to the stored history.
     let events = store
-        .events_since(&room, 0)
+        .events_since(&room, Version::ZERO)
         .await
         .unwrap()
         .expect("complete log");
     assert_eq!(
-        events.iter().map(|e| e.version).collect::<Vec<_>>(),
+        events.iter().map(|e| e.version.get()).collect::<Vec<_>>(),
         (1..=7).collect::<Vec<_>>()
     );
     let mut replayed = History::default();
@@ -419,8 +432,8 @@ async fn postgres_accepts_and_rejects_exactly_what_sqlite_does() {
             })
         };
         assert_eq!(
-            log(postgres.events_since(room, 0).await.unwrap()),
-            log(sqlite.events_since(room, 0).await.unwrap())
+            log(postgres.events_since(room, Version::ZERO).await.unwrap()),
+            log(sqlite.events_since(room, Version::ZERO).await.unwrap())
         );
     }
 }
@@ -675,7 +688,7 @@ async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
         .apply(mutation(&room, Change::Added(Number::DoubleZero)))
         .await
         .unwrap();
-    assert_eq!(applied.event.version, 6);
+    assert_eq!(applied.event.version.get(), 6);
     assert_eq!(
         applied.room.history.numbers(),
         &[n(10), n(30), n(36), Number::DoubleZero]
@@ -683,7 +696,7 @@ async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
     assert_eq!(store.room(&room).await.unwrap().unwrap(), applied.room);
     assert_eq!(
         store
-            .events_since(&room, 0)
+            .events_since(&room, Version::ZERO)
             .await
             .unwrap()
             .map(|events| events.len()),
@@ -765,7 +778,7 @@ async fn a_batch_matches_one_by_one_application() {
         stored.history.numbers(),
         &[n(1), n(2), n(3), n(4), n(7), n(10), n(12)]
     );
-    assert_eq!(stored.version, 7);
+    assert_eq!(stored.version.get(), 7);
     assert_eq!(
         sqlite.room(&room).await.unwrap().unwrap().history,
         stored.history
@@ -773,7 +786,7 @@ async fn a_batch_matches_one_by_one_application() {
 
     // One transaction: every event of the batch has the same commit time.
     let events = postgres
-        .events_since(&room, 2)
+        .events_since(&room, Version::new(2))
         .await
         .unwrap()
         .expect("complete");
@@ -850,7 +863,7 @@ async fn a_mutation_id_is_applied_once_within_the_window() {
         .await
         .unwrap();
     assert!(!late.duplicate);
-    assert_eq!(late.event.version, 3);
+    assert_eq!(late.event.version.get(), 3);
     assert_eq!(numbers_of(&store, &room).await, vec![n(1), n(2), n(4)]);
 }
 
@@ -870,7 +883,7 @@ async fn concurrent_retries_of_one_mutation_apply_once() {
             .room(&room)
             .await
             .unwrap()
-            .map_or(0, |r| r.version);
+            .map_or(0, |r| r.version.get());
         let mut tasks = Vec::new();
         for i in 0..30 {
             let store = stores[i % 3].clone();
@@ -898,7 +911,7 @@ async fn concurrent_retries_of_one_mutation_apply_once() {
         );
         let versions: HashSet<_> = retried.iter().map(|a| a.event.version).collect();
         assert_eq!(versions.len(), 1, "every retry reports the same event");
-        let after = stores[0].room(&room).await.unwrap().unwrap().version;
+        let after = stores[0].room(&room).await.unwrap().unwrap().version.get();
         assert_eq!(
             after,
             before + 10 + 1,
@@ -940,7 +953,7 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
                     .apply_batch(&room, &Position::default(), &batch)
                     .await
                     .unwrap_or_else(|e| panic!("writer {writer} batch at {first}: {e}"));
-                let mut last = 0;
+                let mut last = Version::ZERO;
                 for (outcome, m) in done.outcomes.iter().zip(&batch) {
                     let BatchOutcome::Applied(event) = outcome else {
                         panic!("writer {writer}: {outcome:?}");
@@ -974,7 +987,7 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
     );
 
     acknowledged.sort_by_key(|(version, _, _)| *version);
-    let versions: Vec<u64> = acknowledged.iter().map(|(v, _, _)| *v).collect();
+    let versions: Vec<u64> = acknowledged.iter().map(|(v, _, _)| v.get()).collect();
     assert_eq!(
         versions,
         (1..=total as u64).collect::<Vec<_>>(),
@@ -982,7 +995,7 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
     );
 
     let stored = stores[1].room(&room).await.unwrap().expect("room exists");
-    assert_eq!(stored.version, total as u64);
+    assert_eq!(stored.version.get(), total as u64);
     let expected: Vec<Number> = acknowledged.iter().map(|(_, number, _)| *number).collect();
     assert_eq!(
         stored.history.numbers(),
@@ -990,7 +1003,7 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         "position i holds version i+1's number"
     );
     let events = stores[2]
-        .events_since(&room, 0)
+        .events_since(&room, Version::ZERO)
         .await
         .unwrap()
         .expect("log is complete");
@@ -1002,19 +1015,22 @@ async fn concurrent_writers_on_three_pools_get_every_version_once() {
         );
     }
     let tail = stores[0]
-        .events_since(&room, 1234)
+        .events_since(&room, Version::new(1234))
         .await
         .unwrap()
         .expect("tail is complete");
     assert_eq!(tail.len(), total - 1234);
-    assert_eq!(tail.first().map(|e| e.version), Some(1235));
+    assert_eq!(tail.first().map(|e| e.version.get()), Some(1235));
     assert_eq!(
-        stores[0].events_since(&room, total as u64).await.unwrap(),
+        stores[0]
+            .events_since(&room, Version::new(total as u64))
+            .await
+            .unwrap(),
         Some(Vec::new())
     );
     assert_eq!(
         stores[0]
-            .events_since(&room, total as u64 + 1)
+            .events_since(&room, Version::new(total as u64).next())
             .await
             .unwrap(),
         None
@@ -1057,20 +1073,35 @@ async fn events_since_is_none_once_pruning_removed_needed_events() {
     assert_eq!(store.prune_events().await.unwrap(), 3);
     assert_eq!(store.prune_events().await.unwrap(), 0);
 
-    assert_eq!(store.events_since(&room, 0).await.unwrap(), None);
-    assert_eq!(store.events_since(&room, 2).await.unwrap(), None);
+    assert_eq!(
+        store.events_since(&room, Version::ZERO).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.events_since(&room, Version::new(2)).await.unwrap(),
+        None
+    );
     let from_three = store
-        .events_since(&room, 3)
+        .events_since(&room, Version::new(3))
         .await
         .unwrap()
         .expect("4.. are all there");
     assert_eq!(from_three.len() as u64, count - 3);
-    assert_eq!(from_three[0].version, 4);
+    assert_eq!(from_three[0].version.get(), 4);
     assert_eq!(
-        store.events_since(&room, count).await.unwrap(),
+        store
+            .events_since(&room, Version::new(count))
+            .await
+            .unwrap(),
         Some(Vec::new())
     );
-    assert_eq!(store.events_since(&room, count + 1).await.unwrap(), None);
+    assert_eq!(
+        store
+            .events_since(&room, Version::new(count).next())
+            .await
+            .unwrap(),
+        None
+    );
 
     // A backlog larger than one pruning statement handles is removed completely.
     let bulk = key("bulk");
@@ -1094,13 +1125,19 @@ async fn events_since_is_none_once_pruning_removed_needed_events() {
     );
     assert_eq!(
         store
-            .events_since(&bulk, 24_000)
+            .events_since(&bulk, Version::new(24_000))
             .await
             .unwrap()
             .map(|e| e.len()),
         Some(1000)
     );
-    assert_eq!(store.events_since(&bulk, 23_999).await.unwrap(), None);
+    assert_eq!(
+        store
+            .events_since(&bulk, Version::new(23_999))
+            .await
+            .unwrap(),
+        None
+    );
 
     // Pruning never touches another room's young log.
     let other = key("fresh");
@@ -1111,7 +1148,7 @@ async fn events_since_is_none_once_pruning_removed_needed_events() {
     assert_eq!(store.prune_events().await.unwrap(), 0);
     assert_eq!(
         store
-            .events_since(&other, 0)
+            .events_since(&other, Version::ZERO)
             .await
             .unwrap()
             .map(|e| e.len()),
@@ -1130,7 +1167,7 @@ async fn rooms_list_authenticate_and_count() {
         .await
         .unwrap();
     assert!(created.room.protected);
-    assert_eq!(created.room.version, 0);
+    assert_eq!(created.room.version.get(), 0);
     let again = store.create_room(&locked, None).await.unwrap();
     assert_eq!(
         again.password_hash.as_deref(),
@@ -1251,7 +1288,8 @@ async fn an_outage_is_unavailable_and_the_same_store_recovers() {
         .await
         .expect("the same pool works again after the restart");
     assert_eq!(
-        applied.event.version, 2,
+        applied.event.version.get(),
+        2,
         "nothing was committed during the outage"
     );
     assert_eq!(numbers_of(&store, &room).await, vec![n(1), n(3)]);
@@ -1271,10 +1309,14 @@ async fn acknowledged_appends_survive_a_crash() {
     pg.stop_immediately().await;
     pg.start().await;
     let after = store.room(&room).await.unwrap().expect("room survived");
-    assert_eq!(after.version, 200);
+    assert_eq!(after.version.get(), 200);
     assert_eq!(after.history.len(), 200);
     assert_eq!(
-        store.events_since(&room, 0).await.unwrap().map(|e| e.len()),
+        store
+            .events_since(&room, Version::ZERO)
+            .await
+            .unwrap()
+            .map(|e| e.len()),
         Some(200)
     );
 }
@@ -1377,7 +1419,7 @@ async fn a_burst_through_the_cache_leaves_every_acknowledged_add_readable() {
                 let cached: Option<String> = raw.hget(&cache_key, "version").await.unwrap();
                 let cached: u64 = cached.expect("cached").parse().unwrap();
                 assert!(
-                    cached >= applied.room.version,
+                    cached >= applied.room.version.get(),
                     "cache at {cached} after version {} was acknowledged",
                     applied.room.version
                 );
@@ -1393,7 +1435,7 @@ async fn a_burst_through_the_cache_leaves_every_acknowledged_add_readable() {
         .await
         .unwrap()
         .expect("room exists");
-    assert_eq!(truth.version, (WRITERS * ADDS + 1) as u64);
+    assert_eq!(truth.version.get(), (WRITERS * ADDS + 1) as u64);
     let cached: Option<String> = raw.hget(&cache_key, "version").await.unwrap();
     assert_eq!(cached, Some(truth.version.to_string()));
     let hits = instances[1].cache_stats().hits;
@@ -1449,7 +1491,7 @@ async fn a_protected_room_refuses_writers_without_a_token_in_both_backends() {
         }
         let room = store.room(&locked).await.unwrap().expect("room");
         assert_eq!(
-            (room.version, room.history.len()),
+            (room.version.get(), room.history.len()),
             (0, 0),
             "{name}: unchanged"
         );
@@ -1467,7 +1509,13 @@ async fn a_protected_room_refuses_writers_without_a_token_in_both_backends() {
             store.apply(add).await.unwrap();
         }
         assert_eq!(
-            store.room(&open).await.unwrap().expect("open").version,
+            store
+                .room(&open)
+                .await
+                .unwrap()
+                .expect("open")
+                .version
+                .get(),
             4,
             "{name}"
         );

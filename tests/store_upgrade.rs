@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use croupier::domain::{Change, History, Number, RoomKey};
+use croupier::domain::{Change, History, Number, RoomKey, Version};
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::{Mutation, Outcome, Position, Store};
 use serde_json::Value;
@@ -157,12 +157,12 @@ async fn check(
     );
     let room = store.room(key).await.unwrap().expect("room exists");
     assert_eq!(
-        (room.history.numbers(), room.version),
+        (room.history.numbers(), room.version.get()),
         (expected, version),
         "{step}: the room as this release reads it"
     );
     let log = store
-        .events_since(key, 0)
+        .events_since(key, Version::ZERO)
         .await
         .unwrap()
         .expect("complete log");
@@ -201,7 +201,7 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
             &key,
             &Position {
                 epoch: Some(room.epoch.clone()),
-                version: 1,
+                version: Version::new(1),
             },
             &[
                 mutation(&key, Change::Added(Number::DoubleZero)),
@@ -373,7 +373,7 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
     store.migrate_contract().await.expect("contract");
     let room = store.room(&key).await.unwrap().unwrap();
     assert_eq!(
-        (room.history.numbers(), room.version),
+        (room.history.numbers(), room.version.get()),
         (expected.as_slice(), version)
     );
     let applied = store
@@ -382,13 +382,13 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
         .unwrap();
     expected.push(n(11));
     assert_eq!(applied.room.history.numbers(), expected.as_slice());
-    assert_eq!(applied.event.version, version + 1);
+    assert_eq!(applied.event.version, room.version.next());
     let batch = store
         .apply_batch(
             &key,
             &Position {
                 epoch: Some(room.epoch.clone()),
-                version,
+                version: room.version,
             },
             &[mutation(&key, Change::Removed(0))],
         )

@@ -27,6 +27,8 @@ pub enum DomainError {
     HistoryTooLong { max: usize },
     #[error("id must be a non-empty string of at most 64 characters")]
     InvalidMutationId,
+    #[error("version must be a non-negative integer")]
+    InvalidVersion,
 }
 
 /// One pocket of the wheel: 0..=36, or the American double zero.
@@ -255,7 +257,77 @@ impl History {
 }
 
 /// A room's revision counter: 0 at creation, +1 per mutation.
-pub type Version = u64;
+///
+/// Serialized as a plain JSON number. Raw numbers become versions only at the
+/// edges: [`Version::from_json`] for what a client sends, [`Version::new`] for
+/// the bus and the cache, [`Version::from_stored`] for a database column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+#[serde(transparent)]
+pub struct Version(u64);
+
+impl Version {
+    /// The version of a room that was just created (or never was).
+    pub const ZERO: Version = Version(0);
+
+    /// A version read from a transport that carries it as an unsigned number.
+    pub const fn new(raw: u64) -> Version {
+        Version(raw)
+    }
+
+    /// The number itself, for logs and metrics.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The version after one more mutation. Saturates instead of overflowing:
+    /// stored versions fit a BIGINT, so `u64::MAX` is never reached by counting.
+    #[must_use]
+    pub const fn next(self) -> Version {
+        Version(self.0.saturating_add(1))
+    }
+
+    /// How many mutations lead from `earlier` to this version; 0 if `earlier`
+    /// is not older (callers compare first, this only keeps it from underflowing).
+    pub const fn since(self, earlier: Version) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// Parses a client's version: a non-negative integer (an integral float
+    /// counts), or `null` for 0.
+    pub fn from_json(value: &Value) -> Result<Self, DomainError> {
+        match value {
+            Value::Null => Ok(Version::ZERO),
+            v => v
+                .as_u64()
+                .or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                        .map(|f| f as u64)
+                })
+                .map(Version)
+                .ok_or(DomainError::InvalidVersion),
+        }
+    }
+
+    /// Reads a version from a BIGINT column; a negative one is refused.
+    pub fn from_stored(raw: i64) -> Result<Self, DomainError> {
+        u64::try_from(raw)
+            .map(Version)
+            .map_err(|_| DomainError::InvalidVersion)
+    }
+
+    /// The value for a BIGINT column or parameter. Saturates at `i64::MAX`: only
+    /// a client's claim can be larger, and it stays "ahead of every room".
+    pub fn to_stored(self) -> i64 {
+        i64::try_from(self.0).unwrap_or(i64::MAX)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// A client-chosen mutation id (up to 64 characters) that makes retries safe.
 ///
@@ -447,6 +519,78 @@ mod tests {
             assert_eq!(
                 MutationId::from_json(&bad),
                 Err(DomainError::InvalidMutationId)
+            );
+        }
+    }
+
+    #[test]
+    fn versions_count_mutations() {
+        assert_eq!(Version::default(), Version::ZERO);
+        assert_eq!(Version::ZERO.get(), 0);
+        assert_eq!(Version::ZERO.next(), Version::new(1));
+        assert_eq!(Version::new(41).next().get(), 42);
+        assert_eq!(Version::new(u64::MAX).next(), Version::new(u64::MAX));
+        assert!(Version::new(3) < Version::new(3).next());
+        assert_eq!(Version::new(7).since(Version::new(3)), 4);
+        assert_eq!(Version::new(3).since(Version::new(7)), 0);
+        assert_eq!(Version::new(12).to_string(), "12");
+    }
+
+    #[test]
+    fn stored_versions_are_never_negative() {
+        assert_eq!(Version::from_stored(0), Ok(Version::ZERO));
+        assert_eq!(
+            Version::from_stored(i64::MAX).unwrap().get(),
+            i64::MAX as u64
+        );
+        assert_eq!(Version::from_stored(-1), Err(DomainError::InvalidVersion));
+        assert_eq!(
+            Version::from_stored(i64::MIN),
+            Err(DomainError::InvalidVersion)
+        );
+        for raw in [0, 1, 25_000, i64::MAX] {
+            assert_eq!(Version::from_stored(raw).unwrap().to_stored(), raw);
+        }
+        // Only a client's claim can exceed a BIGINT; it stays the largest.
+        assert_eq!(Version::new(u64::MAX).to_stored(), i64::MAX);
+    }
+
+    #[test]
+    fn versions_serialize_as_plain_numbers() {
+        assert_eq!(serde_json::to_string(&Version::new(7)).unwrap(), "7");
+        assert_eq!(
+            json!({"version": Version::ZERO.next()}),
+            json!({"version": 1})
+        );
+    }
+
+    #[test]
+    fn client_versions_are_non_negative_integers() {
+        for (raw, expected) in [
+            (json!(0), 0),
+            (json!(12), 12),
+            (json!(12.0), 12),
+            (json!(null), 0),
+            (json!(u64::MAX), u64::MAX),
+        ] {
+            assert_eq!(
+                Version::from_json(&raw),
+                Ok(Version::new(expected)),
+                "{raw}"
+            );
+        }
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!(-2.0),
+            json!("3"),
+            json!(true),
+            json!([]),
+        ] {
+            assert_eq!(
+                Version::from_json(&bad),
+                Err(DomainError::InvalidVersion),
+                "{bad}"
             );
         }
     }

@@ -31,7 +31,7 @@ impl RoomHead {
             Change::Replaced(history) => history.len(),
         };
         RoomHead {
-            version: self.version + 1,
+            version: self.version.next(),
             length,
             protected: self.protected,
         }
@@ -126,7 +126,7 @@ pub fn decide(
     Decision::Applied(RoomEvent {
         key: stamp.key.clone(),
         epoch: stamp.epoch.clone(),
-        version: head.version + 1,
+        version: head.version.next(),
         change: proposal.change.clone(),
         mutation_id: proposal.mutation_id.cloned(),
         committed_at: stamp.committed_at,
@@ -146,9 +146,9 @@ mod tests {
         }
     }
 
-    fn head(version: Version, length: usize, protected: bool) -> RoomHead {
+    fn head(version: u64, length: usize, protected: bool) -> RoomHead {
         RoomHead {
-            version,
+            version: Version::new(version),
             length,
             protected,
         }
@@ -180,7 +180,7 @@ mod tests {
         ) else {
             panic!("applied");
         };
-        assert_eq!(event.version, 5);
+        assert_eq!(event.version, Version::new(5));
         assert_eq!(event.change, add);
         assert_eq!(event.mutation_id, Some(id));
         assert_eq!(event.committed_at, stamp.committed_at);
@@ -252,7 +252,7 @@ mod tests {
         let first = RoomEvent {
             key: s.key.clone(),
             epoch: s.epoch.clone(),
-            version: 2,
+            version: Version::new(2),
             change: Change::Added(Number::Single(7)),
             mutation_id: Some(id.clone()),
             committed_at: s.committed_at - chrono::Duration::seconds(5),
@@ -279,7 +279,7 @@ mod tests {
         let earlier = RoomEvent {
             key: s.key.clone(),
             epoch: s.epoch.clone(),
-            version: 1,
+            version: Version::new(1),
             change: add.clone(),
             mutation_id: Some(id.clone()),
             committed_at: s.committed_at,

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, BearerToken, ClientIp, JsonObject};
 use super::openapi::{ErrorBody, WriteRefusals};
-use crate::domain::{Change, History, MutationId, Number, RoomKey};
+use crate::domain::{Change, History, MutationId, Number, RoomKey, Version};
 use crate::hub::{RoomBody, Saved as SavedRoom};
 use crate::rooms::Writer;
 use crate::state::AppState;
@@ -35,7 +35,8 @@ struct Session<'a> {
     /// RFC 3339, milliseconds, UTC.
     created_at: String,
     updated_at: String,
-    version: u64,
+    #[schema(value_type = u64)]
+    version: Version,
     epoch: &'a str,
     protected: bool,
 }
@@ -161,7 +162,7 @@ pub async fn get_room(
         None => Json(RoomBody {
             key: &key,
             history: &History::default(),
-            version: 0,
+            version: Version::ZERO,
             epoch: None,
         })
         .into_response(),
@@ -403,7 +404,7 @@ mod tests {
             })
             .collect();
         let snapshot = Arc::new(Snapshot::new(
-            30,
+            Version::new(30),
             "e1".into(),
             true,
             History::from_numbers(numbers),
@@ -411,7 +412,8 @@ mod tests {
         let key = RoomKey::parse("Стол \"7\"").unwrap();
         let now = chrono::Utc::now();
         for len in [0, 1, 12, 30] {
-            let room = SavedRoom::from_snapshot(5, now, now, snapshot.clone(), len, len as u64);
+            let version = Version::new(len as u64);
+            let room = SavedRoom::from_snapshot(5, now, now, snapshot.clone(), len, version);
             let expected = serde_json::to_vec(&Saved {
                 success: true,
                 data: Session::of(&key, &room),

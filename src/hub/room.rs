@@ -210,7 +210,7 @@ async fn publish_batches(
                 // The write is durable; a lost publish is repaired by the
                 // receivers' gap filling and periodic catch-up.
                 if let Err(err) = result {
-                    tracing::warn!(room = %event.key, version = event.version, error = %err, "bus publish failed");
+                    tracing::warn!(room = %event.key, version = event.version.get(), error = %err, "bus publish failed");
                 }
             }
             done.send_modify(|progress| progress.published = seq);
@@ -681,7 +681,7 @@ impl RoomTask {
         match &mirror.epoch {
             Some(epoch) if *epoch != event.epoch => Place::Elsewhere,
             Some(_) if event.version <= mirror.version => Place::Seen,
-            _ if event.version == mirror.version + 1 => Place::Next,
+            _ if event.version == mirror.version.next() => Place::Next,
             _ => Place::Elsewhere,
         }
     }
@@ -713,7 +713,7 @@ impl RoomTask {
             },
             None => Mirror {
                 history: History::default(),
-                version: 0,
+                version: Version::ZERO,
                 epoch: None,
                 protected: None,
                 meta: None,
@@ -819,7 +819,7 @@ impl RoomTask {
         if version > mirror.version {
             return None;
         }
-        let missing = (mirror.version - version) as usize;
+        let missing = mirror.version.since(version) as usize;
         if missing + 2 > self.hub.inner.config.queue_capacity {
             return None;
         }
@@ -829,7 +829,7 @@ impl RoomTask {
         if self
             .recent
             .front()
-            .is_some_and(|e| e.version <= version + 1)
+            .is_some_and(|e| e.version <= version.next())
         {
             return Some(
                 self.recent
@@ -866,7 +866,7 @@ impl RoomTask {
         if event.version <= mirror.version {
             return; // already delivered (the same event came by two paths)
         }
-        if event.version > mirror.version + 1 {
+        if event.version > mirror.version.next() {
             // Usually the missing events are already on their way: writers of
             // one committed group are answered in any order, and publishes may
             // overtake each other. The run loop reads the store only if they do
@@ -929,8 +929,8 @@ impl RoomTask {
         tracing::warn!(
             room = %self.key,
             kind,
-            held_version = held.version,
-            stored_version = fresh.version,
+            held_version = held.version.get(),
+            stored_version = fresh.version.get(),
             "room differs from the store; every member gets the store's state"
         );
         self.behind = None;
@@ -972,7 +972,7 @@ impl RoomTask {
         };
         if held < version {
             metrics::counter!("croupier_repairs_total", "kind" => "behind").increment(1);
-            tracing::warn!(room = %self.key, held_version = held, stored_version = version, "events that never arrived over the bus are read from the store");
+            tracing::warn!(room = %self.key, held_version = held.get(), stored_version = version.get(), "events that never arrived over the bus are read from the store");
             self.catch_up().await;
         }
     }
@@ -991,7 +991,7 @@ impl RoomTask {
                             self.resync_all().await;
                             return;
                         }
-                        Some((v, _)) if event.version == v + 1 => self.apply_and_deliver(event),
+                        Some((v, _)) if event.version == v.next() => self.apply_and_deliver(event),
                         _ => {}
                     }
                 }
@@ -1007,7 +1007,7 @@ impl RoomTask {
 
     fn drain_pending(&mut self) {
         while let Some(mirror) = &self.mirror {
-            let next = mirror.version + 1;
+            let next = mirror.version.next();
             self.pending.retain(|v, _| *v >= next);
             match self.pending.remove(&next) {
                 Some(event) => self.apply_and_deliver(event),

@@ -115,6 +115,7 @@ impl HistoryJson {
 pub struct RoomBody<'a> {
     pub key: &'a RoomKey,
     pub history: &'a History,
+    #[schema(value_type = u64)]
     pub version: Version,
     /// Absent for a room that was never created.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,9 +209,9 @@ impl View {
 mod tests {
     use super::*;
 
-    fn snap(epoch: &str, version: Version) -> Arc<Snapshot> {
+    fn snap(epoch: &str, version: u64) -> Arc<Snapshot> {
         Arc::new(Snapshot::new(
-            version,
+            Version::new(version),
             epoch.into(),
             false,
             History::default(),
@@ -226,9 +227,10 @@ mod tests {
         let view = View::new();
         assert_eq!(shown(&view), None);
         view.publish(snap("e", 1));
-        assert!(view.shows("e", 1) && !view.shows("e", 2) && !view.shows("f", 1));
+        let (one, two) = (Version::new(1), Version::new(2));
+        assert!(view.shows("e", one) && !view.shows("e", two) && !view.shows("f", one));
         view.publish(snap("new", 1));
-        assert_eq!(shown(&view), Some(("new".into(), 1)));
+        assert_eq!(shown(&view), Some(("new".into(), one)));
         view.clear();
         assert_eq!(shown(&view), None);
     }

@@ -30,6 +30,7 @@ impl From<DomainError> for WsError {
             DomainError::InvalidHistory => "invalid_history",
             DomainError::HistoryTooLong { .. } => "history_too_long",
             DomainError::InvalidMutationId => "invalid_id",
+            DomainError::InvalidVersion => "invalid_version",
         };
         WsError::new(code, err.to_string())
     }
@@ -155,21 +156,10 @@ impl Fields<'_> {
 
     /// `version`: present (even 0 or null) selects dialect v2.
     fn version(&self) -> Result<Option<Version>, WsError> {
-        match self.0.get("version") {
-            None => Ok(None),
-            Some(Value::Null) => Ok(Some(0)),
-            Some(v) => v
-                .as_u64()
-                .or_else(|| {
-                    v.as_f64()
-                        .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                        .map(|f| f as u64)
-                })
-                .map(Some)
-                .ok_or_else(|| {
-                    WsError::new("invalid_version", "version must be a non-negative integer")
-                }),
-        }
+        self.0
+            .get("version")
+            .map(|v| Version::from_json(v).map_err(WsError::from))
+            .transpose()
     }
 
     fn index(&self) -> Result<usize, WsError> {
@@ -272,9 +262,14 @@ mod tests {
         assert!(matches!(
             v2,
             ClientMessage::Join {
-                version: Some(0),
+                version: Some(Version::ZERO),
                 ..
             }
+        ));
+        let resume = parse(r#"{"type":"join","key":"a","version":12.0}"#, 10).unwrap();
+        assert!(matches!(
+            resume,
+            ClientMessage::Join { version: Some(v), .. } if v == Version::new(12)
         ));
     }
 
@@ -287,6 +282,10 @@ mod tests {
         assert_eq!(code(r#"{"type":"add","number":37}"#), "invalid_number");
         assert_eq!(code(r#"{"type":"add","number":"15"}"#), "invalid_number");
         assert_eq!(code(r#"{"type":"join","key":"a/b"}"#), "invalid_key");
+        assert_eq!(
+            code(r#"{"type":"join","key":"a","version":-1}"#),
+            "invalid_version"
+        );
         assert_eq!(
             code(r#"{"type":"update","history":[1,2,3,4]}"#),
             "history_too_long"

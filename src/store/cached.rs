@@ -164,7 +164,7 @@ struct RoomBlobIn {
     id: i64,
     key: String,
     history: serde_json::Value,
-    version: Version,
+    version: u64,
     epoch: String,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -192,7 +192,7 @@ fn decode_room(raw: &str) -> Result<Room, String> {
         id: blob.id,
         key: RoomKey::parse(&blob.key).map_err(|e| e.to_string())?,
         history: History::from_json(&blob.history, usize::MAX).map_err(|e| e.to_string())?,
-        version: blob.version,
+        version: Version::new(blob.version),
         epoch: blob.epoch.into(),
         created_at: blob.created_at,
         updated_at: blob.updated_at,
@@ -723,7 +723,7 @@ mod tests {
                 Number::DoubleZero,
                 Number::Single(36),
             ]),
-            version: 9,
+            version: Version::new(9),
             epoch: "abc".into(),
             created_at: DateTime::parse_from_rfc3339("2024-01-02T03:04:05.123456789Z")
                 .unwrap()

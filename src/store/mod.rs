@@ -206,7 +206,9 @@ pub(crate) enum MissedPlan {
 /// caught up (another epoch, or ahead of the room), or needs the log read.
 pub(crate) fn plan_missed(known: &Position, room: Option<(&str, Version)>) -> MissedPlan {
     match room {
-        None if known.epoch.is_none() && known.version == 0 => MissedPlan::Answer(Some(Vec::new())),
+        None if known.epoch.is_none() && known.version == Version::ZERO => {
+            MissedPlan::Answer(Some(Vec::new()))
+        }
         Some((epoch, version)) if known.epoch.as_deref() == Some(epoch) => {
             if known.version == version {
                 MissedPlan::Answer(Some(Vec::new()))
@@ -233,16 +235,18 @@ pub(crate) fn went_back(known: &Position, epoch: &str, version: Version) -> bool
 }
 
 /// The log's events after `after`, if they are exactly `after + 1 ..= upto`.
+/// ([`plan_missed`] only asks for a read with `after < upto`.)
 pub(crate) fn complete_log(
     events: Vec<RoomEvent>,
     after: Version,
     upto: Version,
 ) -> Option<Vec<RoomEvent>> {
-    let complete = events.len() as u64 == upto - after
-        && events
-            .iter()
-            .zip(after + 1..)
-            .all(|(event, version)| event.version == version);
+    let mut expected = after;
+    let complete = events.len() as u64 == upto.since(after)
+        && events.iter().all(|event| {
+            expected = expected.next();
+            event.version == expected
+        });
     complete.then_some(events)
 }
 
@@ -458,6 +462,12 @@ pub fn decode_change(kind: &str, payload: &str) -> Result<Change, StoreError> {
 /// Parses a key read back from the database.
 pub fn stored_key(raw: &str) -> Result<RoomKey, StoreError> {
     RoomKey::parse(raw).map_err(|_| StoreError::Internal(format!("invalid stored key {raw:?}")))
+}
+
+/// Parses a version read back from a BIGINT column (never negative).
+pub fn stored_version(raw: i64) -> Result<Version, StoreError> {
+    Version::from_stored(raw)
+        .map_err(|_| StoreError::Internal(format!("invalid stored version {raw}")))
 }
 
 /// How `room_numbers` stores a number: `"0"`..`"36"` or `"00"`.

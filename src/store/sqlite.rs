@@ -22,7 +22,8 @@ use super::{
     Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
     MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
     StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
-    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, went_back,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, stored_version,
+    went_back,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, History, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -82,14 +83,14 @@ impl SqliteStore {
 fn room_from_row(row: &SqliteRow) -> Result<(Room, Option<String>), StoreError> {
     let key: String = row.try_get("key")?;
     let numbers: Option<String> = row.try_get("numbers")?;
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let epoch: String = row.try_get("epoch")?;
     let password_hash: Option<String> = row.try_get("password_hash")?;
     let room = Room {
         id: row.try_get("id")?,
         key: stored_key(&key)?,
         history: stored_numbers(numbers.as_deref())?,
-        version: version as Version,
+        version,
         epoch: epoch.into(),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -99,13 +100,13 @@ fn room_from_row(row: &SqliteRow) -> Result<(Room, Option<String>), StoreError> 
 }
 
 fn head_from_row(row: &SqliteRow) -> Result<Head, StoreError> {
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let length: i64 = row.try_get("history_length")?;
     let epoch: String = row.try_get("epoch")?;
     Ok(Head {
         id: row.try_get("id")?,
         epoch: epoch.into(),
-        version: version as Version,
+        version,
         history_length: length as usize,
         protected: row.try_get("protected")?,
         created_at: row.try_get("created_at")?,
@@ -135,8 +136,8 @@ async fn read_events(
          WHERE room_id = ? AND version > ? AND version <= ? ORDER BY version",
     )
     .bind(room.id)
-    .bind(after as i64)
-    .bind(upto.map_or(i64::MAX, |v| v as i64))
+    .bind(after.to_stored())
+    .bind(upto.map_or(i64::MAX, Version::to_stored))
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
@@ -218,7 +219,7 @@ async fn persist(
          VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(room_id)
-    .bind(event.version as i64)
+    .bind(event.version.to_stored())
     .bind(kind)
     .bind(payload)
     .bind(event.mutation_id.as_ref().map(MutationId::as_str))
@@ -253,12 +254,12 @@ async fn insert_numbers(
 fn event_from_row(key: &RoomKey, epoch: &str, row: &SqliteRow) -> Result<RoomEvent, StoreError> {
     let kind: String = row.try_get("kind")?;
     let payload: String = row.try_get("payload")?;
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let mutation_id: Option<String> = row.try_get("mutation_id")?;
     Ok(RoomEvent {
         key: key.clone(),
         epoch: epoch.into(),
-        version: version as Version,
+        version,
         change: decode_change(&kind, &payload)?,
         mutation_id: mutation_id
             .map(MutationId::parse)
@@ -337,7 +338,7 @@ impl SqliteStore {
             room = Some(Head {
                 id,
                 epoch: epoch.into(),
-                version: 0,
+                version: Version::ZERO,
                 history_length: 0,
                 protected: false,
                 created_at: now,
@@ -410,7 +411,7 @@ impl SqliteStore {
             "UPDATE rooms SET history_length = ?, version = ?, updated_at = ? WHERE id = ?",
         )
         .bind(head.length as i64)
-        .bind(head.version as i64)
+        .bind(head.version.to_stored())
         .bind(now)
         .bind(before.id)
         .execute(&mut *tx)
@@ -485,12 +486,11 @@ impl Store for SqliteStore {
             .map(|row| {
                 let key: String = row.try_get("key")?;
                 let epoch: String = row.try_get("epoch")?;
-                let version: i64 = row.try_get("version")?;
                 Ok((
                     stored_key(&key)?,
                     Position {
                         epoch: Some(epoch.into()),
-                        version: version as Version,
+                        version: stored_version(row.try_get("version")?)?,
                     },
                 ))
             })
@@ -507,7 +507,7 @@ impl Store for SqliteStore {
                 .bind(new_epoch())
                 .bind(key.as_str())
                 .bind(epoch)
-                .bind(seen.version as i64)
+                .bind(seen.version.to_stored())
                 .execute(&self.writer)
                 .await?
                 .rows_affected();
@@ -526,12 +526,16 @@ impl Store for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let Some(room) = room else {
-            return Ok(if after == 0 { Some(Vec::new()) } else { None });
+            return Ok(if after == Version::ZERO {
+                Some(Vec::new())
+            } else {
+                None
+            });
         };
         let room_id: i64 = room.try_get("id")?;
-        let current: i64 = room.try_get("version")?;
+        let current = stored_version(room.try_get("version")?)?;
         let epoch: String = room.try_get("epoch")?;
-        if after as i64 > current {
+        if after > current {
             return Ok(None);
         }
         let rows = sqlx::query(
@@ -539,7 +543,7 @@ impl Store for SqliteStore {
              WHERE room_id = ? AND version > ? ORDER BY version",
         )
         .bind(room_id)
-        .bind(after as i64)
+        .bind(after.to_stored())
         .fetch_all(&mut *tx)
         .await?;
         let events = rows
@@ -547,8 +551,8 @@ impl Store for SqliteStore {
             .map(|row| event_from_row(key, &epoch, row))
             .collect::<Result<Vec<_>, _>>()?;
         // Complete only if the log still starts right after `after` and has no holes.
-        let complete = events.len() as i64 == current - after as i64
-            && events.first().is_none_or(|e| e.version == after + 1);
+        let complete = events.len() as u64 == current.since(after)
+            && events.first().is_none_or(|e| e.version == after.next());
         Ok(complete.then_some(events))
     }
 

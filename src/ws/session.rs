@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::Peer;
 use crate::auth::TokenError;
 use crate::bus::ConnectionInfo;
-use crate::domain::{Change, MutationId, RoomKey};
+use crate::domain::{Change, MutationId, RoomKey, Version};
 use crate::hub::registry::ClientSlot;
 use crate::hub::{self, Greeting, Member, Outbound, Outbox, Socket};
 use crate::protocol::frames::{self, Dialect, Frame};
@@ -331,7 +331,7 @@ impl Session {
             } => {
                 let (dialect, greeting) = match version {
                     None => (Dialect::V1, Greeting::Sync),
-                    Some(0) => (Dialect::V2, Greeting::Sync),
+                    Some(Version::ZERO) => (Dialect::V2, Greeting::Sync),
                     Some(version) => (Dialect::V2, Greeting::Resume { version, epoch }),
                 };
                 self.join(key, token.as_deref(), dialect, greeting)

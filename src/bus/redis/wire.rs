@@ -5,7 +5,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey};
+use crate::domain::{Change, History, MutationId, Number, RoomEvent, RoomKey, Version};
 
 pub(super) const CONTROL_CHANNEL: &str = "croupier:control";
 /// "I could not publish some events; catch up from the store." Payload: the
@@ -39,7 +39,7 @@ pub(super) fn encode_event(origin: &str, event: &RoomEvent) -> String {
         origin: origin.to_owned(),
         key: event.key.to_string(),
         epoch: event.epoch.to_string(),
-        version: event.version,
+        version: event.version.get(),
         kind: event.change.kind().to_owned(),
         value,
         mutation_id: event.mutation_id.as_ref().map(|m| m.as_str().to_owned()),
@@ -78,7 +78,7 @@ pub(super) fn decode_event(payload: &[u8]) -> Result<(String, RoomEvent), String
     let event = RoomEvent {
         key: RoomKey::parse(&wire.key).map_err(|e| e.to_string())?,
         epoch: wire.epoch.into(),
-        version: wire.version,
+        version: Version::new(wire.version),
         change,
         mutation_id,
         committed_at,
@@ -94,7 +94,7 @@ mod tests {
         RoomEvent {
             key: RoomKey::parse("Рулетка 1").unwrap(),
             epoch: "e1".into(),
-            version: 7,
+            version: Version::new(7),
             change,
             mutation_id: Some(MutationId::parse("m-1").unwrap()),
             committed_at: DateTime::parse_from_rfc3339("2024-05-01T10:00:00.123456789Z")

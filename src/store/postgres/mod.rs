@@ -44,7 +44,8 @@ use super::{
     Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
     MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
     StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
-    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, went_back,
+    expand_migrator, number_text, plan_missed, stored_key, stored_numbers, stored_version,
+    went_back,
 };
 use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
@@ -81,14 +82,14 @@ impl PostgresStore {
 fn room_from_row(row: &PgRow) -> Result<(Room, Option<String>), StoreError> {
     let key: String = row.try_get("key")?;
     let numbers: Option<String> = row.try_get("numbers")?;
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let epoch: String = row.try_get("epoch")?;
     let password_hash: Option<String> = row.try_get("password_hash")?;
     let room = Room {
         id: row.try_get("id")?,
         key: stored_key(&key)?,
         history: stored_numbers(numbers.as_deref())?,
-        version: version as Version,
+        version,
         epoch: epoch.into(),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -98,13 +99,13 @@ fn room_from_row(row: &PgRow) -> Result<(Room, Option<String>), StoreError> {
 }
 
 fn head_from_row(row: &PgRow) -> Result<Head, StoreError> {
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let length: i64 = row.try_get("history_length")?;
     let epoch: String = row.try_get("epoch")?;
     Ok(Head {
         id: row.try_get("id")?,
         epoch: epoch.into(),
-        version: version as Version,
+        version,
         history_length: length as usize,
         protected: row.try_get("protected")?,
         created_at: row.try_get("created_at")?,
@@ -115,12 +116,12 @@ fn head_from_row(row: &PgRow) -> Result<Head, StoreError> {
 fn event_from_row(key: &RoomKey, epoch: &str, row: &PgRow) -> Result<RoomEvent, StoreError> {
     let kind: String = row.try_get("kind")?;
     let payload: String = row.try_get("payload")?;
-    let version: i64 = row.try_get("version")?;
+    let version = stored_version(row.try_get("version")?)?;
     let mutation_id: Option<String> = row.try_get("mutation_id")?;
     Ok(RoomEvent {
         key: key.clone(),
         epoch: epoch.into(),
-        version: version as Version,
+        version,
         change: decode_change(&kind, &payload)?,
         mutation_id: mutation_id
             .map(MutationId::parse)
@@ -176,12 +177,11 @@ async fn lock_room(
 fn position_from_row(row: &PgRow) -> Result<(RoomKey, Position), StoreError> {
     let key: String = row.try_get("key")?;
     let epoch: String = row.try_get("epoch")?;
-    let version: i64 = row.try_get("version")?;
     Ok((
         stored_key(&key)?,
         Position {
             epoch: Some(epoch.into()),
-            version: version as Version,
+            version: stored_version(row.try_get("version")?)?,
         },
     ))
 }
@@ -215,8 +215,8 @@ async fn read_events(
          WHERE room_id = $1 AND version > $2 AND version <= $3 ORDER BY version",
     )
     .bind(room.id)
-    .bind(after as i64)
-    .bind(upto as i64)
+    .bind(after.to_stored())
+    .bind(upto.to_stored())
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
@@ -464,7 +464,7 @@ impl PostgresStore {
         let mut ids = Vec::with_capacity(applied.len());
         for (event, _) in &applied {
             let (kind, payload) = encode_change(&event.change);
-            versions.push(event.version as i64);
+            versions.push(event.version.to_stored());
             kinds.push(kind);
             payloads.push(payload);
             ids.push(event.mutation_id.as_ref().map(|m| m.as_str().to_owned()));
@@ -485,7 +485,7 @@ impl PostgresStore {
         .bind(ids)
         .bind(now)
         .bind(head.length as i32)
-        .bind(head.version as i64)
+        .bind(head.version.to_stored())
         .execute(&mut *tx)
         .await?;
         let room = if with_room {
@@ -568,7 +568,7 @@ impl Store for PostgresStore {
         .bind(new_epoch())
         .bind(key.as_str())
         .bind(epoch)
-        .bind(seen.version as i64)
+        .bind(seen.version.to_stored())
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -592,15 +592,19 @@ impl Store for PostgresStore {
              ORDER BY e.version",
         )
         .bind(key.as_str())
-        .bind(after as i64)
+        .bind(after.to_stored())
         .fetch_all(&self.pool)
         .await?;
         let Some(first) = rows.first() else {
-            return Ok(if after == 0 { Some(Vec::new()) } else { None });
+            return Ok(if after == Version::ZERO {
+                Some(Vec::new())
+            } else {
+                None
+            });
         };
-        let current: i64 = first.try_get("room_version")?;
+        let current = stored_version(first.try_get("room_version")?)?;
         let epoch: String = first.try_get("epoch")?;
-        if after as i64 > current {
+        if after > current {
             return Ok(None);
         }
         let mut events = Vec::with_capacity(rows.len());
@@ -610,8 +614,8 @@ impl Store for PostgresStore {
             }
         }
         // Complete only if the log still starts right after `after` and has no holes.
-        let complete = events.len() as i64 == current - after as i64
-            && events.first().is_none_or(|e| e.version == after + 1);
+        let complete = events.len() as u64 == current.since(after)
+            && events.first().is_none_or(|e| e.version == after.next());
         Ok(complete.then_some(events))
     }
 
