@@ -18,8 +18,8 @@
 #                                    marks the others as not run, and they do
 #                                    not fail the run
 #   bash scripts/bench.sh --perf     also profile instance 1 with `perf record`
-#                                    during the direct GET and one-instance fan-out
-#                                    scenarios (target/bench/perf-*.txt)
+#                                    during the direct GET, save and one-instance
+#                                    fan-out scenarios (target/bench/perf-*.txt)
 #
 # It starts its own cluster on loopback in temporary directories (instances on
 # port 0, the others on free ports retried when taken, see scripts/lib/ports.sh):
@@ -374,16 +374,16 @@ run() {
 # profile LABEL SECONDS: samples instance 1's CPU while a scenario runs.
 profile_start() {
     [ "$PERF" = 1 ] || return 0
-    perf record -F 499 -g -p "${NODE_PIDS[0]}" -o "$WORK/perf-$1.data" -- sleep "$2" >/dev/null 2>&1 &
+    perf record -F "${PERF_FREQ:-499}" -g -p "${NODE_PIDS[0]}" -o "$OUT_DIR/perf-$1.data" -- sleep "$2" >/dev/null 2>&1 &
     PERF_PID=$!
 }
 profile_finish() {
     [ -n "$PERF_PID" ] || return 0
     wait "$PERF_PID" 2>/dev/null || true
     PERF_PID=""
-    perf report -i "$WORK/perf-$1.data" --stdio --no-children --percent-limit 0.5 -F overhead,dso,sym \
+    perf report -i "$OUT_DIR/perf-$1.data" --stdio --no-children --percent-limit 0.5 -F overhead,dso,sym \
         -g none 2>/dev/null | grep -v '^$' | sed -E 's/ +$//; s/ {3,}/  /g' | head -n 80 >"$OUT_DIR/perf-$1.txt" || true
-    log "  profile written to target/bench/perf-$1.txt"
+    log "  profile written to target/bench/perf-$1.txt (samples: perf-$1.data)"
 }
 
 if [ "$QUICK" = 1 ]; then
@@ -437,7 +437,10 @@ if wants get; then
 fi
 
 if wants save; then
+    profile_start save 2
     run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
+    profile_finish save
+    curl -s "$URL1/metrics" >"$OUT_DIR/metrics-save.txt" || true
     # The same appends to a room that already holds 9,000 numbers.
     run save-long http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" --prefill 9000 "${SAVE[@]}"
 fi

@@ -15,7 +15,7 @@ use std::time::Duration;
 use croupier::domain::{Change, History, MutationId, Number, RoomKey, Version};
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
-use croupier::store::{Batch, Mutation, Outcome, Position, Store};
+use croupier::store::{Batch, Mutation, Outcome, Position, Shape, Store};
 use support::postgres::TestPostgres;
 
 const DEFAULT_SEED: u64 = 0x5eed_2026;
@@ -189,8 +189,10 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
         // Mostly small limits, so histories run into them.
         let limit = [0, 1, 3, 6, 6, 8, 8, 8][rng.below(8) as usize];
         let size = 1 + rng.below(6) as usize;
-        let lag = rng.below(4);
+        // Mostly up to date, as a room task is; sometimes behind.
+        let lag = if rng.chance(30) { 1 + rng.below(3) } else { 0 };
         let forget = rng.chance(10);
+        let (lie, lie_about_length) = (rng.chance(15), rng.chance(50));
         let mutations: Vec<Mutation> = (0..size)
             .map(|_| {
                 let change = match rng.below(10) {
@@ -222,6 +224,14 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
             } else {
                 let mut known = subject.known[room].clone();
                 known.version = Version::new(known.version.get().saturating_sub(lag));
+                // A shape that does not match the room must never be trusted.
+                if let Some(shape) = known.shape.as_mut().filter(|_| lie) {
+                    if lie_about_length {
+                        shape.history_length += 1;
+                    } else {
+                        shape.protected = !shape.protected;
+                    }
+                }
                 known
             };
             let batch = subject
@@ -233,9 +243,16 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
                 });
             assert_eq!(batch.outcomes.len(), mutations.len());
             if let Some(head) = &batch.head {
+                // With the whole head, as a room task knows it: the backends
+                // may then commit appends without reading the room first.
                 subject.known[room] = Position {
                     epoch: Some(head.epoch.clone()),
                     version: head.version,
+                    shape: Some(Shape {
+                        id: head.id,
+                        history_length: head.history_length,
+                        protected: head.protected,
+                    }),
                 };
             }
             replies.push(reply(&batch));

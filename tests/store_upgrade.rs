@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use croupier::domain::{Change, History, Number, RoomKey, Version};
 use croupier::store::postgres::{PgOptions, PostgresStore};
-use croupier::store::{Mutation, Outcome, Position, Store};
+use croupier::store::{Mutation, Outcome, Position, Shape, Store};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use support::postgres::TestPostgres;
@@ -199,9 +199,16 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
     let batch = store
         .apply_batch(
             &key,
+            // With the whole head known, so the appends are committed by one
+            // call: on an expanded schema that too keeps `rooms.history` in step.
             &Position {
                 epoch: Some(room.epoch.clone()),
                 version: Version::new(1),
+                shape: Some(Shape {
+                    id,
+                    history_length: room.history.len(),
+                    protected: room.protected,
+                }),
             },
             &[
                 mutation(&key, Change::Added(Number::DoubleZero)),
@@ -353,6 +360,39 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
         expected.push(Number::DoubleZero);
         version += 3;
         check(&store, &key, &expected, version, &format!("round {round}")).await;
+
+        // Appends on the head that batch left, as a room task sends them:
+        // committed by one call, which keeps `rooms.history` in step too.
+        let head = batch.head.expect("the room exists");
+        let known = Position {
+            epoch: Some(head.epoch.clone()),
+            version: head.version,
+            shape: Some(Shape {
+                id: head.id,
+                history_length: head.history_length,
+                protected: head.protected,
+            }),
+        };
+        let appends =
+            [n(round + 1), n(round + 2)].map(|number| mutation(&key, Change::Added(number)));
+        let batch = store.apply_batch(&key, &known, &appends).await.unwrap();
+        assert!(
+            batch
+                .outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Applied(_)))
+        );
+        assert_eq!(batch.missed.map(|m| m.len()), Some(0));
+        expected.extend([n(round + 1), n(round + 2)]);
+        version += 2;
+        check(
+            &store,
+            &key,
+            &expected,
+            version,
+            &format!("round {round}, one call"),
+        )
+        .await;
     }
 
     // A room the previous release's general path creates: its insert leaves
@@ -389,6 +429,7 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
             &Position {
                 epoch: Some(room.epoch.clone()),
                 version: room.version,
+                shape: None,
             },
             &[mutation(&key, Change::Removed(0))],
         )

@@ -22,7 +22,7 @@ use crate::bus::DynBroker;
 use crate::domain::{Change, History, Room, RoomEvent, RoomKey, Version};
 use crate::protocol::frames::{self, Dialect, Frame};
 use crate::store::cached::RoomCache;
-use crate::store::{Batch, Head, Mutation, Outcome, Position, StoreError};
+use crate::store::{Batch, Head, Mutation, Outcome, Position, Shape, StoreError};
 
 /// How long events the store has, and this instance has not seen yet, may
 /// still be on their way over the bus before the repair reads them.
@@ -55,6 +55,25 @@ struct Mirror {
     /// What writers' replies show besides the history; `None` while unknown
     /// (the room did not exist when the mirror was loaded).
     meta: Option<Meta>,
+}
+
+impl Mirror {
+    /// Where the mirror stands, with the rest of the head when it knows it.
+    fn position(&self) -> Position {
+        let shape = self
+            .meta
+            .zip(self.protected)
+            .map(|(meta, protected)| Shape {
+                id: meta.id,
+                history_length: self.history.len(),
+                protected,
+            });
+        Position {
+            epoch: self.epoch.clone(),
+            version: self.version,
+            shape,
+        }
+    }
 }
 
 /// A room's row identity and times, as the store last reported them.
@@ -451,14 +470,7 @@ impl RoomTask {
             );
             return;
         }
-        let known = self
-            .mirror
-            .as_ref()
-            .map(|mirror| Position {
-                epoch: mirror.epoch.clone(),
-                version: mirror.version,
-            })
-            .unwrap_or_default();
+        let known = self.held().unwrap_or_default();
         let store = self.hub.inner.store.clone();
         let batch = match store.apply_batch(&self.key, &known, &mutations).await {
             Ok(batch) if batch.outcomes.len() == mutations.len() => batch,
@@ -939,10 +951,7 @@ impl RoomTask {
 
     /// Where the mirror stands, if the room is loaded.
     fn held(&self) -> Option<Position> {
-        self.mirror.as_ref().map(|mirror| Position {
-            epoch: mirror.epoch.clone(),
-            version: mirror.version,
-        })
+        self.mirror.as_ref().map(Mirror::position)
     }
 
     /// The store holds later events of the mirror's epoch (or the room,

@@ -152,6 +152,19 @@ pub struct Position {
     /// `None`: as far as the caller knows, the room does not exist yet.
     pub epoch: Option<Arc<str>>,
     pub version: Version,
+    /// The rest of the room's head at that position, when the caller has it.
+    /// A backend may then decide a batch without reading the room first, and
+    /// commit it only if the room still stands exactly there; it never trusts
+    /// the shape otherwise.
+    pub shape: Option<Shape>,
+}
+
+/// What a caller last saw of a room's head besides its epoch and version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub id: i64,
+    pub history_length: usize,
+    pub protected: bool,
 }
 
 /// A room's identity and head, without its history.

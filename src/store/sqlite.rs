@@ -491,6 +491,7 @@ impl Store for SqliteStore {
                     Position {
                         epoch: Some(epoch.into()),
                         version: stored_version(row.try_get("version")?)?,
+                        shape: None,
                     },
                 ))
             })
