@@ -11,13 +11,14 @@ pub mod cached;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::rules::{Decision, Refusal};
+use crate::domain::rules::{Decision, Proposal, Refusal, RoomHead, Stamp, decide};
 use crate::domain::{Change, History, MutationId, Number, Room, RoomEvent, RoomKey, Version};
 
 /// How long a mutation id is remembered for de-duplicating retries.
@@ -157,6 +158,74 @@ pub struct Position {
     /// commit it only if the room still stands exactly there; it never trusts
     /// the shape otherwise.
     pub shape: Option<Shape>,
+}
+
+/// A batch of appends decided on the head a caller reports, before the store
+/// read the room: what a backend may commit if the room still stands there.
+#[derive(Debug, Clone)]
+pub struct Appends {
+    pub events: Vec<RoomEvent>,
+    /// Where the room stands after them.
+    pub head: Position,
+}
+
+impl Appends {
+    /// Decides `mutations` on `known` with [`decide`]; `None` unless the head
+    /// is known whole and every mutation is an append that applies (anything
+    /// else is decided on the locked room).
+    pub fn on(
+        key: &RoomKey,
+        known: &Position,
+        mutations: &[Mutation],
+        committed_at: DateTime<Utc>,
+    ) -> Option<Appends> {
+        let (Some(epoch), Some(shape)) = (&known.epoch, known.shape) else {
+            return None;
+        };
+        let stamp = Stamp {
+            key: key.clone(),
+            epoch: epoch.clone(),
+            committed_at,
+        };
+        let mut head = RoomHead {
+            version: known.version,
+            length: shape.history_length,
+            protected: shape.protected,
+        };
+        let mut earlier: HashMap<MutationId, RoomEvent> = HashMap::new();
+        let mut events = Vec::with_capacity(mutations.len());
+        for mutation in mutations {
+            if !matches!(mutation.change, Change::Added(_)) {
+                return None;
+            }
+            let proposal = Proposal {
+                change: &mutation.change,
+                mutation_id: mutation.mutation_id.as_ref(),
+                max_history: mutation.max_history,
+                authorized: mutation.authorized,
+            };
+            let found = mutation.mutation_id.as_ref().and_then(|id| earlier.get(id));
+            let Decision::Applied(event) = decide(&head, &proposal, found, &stamp) else {
+                return None;
+            };
+            if let Some(id) = &event.mutation_id {
+                earlier.insert(id.clone(), event.clone());
+            }
+            head = head.after(&event.change);
+            events.push(event);
+        }
+        Some(Appends {
+            events,
+            head: Position {
+                epoch: Some(epoch.clone()),
+                version: head.version,
+                shape: Some(Shape {
+                    history_length: head.length,
+                    ..shape
+                }),
+            },
+        })
+    }
 }
 
 /// What a caller last saw of a room's head besides its epoch and version.

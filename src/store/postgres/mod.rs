@@ -41,7 +41,7 @@ use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use super::{
-    Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
+    Appends, Applied, Batch, EVENT_RETENTION_AGE, EVENT_RETENTION_COUNT, Head, MUTATION_ID_WINDOW,
     MigrationInfo, MissedPlan, Mutation, Outcome, Page, Position, RoomAuth, RoomSummary, Store,
     StoreError, StoreStats, applied_alone, complete_log, decode_change, encode_change,
     expand_migrator, number_text, plan_missed, stored_key, stored_numbers, stored_version,
@@ -376,10 +376,11 @@ impl LogRows {
 impl PostgresStore {
     /// Commits a batch of appends with one call of `croupier_append_at` (see
     /// its migration) when the caller knows the room's whole head and every
-    /// append applies on it. `None` when it is not taken (unknown or moved
-    /// head, another kind of change, a refusal or a retried id, a database
-    /// without the function): the general path then reads and locks the room
-    /// and decides again from what it finds.
+    /// append applies on it ([`Appends::on`]). `None` when it is not taken
+    /// (unknown or moved head, another kind of change, a refusal or a retried
+    /// id, a database without the function), and then nothing changed: the
+    /// general path reads and locks the room and decides again from what it
+    /// finds.
     async fn append_at_known_head(
         &self,
         key: &RoomKey,
@@ -387,50 +388,21 @@ impl PostgresStore {
         mutations: &[Mutation],
         now: DateTime<Utc>,
     ) -> Result<Option<Batch>, StoreError> {
-        let (Some(epoch), Some(shape)) = (&known.epoch, known.shape) else {
+        let Some(Appends { events, head }) = Appends::on(key, known, mutations, now) else {
             return Ok(None);
         };
-        if !mutations
-            .iter()
-            .all(|m| matches!(m.change, Change::Added(_)))
-        {
+        let (Some(epoch), Some(shape), Some(after)) = (&known.epoch, known.shape, head.shape)
+        else {
             return Ok(None);
-        }
-        let stamp = Stamp {
-            key: key.clone(),
-            epoch: epoch.clone(),
-            committed_at: now,
         };
-        let mut head = RoomHead {
-            version: known.version,
-            length: shape.history_length,
-            protected: shape.protected,
-        };
-        let mut earlier: HashMap<MutationId, RoomEvent> = HashMap::new();
-        let mut applied = Vec::with_capacity(mutations.len());
-        for mutation in mutations {
-            let proposal = Proposal {
-                change: &mutation.change,
-                mutation_id: mutation.mutation_id.as_ref(),
-                max_history: mutation.max_history,
-                authorized: mutation.authorized,
-            };
-            let found = mutation.mutation_id.as_ref().and_then(|id| earlier.get(id));
-            let Decision::Applied(event) = decide(&head, &proposal, found, &stamp) else {
-                // Refusals and retries are decided on the locked room.
-                return Ok(None);
-            };
-            if let Some(id) = &event.mutation_id {
-                earlier.insert(id.clone(), event.clone());
-            }
-            head = head.after(&event.change);
-            applied.push(event);
-        }
-        let log = LogRows::of(applied.iter());
-        let ids: Vec<&str> = earlier.keys().map(MutationId::as_str).collect();
-        let numbers: Vec<String> = mutations
+        let log = LogRows::of(events.iter());
+        let ids: Vec<&str> = events
             .iter()
-            .filter_map(|m| match m.change {
+            .filter_map(|e| e.mutation_id.as_ref().map(MutationId::as_str))
+            .collect();
+        let numbers: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e.change {
                 Change::Added(number) => Some(number_text(number)),
                 _ => None,
             })
@@ -448,7 +420,7 @@ impl PostgresStore {
         .bind(now - MUTATION_ID_WINDOW)
         .bind(now)
         .bind(numbers)
-        .bind(head.length as i32)
+        .bind(after.history_length as i32)
         .bind(head.version.to_stored())
         .bind(log.versions)
         .bind(log.kinds)
@@ -470,12 +442,12 @@ impl PostgresStore {
         };
         Ok(Some(Batch {
             missed: Some(Vec::new()),
-            outcomes: applied.into_iter().map(Outcome::Applied).collect(),
+            outcomes: events.into_iter().map(Outcome::Applied).collect(),
             head: Some(Head {
                 id: shape.id,
                 epoch: epoch.clone(),
                 version: head.version,
-                history_length: head.length,
+                history_length: after.history_length,
                 protected: shape.protected,
                 created_at,
                 updated_at: now,
