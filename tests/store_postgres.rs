@@ -626,7 +626,8 @@ async fn the_append_function_sends_only_what_the_caller_lacks() {
 /// The expand step keeps `rooms.history` in step: rolling it back leaves every
 /// room and event in place and the previous releases' append functions working
 /// on them, and migrating forward again copies the histories into rows and
-/// continues the same rooms. The contract step rolls back to the same state.
+/// continues the same rooms. The contract step rolls back to the same state
+/// (after the newer one-call append function, which is undone first).
 #[tokio::test]
 async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
     let pg = TestPostgres::start_new().await;
@@ -656,14 +657,17 @@ async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
         }
     };
     assert!(function_exists("croupier_history_sync").await);
+    assert!(function_exists("croupier_append_at").await);
 
-    store.rollback(1).await.expect("rolling back");
+    // The newest step first (the one-call append), then the rows.
+    store.rollback(2).await.expect("rolling back");
     let status = store.migration_status().await.unwrap();
     assert_eq!(
         status.iter().map(|m| m.applied).collect::<Vec<_>>(),
-        [true, true, false, false]
+        [true, true, false, false, false]
     );
     assert!(!function_exists("croupier_history_sync").await);
+    assert!(!function_exists("croupier_append_at").await);
     assert!(function_exists("croupier_append_known").await);
     let (stored, version): (String, i64) =
         sqlx::query_as("SELECT history::text, version FROM rooms WHERE key = $1")
@@ -707,7 +711,10 @@ async fn the_room_numbers_migrations_roll_back_and_forward_over_live_data() {
     store.migrate_contract().await.expect("contracting");
     assert!(!function_exists("croupier_append_known").await);
     assert_eq!(store.room(&room).await.unwrap().unwrap(), applied.room);
-    store.rollback(1).await.expect("undoing the contract step");
+    store
+        .rollback(2)
+        .await
+        .expect("undoing the one-call append and the contract step");
     let stored: String = sqlx::query_scalar("SELECT history::text FROM rooms WHERE key = $1")
         .bind(room.as_str())
         .fetch_one(store.pool())
