@@ -150,10 +150,13 @@ impl RoomKey {
 /// left alone.
 fn is_bidi_control(c: char) -> bool {
     use unicode_bidi::BidiClass::{FSI, LRE, LRI, LRO, PDF, PDI, RLE, RLI, RLO};
-    matches!(
-        unicode_bidi::bidi_class(c),
-        LRE | RLE | LRO | RLO | PDF | LRI | RLI | FSI | PDI
-    )
+    // No ASCII character is one; most keys are ASCII, and the class lookup is
+    // a binary search through the whole table.
+    !c.is_ascii()
+        && matches!(
+            unicode_bidi::bidi_class(c),
+            LRE | RLE | LRO | RLO | PDF | LRI | RLI | FSI | PDI
+        )
 }
 
 /// Characters that draw nothing: whitespace, format characters (general

@@ -483,7 +483,7 @@ impl Outbox {
     /// before it, else queued. False when the connection must be dropped from
     /// the room: the queue overflowed (the connection is told to close with
     /// 1013), or the connection is closing or gone.
-    pub fn push(&self, frame: Frame) -> bool {
+    pub fn push(&self, frame: &Frame) -> bool {
         let Some(socket) = self.socket.upgrade() else {
             return false;
         };
@@ -493,7 +493,7 @@ impl Outbox {
         }
         let header = Header::text(frame.len());
         if state.queue.is_empty() {
-            let written = match write_frame(&state.io, header, &frame) {
+            let written = match write_frame(&state.io, header, frame) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(err) => {
@@ -508,7 +508,7 @@ impl Outbox {
                 state.enqueue(
                     Chunk::Text {
                         header,
-                        payload: frame,
+                        payload: frame.clone(),
                     },
                     written,
                 );
@@ -528,7 +528,7 @@ impl Outbox {
         state.enqueue(
             Chunk::Text {
                 header,
-                payload: frame,
+                payload: frame.clone(),
             },
             0,
         );
@@ -682,9 +682,9 @@ mod tests {
     async fn frames_are_written_directly_and_framed() {
         let (socket, mut peer) = pair().await;
         let (outbox, mut inbox) = channel(socket, 4, 1000);
-        assert!(outbox.push(frame(5)));
-        assert!(outbox.push(frame(300)));
-        assert!(outbox.push(frame(70_000)));
+        assert!(outbox.push(&frame(5)));
+        assert!(outbox.push(&frame(300)));
+        assert!(outbox.push(&frame(70_000)));
         assert!(next(&mut inbox).await.is_none(), "nothing to act on");
         assert_eq!(read_frame(&mut peer).await, 5);
         assert_eq!(read_frame(&mut peer).await, 300);
@@ -708,7 +708,7 @@ mod tests {
                 return;
             }
             drop(socket);
-            assert!(outbox.push(big.clone()));
+            assert!(outbox.push(&big.clone()));
         }
         panic!("the socket never filled");
     }
@@ -719,9 +719,9 @@ mod tests {
         let (outbox, mut inbox) = channel(socket, 100, 10);
         fill(&outbox);
         // The queue holds part of a 64 KiB frame, far over 10 bytes.
-        assert!(!outbox.push(frame(6)));
+        assert!(!outbox.push(&frame(6)));
         assert!(matches!(next(&mut inbox).await, Some(Outbound::Overflowed)));
-        assert!(!outbox.push(frame(1)), "no pushes after an overflow");
+        assert!(!outbox.push(&frame(1)), "no pushes after an overflow");
     }
 
     #[tokio::test]
@@ -729,9 +729,9 @@ mod tests {
         let (socket, _peer) = pair().await;
         let (outbox, mut inbox) = channel(socket, 3, usize::MAX);
         fill(&outbox);
-        assert!(outbox.push(frame(1)));
-        assert!(outbox.push(frame(1)));
-        assert!(!outbox.push(frame(1)), "a fourth queued frame");
+        assert!(outbox.push(&frame(1)));
+        assert!(outbox.push(&frame(1)));
+        assert!(!outbox.push(&frame(1)), "a fourth queued frame");
         assert!(matches!(next(&mut inbox).await, Some(Outbound::Overflowed)));
     }
 
@@ -743,9 +743,9 @@ mod tests {
         outbox.removed(key.clone());
         assert!(matches!(next(&mut inbox).await, Some(Outbound::Removed(k)) if k == key));
         inbox.close(false);
-        assert!(!outbox.push(frame(1)));
+        assert!(!outbox.push(&frame(1)));
         drop(inbox);
-        assert!(!outbox.push(frame(1)), "the socket is gone");
+        assert!(!outbox.push(&frame(1)), "the socket is gone");
     }
 
     #[tokio::test]
@@ -753,14 +753,14 @@ mod tests {
         let (socket, mut peer) = pair().await;
         let (outbox, mut inbox) = channel(socket.clone(), 100, usize::MAX);
         fill(&outbox);
-        assert!(outbox.push(frame(3)));
+        assert!(outbox.push(&frame(3)));
         let close = [0x88, 0x02, 0x03, 0xe8];
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(
             socket.poll_write(&mut cx, &close),
             Poll::Ready(Ok(4))
         ));
-        assert!(!outbox.push(frame(1)), "nothing after a close frame");
+        assert!(!outbox.push(&frame(1)), "nothing after a close frame");
         // Everything arrives in order, the close frame last.
         let reader = tokio::spawn(async move {
             let mut all = Vec::new();

@@ -58,8 +58,10 @@ struct Mirror {
 }
 
 impl Mirror {
-    /// Where the mirror stands, with the rest of the head when it knows it.
-    fn position(&self) -> Position {
+    /// Where the mirror stands, with the rest of the head when it knows it:
+    /// what a batch is sent with, so the store may commit it without reading
+    /// the room first.
+    fn head(&self) -> Position {
         let shape = self
             .meta
             .zip(self.protected)
@@ -816,7 +818,7 @@ impl RoomTask {
         }
         if greeting_frames
             .into_iter()
-            .all(|(frame, _)| member.outbox.push(frame))
+            .all(|(frame, _)| member.outbox.push(&frame))
         {
             self.members.push(member);
         }
@@ -951,7 +953,7 @@ impl RoomTask {
 
     /// Where the mirror stands, if the room is loaded.
     fn held(&self) -> Option<Position> {
-        self.mirror.as_ref().map(Mirror::position)
+        self.mirror.as_ref().map(Mirror::head)
     }
 
     /// The store holds later events of the mirror's epoch (or the room,
@@ -1036,26 +1038,20 @@ impl RoomTask {
         }
         let Some(mirror) = &self.mirror else { return };
         metrics::counter!("croupier_ws_resyncs_total").increment(self.members.len() as u64);
-        for member in &self.members {
-            let kind = frames::full_state_type(member.dialect);
-            metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
-        }
-        let mut rendered: [Option<Frame>; 3] = Default::default();
         let key = &self.key;
-        self.members.retain(|member| {
-            let frame = rendered[dialect_slot(member.dialect)]
-                .get_or_insert_with(|| {
-                    frames::full_state(
-                        member.dialect,
-                        key,
-                        &mirror.history,
-                        mirror.version,
-                        mirror.epoch.as_deref(),
-                    )
-                })
-                .clone();
-            member.outbox.push(frame)
-        });
+        write_to_members(
+            &mut self.members,
+            |dialect| {
+                frames::full_state(
+                    dialect,
+                    key,
+                    &mirror.history,
+                    mirror.version,
+                    mirror.epoch.as_deref(),
+                )
+            },
+            frames::full_state_type,
+        );
     }
 
     /// The room was created with a password while members could join it
@@ -1075,7 +1071,7 @@ impl RoomTask {
                 Dialect::V1 | Dialect::Seed => (frames::error("auth_required", message), "error"),
             };
             metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
-            member.outbox.push(frame);
+            member.outbox.push(&frame);
             member.outbox.removed(key.clone());
             false
         });
@@ -1113,25 +1109,12 @@ impl RoomTask {
         if mirror.epoch.is_none() {
             mirror.epoch = Some(event.epoch.clone());
         }
-        let mut rendered: [Option<Frame>; 3] = Default::default();
-        let mut sent = [0u64; 3];
         let history = &mirror.history;
-        self.members.retain(|member| {
-            let slot = dialect_slot(member.dialect);
-            let frame = rendered[slot]
-                .get_or_insert_with(|| frames::event(member.dialect, &event, history))
-                .clone();
-            sent[slot] += 1;
-            member.outbox.push(frame)
-        });
-        for dialect in [Dialect::V2, Dialect::V1, Dialect::Seed] {
-            let count = sent[dialect_slot(dialect)];
-            if count > 0 {
-                let kind = frames::frame_type(dialect, &event.change);
-                metrics::counter!("croupier_ws_messages_sent_total", "type" => kind)
-                    .increment(count);
-            }
-        }
+        write_to_members(
+            &mut self.members,
+            |dialect| frames::event(dialect, &event, history),
+            |dialect| frames::frame_type(dialect, &event.change),
+        );
         let latency = (Utc::now() - event.committed_at)
             .to_std()
             .unwrap_or_default();
@@ -1142,6 +1125,82 @@ impl RoomTask {
             self.recent.pop_front();
         }
     }
+}
+
+/// Rooms with at least this many members per core are written by as many
+/// threads as the machine has cores (one of them the room task's own).
+const MEMBERS_PER_WRITER: usize = 1024;
+
+/// Writes one frame to every member (`render`'s for its dialect, each
+/// rendered once), drops the members whose connection is gone or overflowed,
+/// and counts the frames sent by type (`kind` of the dialect).
+///
+/// Each write is one non-blocking system call whose cost is nearly all the
+/// kernel's TCP path, so a large room is split between threads: the room task
+/// writes the first share itself, on its worker, while scoped threads write
+/// the others, and it returns once all are written. On loopback a send also
+/// runs the receiver's side of TCP, so one thread alone takes N times that
+/// path before the last member has the event.
+fn write_to_members(
+    members: &mut Vec<Member>,
+    render: impl Fn(Dialect) -> Frame,
+    kind: impl Fn(Dialect) -> &'static str,
+) {
+    let writers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(members.len() / MEMBERS_PER_WRITER)
+        .max(1);
+    write_shared(members, writers, render, kind);
+}
+
+/// [`write_to_members`] with `writers` threads.
+fn write_shared(
+    members: &mut Vec<Member>,
+    writers: usize,
+    render: impl Fn(Dialect) -> Frame,
+    kind: impl Fn(Dialect) -> &'static str,
+) {
+    let mut frames: [Option<Frame>; 3] = Default::default();
+    for member in members.iter() {
+        let slot = dialect_slot(member.dialect);
+        if frames[slot].is_none() {
+            frames[slot] = Some(render(member.dialect));
+        }
+    }
+    let mut keep = vec![true; members.len()];
+    let write = |members: &[Member], keep: &mut [bool]| {
+        for (member, keep) in members.iter().zip(keep) {
+            if let Some(frame) = &frames[dialect_slot(member.dialect)] {
+                *keep = member.outbox.push(frame);
+            }
+        }
+    };
+    let share = members.len().div_ceil(writers.max(1));
+    std::thread::scope(|scope| {
+        let mut shares = members
+            .chunks(share.max(1))
+            .zip(keep.chunks_mut(share.max(1)));
+        let own = shares.next();
+        for (members, keep) in shares {
+            scope.spawn(move || write(members, keep));
+        }
+        if let Some((members, keep)) = own {
+            write(members, keep);
+        }
+    });
+    let mut sent = [0u64; 3];
+    for member in members.iter() {
+        sent[dialect_slot(member.dialect)] += 1;
+    }
+    for dialect in [Dialect::V2, Dialect::V1, Dialect::Seed] {
+        let count = sent[dialect_slot(dialect)];
+        if count > 0 {
+            metrics::counter!("croupier_ws_messages_sent_total", "type" => kind(dialect))
+                .increment(count);
+        }
+    }
+    let mut flags = keep.into_iter();
+    members.retain(|_| flags.next().unwrap_or(false));
 }
 
 /// Answers each writer of a batch.
@@ -1157,5 +1216,64 @@ fn dialect_slot(dialect: Dialect) -> usize {
         Dialect::V2 => 0,
         Dialect::V1 => 1,
         Dialect::Seed => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::outbox::{self, Socket};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Every member gets its dialect's frame once, whichever thread wrote it,
+    /// and exactly the members whose connection is gone are dropped, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_shared_between_threads_each_get_their_frame_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let dialects = [Dialect::V2, Dialect::V1, Dialect::Seed];
+        let mut members = Vec::new();
+        let mut peers = Vec::new();
+        let mut inboxes = Vec::new();
+        for i in 0..301u64 {
+            let (accepted, peer) = tokio::join!(listener.accept(), TcpStream::connect(address));
+            let (_read, write) = accepted.unwrap().0.into_split();
+            let (outbox, inbox) = outbox::channel(Arc::new(Socket::new(write)), 8, 1 << 16);
+            members.push(Member {
+                conn_id: i,
+                dialect: dialects[i as usize % 3],
+                authorized: true,
+                outbox,
+            });
+            // Every seventh connection's task is gone.
+            if i % 7 == 3 {
+                drop(inbox);
+            } else {
+                inboxes.push(inbox);
+                peers.push((i, peer.unwrap()));
+            }
+        }
+        let frame = |dialect: Dialect| Frame::from(format!("{dialect:?}"));
+        write_shared(&mut members, 3, frame, |_| "test");
+        let kept: Vec<u64> = members.iter().map(|m| m.conn_id).collect();
+        let expected: Vec<u64> = peers.iter().map(|(i, _)| *i).collect();
+        assert_eq!(kept, expected);
+        for (i, peer) in &mut peers {
+            let want = format!("{:?}", dialects[*i as usize % 3]);
+            let mut got = vec![0u8; 2 + want.len()];
+            let read = tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got));
+            read.await.expect("the frame arrives").unwrap();
+            assert_eq!(&got[..2], &[0x81, want.len() as u8], "member {i}");
+            assert_eq!(&got[2..], want.as_bytes(), "member {i}");
+        }
+        // Nothing more was written to anyone.
+        write_shared(&mut members, 1, |_| Frame::from("end"), |_| "test");
+        for (i, peer) in &mut peers {
+            let mut got = [0u8; 5];
+            let read = tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got));
+            read.await.expect("the frame arrives").unwrap();
+            assert_eq!(&got, b"\x81\x03end", "member {i}");
+        }
     }
 }

@@ -148,7 +148,10 @@ pub struct Applied {
 
 /// Where a caller's copy of a room stands, so the store can tell it what
 /// other writers committed since.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Two positions are equal when they name the same place, the same epoch and
+/// version; the shape is only a hint and takes no part.
+#[derive(Debug, Clone, Default)]
 pub struct Position {
     /// `None`: as far as the caller knows, the room does not exist yet.
     pub epoch: Option<Arc<str>>,
@@ -159,6 +162,14 @@ pub struct Position {
     /// the shape otherwise.
     pub shape: Option<Shape>,
 }
+
+impl PartialEq for Position {
+    fn eq(&self, other: &Self) -> bool {
+        self.epoch == other.epoch && self.version == other.version
+    }
+}
+
+impl Eq for Position {}
 
 /// A batch of appends decided on the head a caller reports, before the store
 /// read the room: what a backend may commit if the room still stands there.
@@ -659,4 +670,43 @@ pub async fn ensure_current_schema(store: &dyn Store) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repair compares the heads it reads (no shape) with what a room
+    /// task holds (with one): the same place must compare equal.
+    #[test]
+    fn positions_are_equal_by_epoch_and_version_alone() {
+        let bare = Position {
+            epoch: Some("e".into()),
+            version: Version::new(3),
+            shape: None,
+        };
+        let shaped = Position {
+            shape: Some(Shape {
+                id: 1,
+                history_length: 3,
+                protected: false,
+            }),
+            ..bare.clone()
+        };
+        assert_eq!(bare, shaped);
+        assert_ne!(
+            bare,
+            Position {
+                version: Version::new(4),
+                ..shaped.clone()
+            }
+        );
+        assert_ne!(
+            bare,
+            Position {
+                epoch: Some("f".into()),
+                ..shaped
+            }
+        );
+    }
 }

@@ -289,7 +289,7 @@ impl Session {
 
     fn reply(&self, frame: Frame, kind: &'static str) {
         metrics::counter!("croupier_ws_messages_sent_total", "type" => kind).increment(1);
-        self.out.push(frame);
+        self.out.push(&frame);
     }
 
     fn reply_error(&self, err: &WsError) {

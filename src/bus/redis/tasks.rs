@@ -12,7 +12,7 @@ use fred::prelude::*;
 use fred::types::Message;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, decode_event};
+use super::wire::{CONTROL_CHANNEL, RESYNC_CHANNEL, decode_event, published_by};
 use super::{BATCH, Shared, count_error, observe, set_up_gauge};
 use crate::bus::{BusError, ControlMessage, Inbound};
 use crate::domain::RoomKey;
@@ -43,16 +43,19 @@ impl Shared {
                 Err(err) => return self.malformed(channel, &err.to_string()),
             }
         } else if channel.starts_with("croupier:") {
-            let (origin, event) = match decode_event(payload) {
+            // Our own events were delivered locally before they were published.
+            if published_by(payload, &self.instance) {
+                return;
+            }
+            let (_, event) = match decode_event(payload) {
                 Ok(decoded) => decoded,
                 Err(reason) => return self.malformed(channel, &reason),
             };
             if self.layout.room_channel(&event.key) != channel {
                 return self.malformed(channel, "room key does not match the channel");
             }
-            // Our own events were delivered locally before they were published, and
-            // a room unsubscribed a moment ago may still have messages in flight.
-            if origin == self.instance || !self.lock_wanted().contains(&event.key) {
+            // A room unsubscribed a moment ago may still have messages in flight.
+            if !self.lock_wanted().contains(&event.key) {
                 return;
             }
             Inbound::Event(event)

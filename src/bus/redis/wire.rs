@@ -51,6 +51,20 @@ pub(super) fn encode_event(origin: &str, event: &RoomEvent) -> String {
     serde_json::to_string(&wire).unwrap_or_default()
 }
 
+/// The instance that published a payload, read without decoding the event
+/// (an instance receives its own publishes and drops them).
+#[derive(Deserialize)]
+struct Origin<'a> {
+    #[serde(borrow)]
+    origin: std::borrow::Cow<'a, str>,
+}
+
+/// Whether `payload` is an event that `instance` published; `false` for
+/// anything unreadable, which [`decode_event`] then reports.
+pub(super) fn published_by(payload: &[u8], instance: &str) -> bool {
+    serde_json::from_slice::<Origin>(payload).is_ok_and(|wire| wire.origin == instance)
+}
+
 /// Parses a payload into (origin instance, event); the error says what was wrong.
 pub(super) fn decode_event(payload: &[u8]) -> Result<(String, RoomEvent), String> {
     let wire: WireEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
@@ -118,6 +132,15 @@ mod tests {
             assert_eq!(origin, "a");
             assert_eq!(received, sent);
         }
+    }
+
+    #[test]
+    fn an_instance_knows_its_own_events_without_decoding_them() {
+        let payload = encode_event("node-\"1\"", &event(Change::Added(Number::Single(1))));
+        assert!(published_by(payload.as_bytes(), "node-\"1\""));
+        assert!(!published_by(payload.as_bytes(), "node-2"));
+        assert!(!published_by(b"{", "node-2"));
+        assert!(!published_by(b"{\"origin\":7}", "7"));
     }
 
     #[test]
