@@ -17,6 +17,13 @@
 #                                    hold, get, save, fanout, latency); the table
 #                                    marks the others as not run, and they do
 #                                    not fail the run
+#   bash scripts/bench.sh --baseline=REV
+#                                    also build revision REV (a release build of
+#                                    `git archive REV`, kept under target/baseline)
+#                                    and run the save scenario against one
+#                                    instance of it just before this build's, on
+#                                    the same PostgreSQL and Redis: the table then
+#                                    gives the save rate as a ratio to REV's
 #   bash scripts/bench.sh --perf     also profile instance 1 with `perf record`
 #                                    during the direct GET, save and one-instance
 #                                    fan-out scenarios (target/bench/perf-*.txt)
@@ -48,6 +55,7 @@ PERF=0
 RELEASE=""
 BUILD=1
 ONLY=""
+BASELINE=""
 for arg in "$@"; do
     case "$arg" in
         --quick) QUICK=1 ;;
@@ -56,6 +64,7 @@ for arg in "$@"; do
         --release) RELEASE=1 ;;
         --no-build) BUILD=0 ;;
         --only=*) ONLY=",${arg#--only=}," ;;
+        --baseline=*) BASELINE=${arg#--baseline=} ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -115,6 +124,23 @@ fi
 if [ ! -x "$BIN" ] || [ ! -x "$BENCH" ]; then
     die "missing $BIN or $BENCH (build them, or drop --no-build)"
 fi
+BASE_BIN=""
+if [ -n "$BASELINE" ]; then
+    BASE_SHA=$(git -C "$ROOT" rev-parse --verify --quiet "$BASELINE^{commit}") ||
+        die "--baseline=$BASELINE is not a revision of this repository"
+    BASE_SRC="$ROOT/target/baseline/$BASE_SHA"
+    BASE_BIN="$ROOT/target/baseline/target/release/croupier-$BASE_SHA"
+    if [ ! -x "$BASE_BIN" ]; then
+        log "building the baseline $BASELINE ($BASE_SHA), release"
+        rm -rf "$BASE_SRC"
+        mkdir -p "$BASE_SRC"
+        git -C "$ROOT" archive "$BASE_SHA" | tar -x -C "$BASE_SRC"
+        (cd "$BASE_SRC" && CARGO_TARGET_DIR="$ROOT/target/baseline/target" cargo build --release --quiet -p croupier) ||
+            die "the baseline $BASELINE did not build"
+        cp "$ROOT/target/baseline/target/release/croupier" "$BASE_BIN"
+        rm -rf "$BASE_SRC"
+    fi
+fi
 OUT_DIR="$ROOT/target/bench"
 mkdir -p "$OUT_DIR"
 
@@ -124,6 +150,7 @@ PG_DIR=""
 PG_RUN=()
 PERF_PID=""
 NODE_PIDS=()
+BASE_PID=""
 REDIS_PID=""
 NGINX_PID=""
 
@@ -156,6 +183,7 @@ cleanup() {
         stoppers+=($!)
     done
     for pid in "${stoppers[@]}"; do wait "$pid"; done
+    [ -n "$BASE_PID" ] && stop_pid "$BASE_PID" 15
     [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID" 5
     if [ -n "$PG_DIR" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
         # pg_ctl starts the postmaster as a session leader; its backends are
@@ -262,33 +290,46 @@ WS_MAX=$((NOFILE > 1000 ? NOFILE - 500 : 500))
 # scripts/test.sh marks what it starts in the environment, which env -i drops.
 MARKER=()
 if [ -n "${CROUPIER_TEST_RUN:-}" ]; then MARKER=("CROUPIER_TEST_RUN=$CROUPIER_TEST_RUN"); fi
-for i in 1 2 3; do
-    mkdir -p "$WORK/node-$i"
+# start_instance NAME BINARY DATABASE_URL: one instance on port 0, in the
+# background; its pid in STARTED_PID.
+start_instance() {
+    local name=$1 binary=$2 database_url=$3
+    mkdir -p "$WORK/$name"
     # A clean environment in its own directory (so no .env is read): what the
     # benchmark measures is exactly this configuration. RUST_LOG=warn: at the
     # default `info` every request writes a log line; the start-up's own INFO
     # lines stay, for the port each instance got on port 0.
-    (cd "$WORK/node-$i" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" BIND=127.0.0.1 PORT=0 DATA_DIR="$WORK/node-$i" \
-        DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-$i" \
+    (cd "$WORK/$name" && exec setsid env -i "${MARKER[@]}" PATH="$PATH" BIND=127.0.0.1 PORT=0 DATA_DIR="$WORK/$name" \
+        DATABASE_URL="$database_url" REDIS_URL="$REDIS_URL" JWT_SECRET="$JWT_SECRET" INSTANCE_ID="bench-${name#node-}" \
         TRUST_PROXY=true WS_MAX_CONNECTIONS="$WS_MAX" WS_RATE_LIMIT=100000 WS_RATE_BURST=100000 \
         WS_MAX_PER_CLIENT="$WS_MAX" WRITE_RATE_LIMIT=1000000 WRITE_RATE_BURST=1000000 ROOM_CREATE_LIMIT=1000000 \
-        MAX_HISTORY=20000 RUST_LOG=warn,croupier::startup=info "$BIN" serve </dev/null >"$WORK/node-$i.log" 2>&1) &
-    NODE_PIDS+=($!)
+        MAX_HISTORY=20000 RUST_LOG=warn,croupier::startup=info "$binary" serve </dev/null >"$WORK/$name.log" 2>&1) &
+    STARTED_PID=$!
+}
+
+# ready_port NAME PID: waits for the instance's port (in READY_PORT) and its
+# readiness.
+ready_port() {
+    local name=$1 pid=$2 port="" t
+    for ((t = 0; t < 600; t++)); do
+        port=$(bound_port "$WORK/$name.log")
+        [ -n "$port" ] && break
+        kill -0 "$pid" 2>/dev/null || die "instance $name exited during start-up"
+        sleep 0.1
+    done
+    [ -n "$port" ] || die "instance $name did not bind within 60 s"
+    "$BENCH" ready --url "http://127.0.0.1:$port" --timeout 60 || die "instance $name did not become ready"
+    READY_PORT=$port
+}
+
+for i in 1 2 3; do
+    start_instance "node-$i" "$BIN" "$DATABASE_URL"
+    NODE_PIDS+=("$STARTED_PID")
 done
 NODE_PORTS=()
 for i in 1 2 3; do
-    port=""
-    for ((t = 0; t < 600; t++)); do
-        port=$(bound_port "$WORK/node-$i.log")
-        [ -n "$port" ] && break
-        kill -0 "${NODE_PIDS[$((i - 1))]}" 2>/dev/null || die "instance $i exited during start-up"
-        sleep 0.1
-    done
-    [ -n "$port" ] || die "instance $i did not bind within 60 s"
-    NODE_PORTS+=("$port")
-done
-for i in 1 2 3; do
-    "$BENCH" ready --url "http://127.0.0.1:${NODE_PORTS[$((i - 1))]}" --timeout 60 || die "instance $i did not become ready"
+    ready_port "node-$i" "${NODE_PIDS[$((i - 1))]}"
+    NODE_PORTS+=("$READY_PORT")
 done
 log "instances ready on ports ${NODE_PORTS[*]} (pids ${NODE_PIDS[*]})"
 URL1="http://127.0.0.1:${NODE_PORTS[0]}"
@@ -437,6 +478,20 @@ if wants get; then
 fi
 
 if wants save; then
+    if [ -n "$BASE_BIN" ]; then
+        # The baseline on a database of its own, migrated by itself.
+        "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres croupier_baseline
+        BASE_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/croupier_baseline"
+        DATABASE_URL=$BASE_DATABASE_URL RUST_LOG=warn "$BASE_BIN" migrate >/dev/null 2>"$WORK/migrate-baseline.log" ||
+            die "the baseline's croupier migrate failed: $(cat "$WORK/migrate-baseline.log")"
+        start_instance baseline "$BASE_BIN" "$BASE_DATABASE_URL"
+        BASE_PID=$STARTED_PID
+        ready_port baseline "$BASE_PID"
+        run save-baseline http-save --url "http://127.0.0.1:$READY_PORT" --server-pid "$BASE_PID" "${SAVE[@]}"
+        stop_pid "$BASE_PID" 15
+        BASE_PID=""
+        sleep 1
+    fi
     profile_start save 2
     run save http-save --url "$URL1" --server-pid "${NODE_PIDS[0]}" "${SAVE[@]}"
     profile_finish save
@@ -472,6 +527,7 @@ cp "$RESULTS" "$OUT_DIR/results.jsonl"
 report_args=(--results "$RESULTS" --json-out "$OUT_DIR/results.json")
 [ "$QUICK" = 1 ] && report_args+=(--quick)
 [ "$STRICT" = 1 ] && report_args+=(--strict)
+[ -n "$BASELINE" ] && report_args+=(--baseline "$BASELINE")
 rc=0
 "$BENCH" report "${report_args[@]}" || rc=$?
 log "results: target/bench/results.json (raw scenario lines: target/bench/results.jsonl)"

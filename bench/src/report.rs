@@ -30,6 +30,10 @@ pub struct ReportArgs {
     /// Fail the run when a budget is missed, not only on lost data or errors.
     #[arg(long)]
     pub strict: bool,
+    /// The revision whose build ran the `save-baseline` scenario, for the
+    /// save-rate ratio row (`bench.sh --baseline=REV`).
+    #[arg(long)]
+    pub baseline: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +57,8 @@ enum Status {
     Reference,
     /// Left out by `bench.sh --only`.
     NotRun,
+    /// A comparison with another build that was not asked for.
+    NoBaseline,
 }
 
 impl Status {
@@ -64,6 +70,7 @@ impl Status {
             Status::Missing => "FAIL (no result)",
             Status::Reference => "reference",
             Status::NotRun => "not run (--only)",
+            Status::NoBaseline => "not run (no --baseline)",
         }
     }
 }
@@ -319,7 +326,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
             );
             t.push(
                 Kind::Correctness,
-                "POST /api/roulette/save: rows stored == 200 acks",
+                "POST /api/roulette/save: rows stored == acknowledged saves",
                 "equal",
                 format!("{stored} stored / {acks} acks ({} errors)", u(v, "errors")),
                 stored == acks && acks > 0,
@@ -328,10 +335,46 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         None => t.missing(
             Kind::Correctness,
             "save",
-            "POST /api/roulette/save: rows stored == 200 acks",
+            "POST /api/roulette/save: rows stored == acknowledged saves",
             "equal",
             failure("save"),
         ),
+    }
+
+    // The same saves against a build of an earlier revision, run just before.
+    match (by_label("save-baseline"), by_label("save")) {
+        (Some(base), Some(now)) => {
+            let ratio = f(now, "acks_per_s") / f(base, "acks_per_s");
+            t.push(
+                Kind::Budget,
+                format!(
+                    "durable saves vs the build of {}, {} writers, one room",
+                    args.baseline.as_deref().unwrap_or("the baseline"),
+                    u(now, "writers")
+                ),
+                "≥ 2×",
+                format!(
+                    "{ratio:.2}× ({} /s vs {} /s; server CPU {:.0} vs {:.0} µs/ack)",
+                    thousands(f(now, "acks_per_s")),
+                    thousands(f(base, "acks_per_s")),
+                    f(&now["cpu"], "server_cpu_us_per_op"),
+                    f(&base["cpu"], "server_cpu_us_per_op"),
+                ),
+                ratio >= 2.0,
+            );
+        }
+        _ => t.rows.push(Row {
+            figure: "durable saves vs the build of an earlier revision, 50 writers, one room"
+                .into(),
+            budget: "≥ 2×".into(),
+            measured: "—".into(),
+            kind: Kind::Budget,
+            status: if args.baseline.is_some() && by_label("save").is_some() {
+                Status::Missing
+            } else {
+                Status::NoBaseline
+            },
+        }),
     }
 
     // Appends to a long history cost what appends to an empty room do.
@@ -356,7 +399,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
             );
             t.push(
                 Kind::Correctness,
-                "saves to a long history: rows stored == 200 acks",
+                "saves to a long history: rows stored == acknowledged saves",
                 "equal",
                 format!(
                     "{stored} stored / {acks} acks ({} errors)",
@@ -368,7 +411,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         (_, None) => t.missing(
             Kind::Correctness,
             "save-long",
-            "saves to a long history: rows stored == 200 acks",
+            "saves to a long history: rows stored == acknowledged saves",
             "equal",
             failure("save-long"),
         ),
@@ -589,16 +632,18 @@ pub fn report(args: ReportArgs) -> anyhow::Result<bool> {
         .and_then(|v| v["profile"].as_str())
         .unwrap_or("?");
     print_table(&t, &machine, args.quick, profile);
-    let correctness_ok = t
-        .rows
-        .iter()
-        .filter(|r| r.kind != Kind::Budget)
-        .all(|r| matches!(r.status, Status::Pass | Status::Reference | Status::NotRun));
-    let budgets_ok = t
-        .rows
-        .iter()
-        .filter(|r| r.kind == Kind::Budget)
-        .all(|r| matches!(r.status, Status::Pass | Status::NotJudged | Status::NotRun));
+    let correctness_ok = t.rows.iter().filter(|r| r.kind != Kind::Budget).all(|r| {
+        matches!(
+            r.status,
+            Status::Pass | Status::Reference | Status::NotRun | Status::NoBaseline
+        )
+    });
+    let budgets_ok = t.rows.iter().filter(|r| r.kind == Kind::Budget).all(|r| {
+        matches!(
+            r.status,
+            Status::Pass | Status::NotJudged | Status::NotRun | Status::NoBaseline
+        )
+    });
     let ok = correctness_ok
         && t.rows.iter().all(|r| r.status != Status::Missing)
         && (budgets_ok || !args.strict);
