@@ -15,7 +15,7 @@ use std::time::Duration;
 use croupier::domain::{Change, History, MutationId, Number, RoomKey, Version};
 use croupier::store::postgres::{PgOptions, PostgresStore};
 use croupier::store::sqlite::SqliteStore;
-use croupier::store::{Batch, Mutation, Outcome, Position, Shape, Store};
+use croupier::store::{Batch, Mutation, Outcome, Position, Store};
 use support::postgres::TestPostgres;
 
 const DEFAULT_SEED: u64 = 0x5eed_2026;
@@ -245,15 +245,7 @@ async fn sqlite_and_postgres_decide_every_batch_alike() {
             if let Some(head) = &batch.head {
                 // With the whole head, as a room task knows it: the backends
                 // may then commit appends without reading the room first.
-                subject.known[room] = Position {
-                    epoch: Some(head.epoch.clone()),
-                    version: head.version,
-                    shape: Some(Shape {
-                        id: head.id,
-                        history_length: head.history_length,
-                        protected: head.protected,
-                    }),
-                };
+                subject.known[room] = head.position();
             }
             replies.push(reply(&batch));
         }

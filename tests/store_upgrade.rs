@@ -363,16 +363,7 @@ async fn the_previous_release_and_this_one_share_an_expanded_database() {
 
         // Appends on the head that batch left, as a room task sends them:
         // committed by one call, which keeps `rooms.history` in step too.
-        let head = batch.head.expect("the room exists");
-        let known = Position {
-            epoch: Some(head.epoch.clone()),
-            version: head.version,
-            shape: Some(Shape {
-                id: head.id,
-                history_length: head.history_length,
-                protected: head.protected,
-            }),
-        };
+        let known = batch.head.expect("the room exists").position();
         let appends =
             [n(round + 1), n(round + 2)].map(|number| mutation(&key, Change::Added(number)));
         let batch = store.apply_batch(&key, &known, &appends).await.unwrap();

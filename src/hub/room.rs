@@ -133,14 +133,15 @@ struct Progress {
     cached: u64,
 }
 
-/// One committed batch on its way to the other instances and the cache.
+/// Where committed batches go, numbered per task (writers wait for theirs):
+/// their events to the bus, the room after each into the cache.
 struct Outgoing {
-    /// Batches are numbered per task; writers wait for theirs to be out.
-    seq: u64,
-    events: Vec<RoomEvent>,
-    /// The room after the batch, to write into the cache.
-    state: Option<(Arc<Snapshot>, Meta)>,
+    events: mpsc::UnboundedSender<(u64, Vec<RoomEvent>)>,
+    rooms: mpsc::UnboundedSender<(u64, Option<RoomState>)>,
 }
+
+/// The room after a batch, as the cache keeps it.
+type RoomState = (Arc<Snapshot>, Meta);
 
 struct RoomTask {
     hub: Hub,
@@ -156,7 +157,7 @@ struct RoomTask {
     /// handled (in order) right after it.
     deferred: VecDeque<Command>,
     /// To the task that publishes committed batches and writes the cache.
-    outgoing: mpsc::UnboundedSender<Outgoing>,
+    outgoing: Outgoing,
     /// How far that task got.
     progress: watch::Receiver<Progress>,
     /// The number of the last batch handed to it.
@@ -173,15 +174,18 @@ pub(super) fn spawn(
     view: Arc<View>,
     rx: mpsc::UnboundedReceiver<Command>,
 ) {
-    let (outgoing, batches) = mpsc::unbounded_channel();
+    let (events, published) = mpsc::unbounded_channel();
+    let (rooms, cached) = mpsc::unbounded_channel();
     let (done, progress) = watch::channel(Progress::default());
     tokio::spawn(publish_batches(
         hub.inner.bus.clone(),
         hub.inner.cache.clone(),
         key.clone(),
-        batches,
+        published,
+        cached,
         done,
     ));
+    let outgoing = Outgoing { events, rooms };
     metrics::gauge!("croupier_rooms_active").increment(1.0);
     let task = RoomTask {
         hub,
@@ -201,33 +205,30 @@ pub(super) fn spawn(
     tokio::spawn(task.run(rx));
 }
 
-/// Publishes committed batches in commit order and, at the same time, writes
-/// the newest room into the cache, marking each step done. Batches that queued
-/// up meanwhile go out together, with one cache write for all of them. Ends
-/// when the room task is gone and everything it handed over is out.
+/// Publishes committed batches in commit order and, independently, writes the
+/// newest room into the cache, marking each step done: a publish that waits
+/// for a Redis that is gone does not hold up the cache writes (which writers
+/// wait for), nor the other way round. What queued up meanwhile goes out
+/// together: the events in one go, the newest room in one write. Ends when the
+/// room task is gone and everything it handed over is out.
 async fn publish_batches(
     bus: DynBroker,
     cache: Option<RoomCache>,
     key: RoomKey,
-    mut batches: mpsc::UnboundedReceiver<Outgoing>,
+    mut events: mpsc::UnboundedReceiver<(u64, Vec<RoomEvent>)>,
+    mut rooms: mpsc::UnboundedReceiver<(u64, Option<RoomState>)>,
     done: watch::Sender<Progress>,
 ) {
-    while let Some(first) = batches.recv().await {
-        let Outgoing {
-            mut seq,
-            mut events,
-            mut state,
-        } = first;
-        while let Ok(next) = batches.try_recv() {
-            seq = next.seq;
-            events.extend(next.events);
-            state = next.state.or(state);
-        }
-        let publishing = async {
+    let publishing = async {
+        while let Some((mut seq, mut batch)) = events.recv().await {
+            while let Ok((next, more)) = events.try_recv() {
+                seq = next;
+                batch.extend(more);
+            }
             // Started in commit order, so they leave in that order; a receiver
             // that still sees a gap fills it from the store.
-            let results = join_all(events.iter().map(|event| bus.publish(event))).await;
-            for (event, result) in events.iter().zip(results) {
+            let results = join_all(batch.iter().map(|event| bus.publish(event))).await;
+            for (event, result) in batch.iter().zip(results) {
                 // The write is durable; a lost publish is repaired by the
                 // receivers' gap filling and periodic catch-up.
                 if let Err(err) = result {
@@ -235,8 +236,14 @@ async fn publish_batches(
                 }
             }
             done.send_modify(|progress| progress.published = seq);
-        };
-        let caching = async {
+        }
+    };
+    let caching = async {
+        while let Some((mut seq, mut state)) = rooms.recv().await {
+            while let Ok((next, newer)) = rooms.try_recv() {
+                seq = next;
+                state = newer.or(state);
+            }
             if let (Some(cache), Some((snapshot, meta))) = (&cache, state) {
                 let room = Room {
                     id: meta.id,
@@ -251,9 +258,9 @@ async fn publish_batches(
                 cache.write(&room).await;
             }
             done.send_modify(|progress| progress.cached = seq);
-        };
-        tokio::join!(publishing, caching);
-    }
+        }
+    };
+    tokio::join!(publishing, caching);
 }
 
 impl Drop for RoomTask {
@@ -507,7 +514,8 @@ impl RoomTask {
         self.batches += 1;
         let seq = self.batches;
         let state = current.zip(self.mirror.as_ref().and_then(|m| m.meta));
-        let _ = self.outgoing.send(Outgoing { seq, events, state });
+        let _ = self.outgoing.events.send((seq, events));
+        let _ = self.outgoing.rooms.send((seq, state));
         let (mut published, mut cached) = (self.progress.clone(), self.progress.clone());
         tokio::spawn(async move {
             // Each wait ends early if the publishing task is gone: the writes

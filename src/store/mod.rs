@@ -135,6 +135,18 @@ pub struct Mutation {
     pub authorized: bool,
 }
 
+impl Mutation {
+    /// The mutation as the decision function sees it.
+    pub(crate) fn proposal(&self) -> Proposal<'_> {
+        Proposal {
+            change: &self.change,
+            mutation_id: self.mutation_id.as_ref(),
+            max_history: self.max_history,
+            authorized: self.authorized,
+        }
+    }
+}
+
 /// What the store did with a mutation.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -209,12 +221,7 @@ impl Appends {
             if !matches!(mutation.change, Change::Added(_)) {
                 return None;
             }
-            let proposal = Proposal {
-                change: &mutation.change,
-                mutation_id: mutation.mutation_id.as_ref(),
-                max_history: mutation.max_history,
-                authorized: mutation.authorized,
-            };
+            let proposal = mutation.proposal();
             let found = mutation.mutation_id.as_ref().and_then(|id| earlier.get(id));
             let Decision::Applied(event) = decide(&head, &proposal, found, &stamp) else {
                 return None;
@@ -257,6 +264,21 @@ pub struct Head {
     pub protected: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Head {
+    /// The head as a caller's position, shape included.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: Some(self.epoch.clone()),
+            version: self.version,
+            shape: Some(Shape {
+                id: self.id,
+                history_length: self.history_length,
+                protected: self.protected,
+            }),
+        }
+    }
 }
 
 /// What one mutation of a batch came to.

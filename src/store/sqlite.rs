@@ -25,7 +25,7 @@ use super::{
     expand_migrator, number_text, plan_missed, stored_key, stored_numbers, stored_version,
     went_back,
 };
-use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
+use crate::domain::rules::{Decision, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, History, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
 use crate::telemetry::DbTimer;
 
@@ -363,12 +363,7 @@ impl SqliteStore {
                 (Some(id), Some(r)) => find_mutation(&mut tx, key, r, id, since).await?,
                 _ => None,
             };
-            let proposal = Proposal {
-                change: &mutation.change,
-                mutation_id: mutation.mutation_id.as_ref(),
-                max_history: mutation.max_history,
-                authorized: mutation.authorized,
-            };
+            let proposal = mutation.proposal();
             let decision = decide(&head, &proposal, earlier.as_ref(), &stamp);
             if let Decision::Applied(event) = &decision {
                 let Some(r) = &room else {

@@ -47,7 +47,7 @@ use super::{
     expand_migrator, number_text, plan_missed, stored_key, stored_numbers, stored_version,
     went_back,
 };
-use crate::domain::rules::{Decision, Proposal, RoomHead, Stamp, commit_time, decide};
+use crate::domain::rules::{Decision, RoomHead, Stamp, commit_time, decide};
 use crate::domain::{Change, MutationId, Room, RoomEvent, RoomKey, Version, new_epoch};
 use crate::telemetry::DbTimer;
 
@@ -533,12 +533,7 @@ impl PostgresStore {
         let mut outcomes = Vec::with_capacity(mutations.len());
         let mut applied: Vec<(RoomEvent, usize)> = Vec::new();
         for mutation in mutations {
-            let proposal = Proposal {
-                change: &mutation.change,
-                mutation_id: mutation.mutation_id.as_ref(),
-                max_history: mutation.max_history,
-                authorized: mutation.authorized,
-            };
+            let proposal = mutation.proposal();
             let found = mutation.mutation_id.as_ref().and_then(|id| earlier.get(id));
             let decision = decide(&head, &proposal, found, &stamp);
             if let Decision::Applied(event) = &decision {
