@@ -56,8 +56,6 @@ enum Command {
     Machine,
     /// Wait until an instance answers 200 on /readyz.
     Ready(ReadyArgs),
-    /// Print free loopback TCP ports, one per line.
-    FreePorts(FreePortsArgs),
     /// Print the budget table from collected JSON lines and write results.json.
     Report(report::ReportArgs),
 }
@@ -69,12 +67,6 @@ struct ReadyArgs {
     /// Seconds to keep trying.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
-}
-
-#[derive(Args)]
-struct FreePortsArgs {
-    #[arg(long, default_value_t = 1)]
-    count: usize,
 }
 
 /// A suffix that makes room keys unique per run.
@@ -106,17 +98,6 @@ async fn ready(args: ReadyArgs) -> anyhow::Result<()> {
     anyhow::bail!("{} not ready after {} s: {last}", args.url, args.timeout)
 }
 
-fn free_ports(args: FreePortsArgs) -> anyhow::Result<()> {
-    // Hold every listener until all are chosen, so the ports differ.
-    let listeners = (0..args.count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    for listener in &listeners {
-        println!("{}", listener.local_addr()?.port());
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -135,7 +116,6 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Ready(args) => ready(args).await,
-        Command::FreePorts(args) => free_ports(args),
         Command::Report(args) => match report::report(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -36,13 +36,6 @@ pub const LOAD_TEST_QUOTAS: &[(&str, &str)] = &[
     ("WS_MAX_PER_CLIENT", "20000"),
 ];
 
-/// A loopback port nobody listens on right now, outside the kernel's ephemeral
-/// range; see [`super::process::free_port`]. Only for servers that cannot be
-/// told to bind port 0: [`TestServer`] itself binds port 0.
-pub fn free_port() -> u16 {
-    super::process::free_port()
-}
-
 /// How many of a server's last output lines are kept for failure messages.
 const LOG_TAIL: usize = 200;
 /// How long a starting server may take to bind and then to become ready.
