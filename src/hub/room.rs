@@ -9,7 +9,9 @@
 //! for the other and the room's publishes stay in commit order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
@@ -1175,25 +1177,37 @@ fn write_shared(
             frames[slot] = Some(render(member.dialect));
         }
     }
-    let mut keep = vec![true; members.len()];
-    let write = |members: &[Member], keep: &mut [bool]| {
-        for (member, keep) in members.iter().zip(keep) {
-            if let Some(frame) = &frames[dialect_slot(member.dialect)] {
-                *keep = member.outbox.push(frame);
+    let keep: Vec<AtomicBool> = members.iter().map(|_| AtomicBool::new(true)).collect();
+    let all: &[Member] = members;
+    let write = |share: Range<usize>| {
+        for i in share {
+            if let Some(frame) = &frames[dialect_slot(all[i].dialect)] {
+                keep[i].store(all[i].outbox.push(frame), Ordering::Relaxed);
             }
         }
     };
-    let share = members.len().div_ceil(writers.max(1));
+    let size = all.len().div_ceil(writers.max(1)).max(1);
+    let mut shares = (0..all.len())
+        .step_by(size)
+        .map(|start| start..(start + size).min(all.len()));
     std::thread::scope(|scope| {
-        let mut shares = members
-            .chunks(share.max(1))
-            .zip(keep.chunks_mut(share.max(1)));
-        let own = shares.next();
-        for (members, keep) in shares {
-            scope.spawn(move || write(members, keep));
+        let mut own: Vec<Range<usize>> = shares.next().into_iter().collect();
+        for share in shares {
+            let write = &write;
+            let spawned = std::thread::Builder::new()
+                .name("croupier-fanout".into())
+                .spawn_scoped(scope, {
+                    let share = share.clone();
+                    move || write(share)
+                });
+            // Without a thread (the system refused one), the room task
+            // writes that share too.
+            if spawned.is_err() {
+                own.push(share);
+            }
         }
-        if let Some((members, keep)) = own {
-            write(members, keep);
+        for share in own {
+            write(share);
         }
     });
     let mut sent = [0u64; 3];
@@ -1208,7 +1222,7 @@ fn write_shared(
         }
     }
     let mut flags = keep.into_iter();
-    members.retain(|_| flags.next().unwrap_or(false));
+    members.retain(|_| flags.next().is_some_and(AtomicBool::into_inner));
 }
 
 /// Answers each writer of a batch.
