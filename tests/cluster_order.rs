@@ -46,6 +46,31 @@ where
     events
 }
 
+/// A member on every instance, joined to `key` before it exists, each
+/// collecting `total` events (named `who` on node-N in failures).
+async fn watch_everywhere(
+    cluster: &TestCluster,
+    key: &str,
+    total: usize,
+    who: &str,
+) -> Vec<tokio::task::JoinHandle<Vec<Value>>> {
+    let mut readers = Vec::new();
+    for (i, instance) in cluster.instances.iter().enumerate() {
+        let (ws, sync) = join(
+            &instance.ws_url(),
+            json!({"type": "join", "key": key, "version": 0}),
+        )
+        .await;
+        assert_eq!(sync["version"], 0, "{sync}");
+        readers.push(tokio::spawn(collect_events(
+            ws.into_inner(),
+            total,
+            format!("{who} on node-{}", i + 1),
+        )));
+    }
+    readers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_on_three_instances_produce_one_order_everywhere() {
     const WRITES: usize = 1000;
@@ -58,20 +83,7 @@ async fn writers_on_three_instances_produce_one_order_everywhere() {
     let total = WRITES * cluster.instances.len();
 
     // A watcher on every instance, joined before the room exists.
-    let mut readers = Vec::new();
-    for (i, instance) in cluster.instances.iter().enumerate() {
-        let (ws, sync) = join(
-            &instance.ws_url(),
-            json!({"type": "join", "key": key, "version": 0}),
-        )
-        .await;
-        assert_eq!(sync["version"], 0, "{sync}");
-        readers.push(tokio::spawn(collect_events(
-            ws.into_inner(),
-            total,
-            format!("watcher on node-{}", i + 1),
-        )));
-    }
+    let mut readers = watch_everywhere(&cluster, key, total, "watcher").await;
     // A writer on every instance; its own socket also receives every event.
     let mut sinks = Vec::new();
     for (i, instance) in cluster.instances.iter().enumerate() {
@@ -421,20 +433,7 @@ async fn http_batches_from_two_instances_make_one_order() {
     let key = "batches";
     let total = 2 * WRITERS * SAVES;
 
-    let mut readers = Vec::new();
-    for (i, instance) in cluster.instances.iter().enumerate() {
-        let (ws, sync) = join(
-            &instance.ws_url(),
-            json!({"type": "join", "key": key, "version": 0}),
-        )
-        .await;
-        assert_eq!(sync["version"], 0, "{sync}");
-        readers.push(tokio::spawn(collect_events(
-            ws.into_inner(),
-            total,
-            format!("member on node-{}", i + 1),
-        )));
-    }
+    let readers = watch_everywhere(&cluster, key, total, "member").await;
 
     let mut writers = Vec::new();
     for (i, instance) in cluster.instances.iter().enumerate() {

@@ -231,6 +231,43 @@ impl Deployment {
         }
     }
 
+    /// The end of a failover under load: lets the writer go on for `more`,
+    /// stops it, checks that no save failed and that enough came after the
+    /// fault, waits for every member to converge, checks Redis is up again
+    /// and that every instance reads each room as PostgreSQL holds it.
+    /// Returns the writes and how long the members took to converge.
+    async fn finish_writing(
+        &self,
+        writer: JoinHandle<Writes>,
+        writing: &CancellationToken,
+        more: Duration,
+        members: &[Member],
+        rooms: &[String],
+    ) -> (Writes, Duration) {
+        tokio::time::sleep(more).await;
+        writing.cancel();
+        let writes = writer.await.unwrap();
+        assert_eq!(writes.failed, 0, "saves failed although PostgreSQL was up");
+        assert!(
+            writes.ok_after >= 20,
+            "too few saves after the kill: {}",
+            writes.ok_after
+        );
+        let converged_after = self.converge(members).await;
+        self.assert_redis_up().await;
+        for room in rooms {
+            let db = self.db_room(room).await;
+            for instance in &self.instances {
+                assert_eq!(
+                    instance.room(room).await.1,
+                    db.1,
+                    "{room} read behind PostgreSQL"
+                );
+            }
+        }
+        (writes, converged_after)
+    }
+
     async fn assert_redis_up(&self) {
         for base in self.bases() {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -467,26 +504,16 @@ async fn redis_cluster_spreads_rooms_and_survives_a_master_killed_under_load() {
         "instances never subscribed to {other_room} on its new master after a graceful failover"
     );
     let followed_graceful_after = switched_at.elapsed();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    writing.cancel();
-    let writes = writer.await.unwrap();
-    assert_eq!(writes.failed, 0, "saves failed although PostgreSQL was up");
-    assert!(
-        writes.ok_after >= 20,
-        "too few saves after the kill: {}",
-        writes.ok_after
-    );
-    let converged_after = deployment.converge(&members).await;
-    deployment.assert_redis_up().await;
-
     // Reads agree with PostgreSQL on both instances.
-    for room in &rooms {
-        let db = deployment.db_room(room).await;
-        for instance in &deployment.instances {
-            let (_, version) = instance.room(room).await;
-            assert_eq!(version, db.1, "{room} read behind PostgreSQL");
-        }
-    }
+    let (writes, converged_after) = deployment
+        .finish_writing(
+            writer,
+            &writing,
+            Duration::from_millis(1000),
+            &members,
+            &rooms,
+        )
+        .await;
     stop.cancel();
     println!(
         "Redis Cluster: {} saves ({} after the master was killed, none failed); replica promoted {:.0} ms after \
@@ -688,28 +715,16 @@ async fn redis_sentinel_failover_under_load_is_followed_by_every_instance() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let followed_after = killed_at.elapsed();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    writing.cancel();
-    let writes = writer.await.unwrap();
-    assert_eq!(writes.failed, 0, "saves failed although PostgreSQL was up");
-    assert!(
-        writes.ok_after >= 20,
-        "too few saves after the kill: {}",
-        writes.ok_after
-    );
-    let converged_after = deployment.converge(&members).await;
-    deployment.assert_redis_up().await;
     // The cache on the new master serves what PostgreSQL holds.
-    for room in &rooms {
-        let db = deployment.db_room(room).await;
-        for instance in &deployment.instances {
-            assert_eq!(
-                instance.room(room).await.1,
-                db.1,
-                "{room} read behind PostgreSQL"
-            );
-        }
-    }
+    let (writes, converged_after) = deployment
+        .finish_writing(
+            writer,
+            &writing,
+            Duration::from_millis(1500),
+            &members,
+            &rooms,
+        )
+        .await;
     stop.cancel();
     println!(
         "Redis Sentinel: {} saves ({} after the master was killed, none failed); Sentinel promoted the replica \
